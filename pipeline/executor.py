@@ -1,0 +1,104 @@
+"""Run a stage's partitions as Ray tasks, skipping the ones a previous attempt finished.
+
+The stage logic is a plain function `work(payload) -> {file_prefix: table}`; this module only
+decides what is left to do, ships it to Ray, writes the results atomically (side tables first, the
+`part` marker last) and shows progress. Executors stay apart from the work, as in datatrove.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow as pa
+import ray
+from tqdm.auto import tqdm
+
+from pipeline.partitions import part_name, read_fingerprint, write_table
+from pipeline.storage import Storage, join
+from schemas.config import RaySection
+
+log = logging.getLogger("localcap")
+
+Work = Callable[[Any], dict[str, pa.Table]]
+
+
+@dataclass(frozen=True)
+class PartitionJob:
+    index: int
+    fingerprint: str
+    payload: Any
+
+
+@dataclass
+class StageReport:
+    stage: str
+    partitions: int = 0
+    computed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+def init_ray(cfg: RaySection) -> None:
+    """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray (once per process)."""
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    if address is None:
+        kwargs["num_cpus"] = cfg.num_cpus
+    ray.init(address=address, **kwargs)
+
+
+@ray.remote
+def _run_partition(work: Work, job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
+    tables = work(job.payload)
+    marker = tables.pop("part")
+    for prefix, table in tables.items():
+        write_table(storage, join(stage_dir, part_name(job.index, prefix)), table, job.fingerprint)
+    write_table(storage, join(stage_dir, part_name(job.index)), marker, job.fingerprint)
+    return {"part": marker.num_rows, **{p: t.num_rows for p, t in tables.items()}}
+
+
+def run_stage(
+    stage: str,
+    run_dir: str,
+    jobs: list[PartitionJob],
+    work: Work,
+    storage: Storage,
+    num_cpus: float = 1,
+    progress: bool = True,
+) -> StageReport:
+    """Compute every job whose `STAGE/part-NNNNN.parquet` is missing or stamped differently."""
+    start = time.perf_counter()
+    stage_dir = join(run_dir, stage)
+    existing = set(storage.list_prefix(stage_dir))
+    todo = [j for j in jobs if part_name(j.index) not in existing or read_fingerprint(storage, join(stage_dir, part_name(j.index))) != j.fingerprint]
+    report = StageReport(stage, partitions=len(jobs), skipped=len(jobs) - len(todo))
+    if report.skipped:
+        log.info("%s: %d of %d partitions already done, skipped", stage, report.skipped, len(jobs))
+    if todo:
+        remote = _run_partition.options(num_cpus=num_cpus, max_retries=2)
+        pending = [remote.remote(work, job, stage_dir, storage) for job in todo]
+        bar = tqdm(total=len(jobs), initial=report.skipped, desc=stage, unit="part", disable=not progress, file=sys.stderr)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for counts in ray.get(ready):
+                    report.computed += 1
+                    for key, n in counts.items():
+                        report.rows[key] = report.rows.get(key, 0) + n
+                    bar.update(1)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            bar.close()
+    report.seconds = round(time.perf_counter() - start, 3)
+    return report

@@ -1,0 +1,182 @@
+"""Decode-validate one input: accept it as an images-table row, or reject it with a reason.
+
+Pure function of (bytes, source URI, limits). Decoding is as cheap as validation allows: the header
+gives format and size before any pixels are read; JPEGs are decoded through libjpeg's DCT scaling
+(`Image.draft`), which still walks the whole entropy-coded stream (so truncation is caught) but
+produces only a ~1/8-scale image, which is all the perceptual hashes need.
+
+Stored bytes: trainers decode shards with plain PIL `.convert("RGB")` and ignore EXIF, so the bytes
+pass through untouched only when that already yields the oriented 8-bit RGB image the boxes refer
+to. Otherwise (EXIF rotation, CMYK, 16-bit, alpha, TIFF/BMP, ...) a normalised encoding is stored
+(JPEG for lossy sources, PNG for lossless ones) and `meta.normalized` says why.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dedupe.hashing import perceptual_hashes, sha256_hex, uid_from_sha256
+from schemas.config import IngestSection
+from schemas.tables import RejectReason
+
+# We enforce ingest.max_pixels ourselves from the header, before decoding; PIL's own guard would
+# turn large-but-allowed images into errors.
+Image.MAX_IMAGE_PIXELS = None
+
+PASSTHROUGH_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP"}
+PASSTHROUGH_MODES = {"RGB", "L", "P", "1"}
+LOSSY_FORMATS = {"JPEG", "MPO", "WEBP"}
+EXIF_ORIENTATION = 0x0112
+EXIF_KEEP = {0x010F: "make", 0x0110: "model", 0x0132: "datetime", 0x0131: "software"}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: RejectReason
+    detail: str
+    uid: str | None = None
+
+
+def _exif_subset(exif: Image.Exif) -> dict:
+    out = {}
+    for tag, name in EXIF_KEEP.items():
+        value = exif.get(tag)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if value not in (None, ""):
+            out[name] = str(value).strip("\x00 ").strip()
+    return out
+
+
+def _png_bit_depth(data: bytes) -> int:
+    # IHDR is always the first chunk: 8-byte signature, length, "IHDR", width, height, bit depth.
+    return data[24] if len(data) > 24 and data[12:16] == b"IHDR" else 8
+
+
+def _why_normalise(fmt: str, mode: str, info: dict, orientation: int, data: bytes) -> str | None:
+    if fmt not in PASSTHROUGH_FORMATS:
+        return f"format {fmt}"
+    if orientation != 1:
+        return f"exif orientation {orientation}"
+    if mode not in PASSTHROUGH_MODES:
+        return f"mode {mode}"
+    if "transparency" in info:
+        return f"mode {mode} with transparency"
+    if fmt == "PNG" and _png_bit_depth(data) > 8:
+        return f"{_png_bit_depth(data)}-bit PNG"
+    return None
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB picture a viewer would show: alpha over white, 16-bit scaled, CMYK converted."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(image, dtype=np.int64)
+        scale = 256 if arr.max(initial=0) > 255 else 1
+        return Image.fromarray(np.clip(arr // scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        top = arr.max(initial=0)
+        arr = arr / top * 255 if top > 255 else arr
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _normalised_bytes(data: bytes, source_format: str, quality: int) -> tuple[bytes, str]:
+    with Image.open(io.BytesIO(data)) as full:
+        full.load()
+        oriented = ImageOps.exif_transpose(full)
+        rgb = to_rgb8(oriented)
+    out = io.BytesIO()
+    if source_format in LOSSY_FORMATS:
+        rgb.save(out, "JPEG", quality=quality, optimize=True)
+        return out.getvalue(), "JPEG"
+    rgb.save(out, "PNG", compress_level=6)
+    return out.getvalue(), "PNG"
+
+
+def _decode_error(exc: BaseException, uid: str) -> Rejection:
+    text = f"{type(exc).__name__}: {exc}"
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return Rejection(RejectReason.TRUNCATED, text, uid)
+    return Rejection(RejectReason.DECODE_ERROR, text, uid)
+
+
+def decode_validate(data: bytes, source_uri: str, limits: IngestSection) -> dict | Rejection:
+    """An images-table row (dict) for a good image, else a Rejection naming the reason."""
+    if not data:
+        return Rejection(RejectReason.EMPTY_FILE, "0 bytes")
+    sha = sha256_hex(data)
+    uid = uid_from_sha256(sha)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        return Rejection(RejectReason.NOT_AN_IMAGE, f"no image format recognises the first bytes {data[:8]!r}", uid)
+    except Exception as exc:  # a header that parses as an image format but is broken
+        return _decode_error(exc, uid)
+
+    with image:
+        fmt = image.format or "unknown"
+        if fmt not in limits.formats:
+            return Rejection(RejectReason.UNSUPPORTED_FORMAT, f"format {fmt} not in ingest.formats", uid)
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            return Rejection(
+                RejectReason.TOO_MANY_PIXELS,
+                f"{width}x{height} = {width * height} pixels > ingest.max_pixels = {limits.max_pixels}",
+                uid,
+            )
+        try:
+            exif = image.getexif()
+        except Exception:
+            exif = Image.Exif()
+        orientation = exif.get(EXIF_ORIENTATION, 1)
+        if orientation not in range(1, 9):
+            orientation = 1
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        if min(width, height) < limits.min_side:
+            return Rejection(
+                RejectReason.TOO_SMALL, f"{width}x{height}: short side below ingest.min_side = {limits.min_side}", uid
+            )
+        source_mode, info = image.mode, dict(image.info)
+        try:
+            if fmt in ("JPEG", "MPO"):
+                image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+            image.load()
+            thumb = ImageOps.exif_transpose(image) if orientation != 1 else image
+            phash, dhash = perceptual_hashes(to_rgb8(thumb))
+        except Exception as exc:
+            return _decode_error(exc, uid)
+
+    meta = {"exif": _exif_subset(exif)} if exif else {}
+    reason = _why_normalise(fmt, source_mode, info, orientation, data)
+    stored, stored_format = data, PASSTHROUGH_FORMATS.get(fmt, fmt)
+    if reason is not None:
+        try:
+            stored, stored_format = _normalised_bytes(data, fmt, limits.reencode_quality)
+        except Exception as exc:
+            return _decode_error(exc, uid)
+        meta.update(normalized=reason, source_format=fmt, source_mode=source_mode, source_n_bytes=len(data))
+    return {
+        "uid": uid,
+        "sha256": sha,
+        "source_uri": source_uri,
+        "width": width,
+        "height": height,
+        "format": stored_format,
+        "n_bytes": len(stored),
+        "image": stored,
+        "phash": phash,
+        "dhash": dhash,
+        "meta": json.dumps(meta, sort_keys=True),
+    }

@@ -1,0 +1,47 @@
+"""What `localcap inspect` prints about a dataset directory."""
+
+from __future__ import annotations
+
+import io
+import json
+
+
+from pipeline.partitions import read_table
+from pipeline.shards.layout import folders
+from pipeline.storage import Storage, join
+
+
+def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: int = 1) -> str:
+    storage = storage or Storage()
+    info = json.loads(storage.read_bytes(join(dataset, "dataset.json")))
+    manifest = read_table(storage, join(dataset, "manifest.parquet"))
+    counts, stats = info["counts"], info["statistics"]
+    out = [
+        f"dataset   {dataset}",
+        f"name      {info['name']}  (run {info['run_id']}, layout {info['layout']}, created {info['created_at']})",
+        f"samples   {counts['samples']} in {counts['shards']} shards, from {counts['inputs']} inputs",
+        f"rejected  {counts['rejected']}" + "".join(f"\n  {k:<20} {v}" for k, v in counts["rejected_by_reason"].items()),
+    ]
+    if stats.get("width"):
+        out.append(f"size      width {stats['width']['min']}-{stats['width']['max']}, height {stats['height']['min']}-{stats['height']['max']}, "
+                   f"median {stats['megapixels']['median']} MP")
+        b = stats["boxes_per_image"]
+        out.append(f"boxes     per image: min {b['min']}, median {b['median']}, max {b['max']}")
+    for folder in folders(info["layout"]):
+        sizes = json.loads(storage.read_bytes(join(dataset, folder, "sizes.json")))
+        out.append(f"{folder + '/':<10}" + ", ".join(f"{k} ({v})" for k, v in sizes.items()))
+    rows = manifest.slice(0, n_samples).to_pylist()
+    for row in rows:
+        out.append(f"sample    key {row['key']}  {row['width']}x{row['height']}  {row['shard']}  from {row['source']}")
+        out.append("          " + _sample_json(storage, dataset, info["layout"], row))
+    return "\n".join(out)
+
+
+def _sample_json(storage: Storage, dataset: str, layout: str, row: dict) -> str:
+    import tarfile
+
+    shard = row["shard"]
+    tar_name = shard.replace("image/image_", "text_box/text_box_") if layout == "paired" else shard
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(join(dataset, tar_name)))) as tar:
+        member = tar.extractfile(f"{row['key']}.json")
+        return member.read().decode() if member else "(json missing)"

@@ -1,0 +1,198 @@
+"""One way to read, list and atomically write local paths and s3:// URIs.
+
+Local writes go to a temporary name in the target folder and are renamed into place; an S3 object
+appears whole or not at all (a single PUT, or a multipart upload completed at the end). boto3 honours
+AWS_ENDPOINT_URL, so a local S3 endpoint (moto, MinIO) works without code changes; the config's
+`storage.endpoint_url` overrides it. A `Storage` pickles without its client, so Ray tasks get one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import glob
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+_WILDCARDS = "*?["
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    uri: str
+    size: int
+
+
+class Storage:
+    """Local filesystem and S3 behind one small interface."""
+
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None):
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self._client = None
+
+    def __getstate__(self):
+        return {"endpoint_url": self.endpoint_url, "region": self.region}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    @property
+    def s3(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+                region_name=self.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                config=Config(retries={"max_attempts": 8, "mode": "adaptive"}),
+            )
+        return self._client
+
+    # -- reading -------------------------------------------------------------------------------
+    def read_bytes(self, uri: str) -> bytes:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return Path(uri).read_bytes()
+
+    def exists(self, uri: str) -> bool:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                self.s3.head_object(Bucket=bucket, Key=key)
+                return True
+            except self.s3.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+        return Path(uri).exists()
+
+    def size(self, uri: str) -> int:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            return int(self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        return Path(uri).stat().st_size
+
+    def list_files(self, pattern: str, extensions: list[str] | None = None) -> list[FileEntry]:
+        """Files under a folder / prefix, or matching a glob; sorted by URI, hidden files skipped."""
+        entries = self._list_s3(pattern) if is_s3(pattern) else self._list_local(pattern)
+        if extensions:
+            wanted = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+            entries = [e for e in entries if os.path.splitext(e.uri)[1].lower() in wanted]
+        return sorted(entries, key=lambda e: e.uri)
+
+    def _list_local(self, pattern: str) -> list[FileEntry]:
+        if any(c in pattern for c in _WILDCARDS):
+            paths = [Path(p) for p in glob.glob(pattern, recursive=True)]
+        else:
+            root = Path(pattern)
+            if root.is_file():
+                paths = [root]
+            elif root.is_dir():
+                paths = [p for p in root.rglob("*")]
+            else:
+                raise FileNotFoundError(f"source not found: {pattern}")
+        out = []
+        for p in paths:
+            if any(part.startswith(".") for part in p.parts if part not in (".", "..")):
+                continue
+            if p.is_file():
+                out.append(FileEntry(str(p), p.stat().st_size))
+        return out
+
+    def _list_s3(self, pattern: str) -> list[FileEntry]:
+        bucket, key = split_s3(pattern)
+        cut = min((key.find(c) for c in _WILDCARDS if c in key), default=-1)
+        prefix = key if cut < 0 else key[:cut]
+        glob_pattern = None if cut < 0 else key
+        out = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                name = obj["Key"]
+                if name.endswith("/") or any(p.startswith(".") for p in name.split("/")):
+                    continue
+                if glob_pattern and not fnmatch.fnmatchcase(name, glob_pattern):
+                    continue
+                out.append(FileEntry(f"s3://{bucket}/{name}", int(obj["Size"])))
+        return out
+
+    def list_prefix(self, uri: str) -> list[str]:
+        """Names directly inside a folder / prefix (no recursion), sorted; empty if absent."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            prefix = key.rstrip("/") + "/"
+            names = []
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            return sorted(names)
+        root = Path(uri)
+        return sorted(p.name for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write atomically: readers see the old object or the whole new one."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            self.s3.put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        with self.atomic_path(uri) as tmp:
+            Path(tmp).write_bytes(data)
+
+    @contextlib.contextmanager
+    def atomic_path(self, uri: str) -> Iterator[str]:
+        """Yield a local file path to fill; on success it becomes `uri` whole, on error nothing does."""
+        if is_s3(uri):
+            fd, tmp = tempfile.mkstemp(prefix="localcap-", suffix=".part")
+            os.close(fd)
+            try:
+                yield tmp
+                bucket, key = split_s3(uri)
+                self.s3.upload_file(tmp, bucket, key)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            return
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def delete(self, uri: str) -> None:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            self.s3.delete_object(Bucket=bucket, Key=key)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                Path(uri).unlink()

@@ -1,0 +1,123 @@
+"""Synthetic high-resolution scenes with small detailed objects at known places.
+
+Used by the built-in demo, the tests and the benchmarks (no photo corpus ships with the project):
+a smooth background (gradient plus low-frequency noise) with a few small, busy objects (checker
+patches, noise blobs, clusters of shapes, lines of text) whose boxes are returned.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+WORDS = "local caption high resolution detail sign label price open exit street market 2048 4K north".split()
+
+
+@dataclass(frozen=True)
+class PlantedObject:
+    kind: str
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    c0, c1 = rng.uniform(40, 215, 3), rng.uniform(40, 215, 3)
+    t = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
+    grad = c0 * (1 - t) + c1 * t  # 1 x W x 3
+    coarse = rng.normal(0, 12, (max(2, height // 256), max(2, width // 256), 3)).astype(np.float32)
+    noise = np.asarray(Image.fromarray(coarse[..., 0] + 128).resize((width, height), Image.Resampling.BICUBIC))
+    img = np.clip(grad + (noise[..., None] - 128), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.broadcast_to(img, (height, width, 3)).copy(), "RGB")
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def _draw_object(img: Image.Image, rng: np.random.Generator, kind: str, x: int, y: int, side: int) -> tuple[int, int, int, int]:
+    draw = ImageDraw.Draw(img)
+    if kind == "checker":
+        cell = max(3, side // 12)
+        for i in range(0, side, cell):
+            for j in range(0, side, cell):
+                if (i // cell + j // cell) % 2 == 0:
+                    draw.rectangle([x + i, y + j, x + i + cell - 1, y + j + cell - 1], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        return x, y, x + side, y + side
+    if kind == "noise":
+        patch = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        img.paste(Image.fromarray(patch, "RGB"), (x, y))
+        return x, y, x + side, y + side
+    if kind == "shapes":
+        for _ in range(14):
+            r = int(rng.integers(side // 16 + 1, side // 6 + 2))
+            cx, cy = x + int(rng.integers(r, side - r)), y + int(rng.integers(r, side - r))
+            colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+            if rng.random() < 0.5:
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour, outline=(0, 0, 0), width=2)
+            else:
+                draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour, outline=(255, 255, 255), width=2)
+        return x, y, x + side, y + side
+    # text: a few lines of words on a light card
+    font = _font(max(10, side // 7))
+    lines = [" ".join(rng.choice(WORDS, 2)) for _ in range(4)]
+    draw.rectangle([x, y, x + side, y + side], fill=(245, 245, 235), outline=(20, 20, 20), width=3)
+    for k, line in enumerate(lines):
+        draw.text((x + side // 12, y + side // 12 + k * (side // 5)), line, fill=(10, 10, 10), font=font)
+    return x, y, x + side, y + side
+
+
+def generate_scene(seed: int, width: int = 2048, height: int = 1536, n_objects: int = 3) -> tuple[Image.Image, list[PlantedObject]]:
+    """A scene and its planted objects; objects do not overlap and stay clear of the border."""
+    rng = np.random.default_rng(seed)
+    img = _background(rng, width, height)
+    short = min(width, height)
+    objects: list[PlantedObject] = []
+    kinds = ["checker", "noise", "shapes", "text"]
+    attempts = 0
+    while len(objects) < n_objects and attempts < 200:
+        attempts += 1
+        side = int(rng.integers(short // 14, short // 8))
+        x = int(rng.integers(short // 20, width - side - short // 20))
+        y = int(rng.integers(short // 20, height - side - short // 20))
+        gap = side // 2
+        if any(not (x + side + gap < o.box[0] or o.box[2] + gap < x or y + side + gap < o.box[1] or o.box[3] + gap < y) for o in objects):
+            continue
+        kind = kinds[int(rng.integers(0, len(kinds)))]
+        objects.append(PlantedObject(kind, _draw_object(img, rng, kind, x, y, side)))
+    return img, objects
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", quality: int = 90, **kw) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, quality=quality, **kw) if fmt == "JPEG" else img.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+DEMO_SIZES = [(2048, 1536), (3840, 2160), (2160, 3840), (4096, 3072), (2560, 1440), (3000, 2000)]
+
+
+def write_demo_images(folder: str | Path, n: int = 6, seed: int = 0) -> list[Path]:
+    """The built-in demo set: n scenes of 2K-4K as JPEGs, plus two inputs the run must reject."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        w, h = DEMO_SIZES[i % len(DEMO_SIZES)]
+        img, _ = generate_scene(seed + i, w, h, n_objects=4)
+        path = folder / f"scene_{i:03d}.jpg"
+        path.write_bytes(encode(img, "JPEG", quality=90))
+        paths.append(path)
+    small, _ = generate_scene(seed + 1000, 640, 480, n_objects=1)
+    (folder / "thumbnail_too_small.jpg").write_bytes(encode(small))
+    (folder / "notes.jpg").write_text("not an image, just a text file with a .jpg name\n")
+    return paths + [folder / "thumbnail_too_small.jpg", folder / "notes.jpg"]

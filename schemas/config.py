@@ -1,0 +1,156 @@
+"""The run config: one YAML file, validated before any work starts.
+
+Every section forbids unknown keys, so a typo fails with the field's dotted path instead of being
+silently ignored. Later stages (regions, captions, near-duplicate search) add their options here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    name: str = Field("localcap", description="Dataset name, recorded in dataset.json.")
+    work_dir: str = Field(
+        "./localcap-work",
+        description="Where runs keep their stage tables: WORK/RUN_ID/STAGE/part-NNNNN.parquet (path or s3://).",
+    )
+
+
+class FilesSource(_Section):
+    """Image files under a local folder, a local glob, an s3:// prefix or an s3:// glob."""
+
+    type: Literal["files"] = "files"
+    uri: str = Field(..., min_length=1, description="Folder, glob (`*`, `**`) or s3://bucket/prefix.")
+    extensions: list[str] | None = Field(
+        None,
+        description="Only list files with these extensions (case-insensitive, e.g. ['.jpg']); "
+        "default: every file, so that non-images are recorded as rejects rather than skipped.",
+    )
+
+
+Source = FilesSource  # URL lists and crawls join as a tagged union with `type`
+
+
+class IngestSection(_Section):
+    min_side: int = Field(1024, ge=1, description="Reject images whose shorter (oriented) side is below this.")
+    max_pixels: int = Field(
+        100_000_000, ge=1, description="Reject images whose header claims more pixels (decompression-bomb guard)."
+    )
+    max_bytes: int = Field(200 * 2**20, ge=1, description="Reject files larger than this many bytes without reading them.")
+    formats: list[Literal["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "MPO"]] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "MPO"],
+        description="Decoded formats that are accepted (PIL format names).",
+    )
+    partition_size: int = Field(32, ge=1, description="Images per ingest partition (one Ray task, one Parquet file).")
+    reencode_quality: int = Field(95, ge=50, le=100, description="JPEG quality when bytes must be normalised.")
+
+
+class RegionsSection(_Section):
+    method: Literal["none"] = Field(
+        "none", description="Box proposer. Only 'none' exists yet (samples get empty box lists)."
+    )
+    k: int = Field(4, ge=0, description="Boxes kept per image.")
+
+
+class CaptionerSection(_Section):
+    backend: Literal["none"] = Field(
+        "none", description="Captioning back end. Only 'none' exists yet (no captions are invented)."
+    )
+
+
+class DedupeSection(_Section):
+    exact: bool = Field(True, description="Drop byte-identical images (same SHA-256); the first by source URI is kept.")
+
+
+class ShardsSection(_Section):
+    output: str = Field(..., min_length=1, description="Dataset directory (path or s3://) the shards are written to.")
+    layout: Literal["paired", "combined"] = Field(
+        "paired", description="'paired': PS3's image/ + text_box/ tars; 'combined': one tar with KEY.jpg + KEY.json."
+    )
+    max_samples: int = Field(1000, ge=1, description="Start a new shard after this many samples.")
+    max_bytes: int = Field(1 << 30, ge=1, description="Start a new shard before a tar would pass this many bytes.")
+    sample_type: Literal["natural", "document"] = Field("natural", description="`type` written to each sample's JSON.")
+
+
+class StorageSection(_Section):
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (e.g. http://127.0.0.1:9000); default: AWS_ENDPOINT_URL or AWS."
+    )
+    region: str | None = Field(None, description="S3 region; default: AWS_DEFAULT_REGION or us-east-1.")
+
+
+class RaySection(_Section):
+    address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS, else a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
+
+
+class PrefectSection(_Section):
+    retries: int = Field(2, ge=0, description="Retries of each stage task.")
+    retry_delay_s: float = Field(5.0, ge=0, description="Seconds between retries.")
+
+
+class RunConfig(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    sources: list[Source] = Field(..., min_length=1)
+    ingest: IngestSection = Field(default_factory=IngestSection)
+    regions: RegionsSection = Field(default_factory=RegionsSection)
+    captioner: CaptionerSection = Field(default_factory=CaptionerSection)
+    dedupe: DedupeSection = Field(default_factory=DedupeSection)
+    shards: ShardsSection
+    storage: StorageSection = Field(default_factory=StorageSection)
+    ray: RaySection = Field(default_factory=RaySection)
+    prefect: PrefectSection = Field(default_factory=PrefectSection)
+
+    @model_validator(mode="after")
+    def _output_outside_work(self) -> "RunConfig":
+        if self.shards.output.rstrip("/") == self.run.work_dir.rstrip("/"):
+            raise ValueError("shards.output must differ from run.work_dir")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names every offending field."""
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, origin: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML run config. Relative local paths in it stay relative to the working directory."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(data, str(path))

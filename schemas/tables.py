@@ -1,0 +1,117 @@
+"""Pyarrow schemas of every stage table (DESIGN.md, "Stage tables").
+
+Stage code builds its tables with these schemas, so a column that drifts fails at write time.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import pyarrow as pa
+
+
+class RejectReason(str, Enum):
+    """The fixed vocabulary of rejection reasons; `detail` carries the specifics."""
+
+    READ_ERROR = "read_error"  # the file could not be read (permissions, vanished, S3 error)
+    EMPTY_FILE = "empty_file"  # zero bytes
+    TOO_LARGE_FILE = "too_large_file"  # more bytes than ingest.max_bytes
+    NOT_AN_IMAGE = "not_an_image"  # no image format recognises the bytes
+    UNSUPPORTED_FORMAT = "unsupported_format"  # an image, but not in ingest.formats
+    TOO_MANY_PIXELS = "too_many_pixels"  # header claims more than ingest.max_pixels
+    TOO_SMALL = "too_small"  # shorter oriented side below ingest.min_side
+    TRUNCATED = "truncated"  # the pixel data ends early
+    DECODE_ERROR = "decode_error"  # any other failure while decoding
+    DUPLICATE_EXACT = "duplicate_exact"  # same SHA-256 as a kept image
+
+
+def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+IMAGES = pa.schema(
+    [
+        _field("uid", pa.string(), "hex of the first 128 bits of sha256 of the original bytes"),
+        _field("sha256", pa.string(), "hex sha256 of the original bytes"),
+        _field("source_uri", pa.string(), "where the original bytes came from"),
+        _field("width", pa.int32(), "width after EXIF orientation"),
+        _field("height", pa.int32(), "height after EXIF orientation"),
+        _field("format", pa.string(), "format of the stored `image` bytes: JPEG, PNG or WEBP"),
+        _field("n_bytes", pa.int64(), "size of the original bytes"),
+        _field("image", pa.large_binary(), "stored bytes: the original, or a normalised encoding (see meta)"),
+        _field("phash", pa.uint64(), "64-bit perceptual hash (DCT)"),
+        _field("dhash", pa.uint64(), "64-bit difference hash"),
+        _field("meta", pa.string(), "JSON: exif subset, normalisation, source format, page URL, ..."),
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        _field("source_uri", pa.string(), "the rejected input"),
+        _field("uid", pa.string(), "uid when the bytes could be hashed", nullable=True),
+        _field("stage", pa.string(), "stage that rejected it"),
+        _field("reason", pa.string(), "one of RejectReason"),
+        _field("detail", pa.string(), "human-readable specifics"),
+    ]
+)
+
+REGIONS = pa.schema(
+    [
+        _field("uid", pa.string(), "image uid"),
+        _field("region_id", pa.int32(), "0-based index of the box within its image"),
+        _field("box", pa.list_(pa.int32(), 4), "[x1, y1, x2, y2] in oriented original pixels"),
+        _field("score", pa.float32(), "proposer score"),
+        _field("method", pa.string(), "proposer name"),
+    ]
+)
+
+CAPTIONS = pa.schema(
+    [
+        _field("uid", pa.string(), "image uid"),
+        _field("region_id", pa.int32(), "box index, -1 for the global caption"),
+        _field("text", pa.string(), "cleaned caption", nullable=True),
+        _field("model", pa.string(), "model that wrote it"),
+        _field("prompt_id", pa.string(), "versioned prompt name"),
+        _field("n_tokens", pa.int32(), "generated tokens"),
+        _field("status", pa.string(), "ok, or the reason it was rejected"),
+    ]
+)
+
+DEDUPE = pa.schema(
+    [
+        _field("uid", pa.string(), "image uid"),
+        _field("cluster", pa.string(), "uid of the cluster's kept image"),
+        _field("kept", pa.bool_(), "whether this image goes to the shards"),
+        _field("duplicate_of", pa.string(), "uid it duplicates", nullable=True),
+    ]
+)
+
+MANIFEST = pa.schema(
+    [
+        _field("key", pa.string(), "sample key inside the tars"),
+        _field("uid", pa.string(), "image uid"),
+        _field("shard", pa.string(), "shard file name without folder, e.g. image_000000.tar"),
+        _field("source", pa.string(), "source URI of the original"),
+        _field("width", pa.int32(), "oriented width"),
+        _field("height", pa.int32(), "oriented height"),
+        _field("boxes", pa.int32(), "number of boxes in the sample"),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "images": IMAGES,
+    "rejects": REJECTS,
+    "regions": REGIONS,
+    "captions": CAPTIONS,
+    "dedupe": DEDUPE,
+    "manifest": MANIFEST,
+}
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build a table from row dicts, checked against the schema (missing or mistyped columns fail)."""
+    return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
