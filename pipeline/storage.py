@@ -42,6 +42,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 class FileEntry:
     uri: str
     size: int
+    version: str = ""  # local mtime in ns, or the S3 ETag: a changed file gets a new fingerprint
 
 
 class Storage:
@@ -107,6 +108,7 @@ class Storage:
 
     def _list_local(self, pattern: str) -> list[FileEntry]:
         if any(c in pattern for c in _WILDCARDS):
+            root = Path(os.path.dirname(pattern[: min(pattern.find(c) for c in _WILDCARDS if c in pattern)]))
             paths = [Path(p) for p in glob.glob(pattern, recursive=True)]
         else:
             root = Path(pattern)
@@ -118,10 +120,16 @@ class Storage:
                 raise FileNotFoundError(f"source not found: {pattern}")
         out = []
         for p in paths:
-            if any(part.startswith(".") for part in p.parts if part not in (".", "..")):
+            # Only names below the listed folder (or the glob's fixed part) make a file hidden.
+            try:
+                below = p.relative_to(root).parts
+            except ValueError:
+                below = p.parts
+            if any(part.startswith(".") for part in below if part not in (".", "..")):
                 continue
             if p.is_file():
-                out.append(FileEntry(str(p), p.stat().st_size))
+                st = p.stat()
+                out.append(FileEntry(str(p), st.st_size, str(st.st_mtime_ns)))
         return out
 
     def _list_s3(self, pattern: str) -> list[FileEntry]:
@@ -129,22 +137,26 @@ class Storage:
         cut = min((key.find(c) for c in _WILDCARDS if c in key), default=-1)
         prefix = key if cut < 0 else key[:cut]
         glob_pattern = None if cut < 0 else key
+        # Only names below the listed folder (or the glob's fixed part) make a file hidden.
+        base = prefix[: prefix.rfind("/") + 1]
+        folder = key.rstrip("/") + "/" if cut < 0 and key else base
         out = []
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 name = obj["Key"]
-                if name.endswith("/") or any(p.startswith(".") for p in name.split("/")):
+                below = name[len(folder):] if name.startswith(folder) else name[len(base):]
+                if name.endswith("/") or any(p.startswith(".") for p in below.split("/")):
                     continue
                 if glob_pattern and not fnmatch.fnmatchcase(name, glob_pattern):
                     continue
-                out.append(FileEntry(f"s3://{bucket}/{name}", int(obj["Size"])))
+                out.append(FileEntry(f"s3://{bucket}/{name}", int(obj["Size"]), obj.get("ETag", "").strip('"')))
         return out
 
     def list_prefix(self, uri: str) -> list[str]:
         """Names directly inside a folder / prefix (no recursion), sorted; empty if absent."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            prefix = key.rstrip("/") + "/"
+            prefix = key.rstrip("/") + "/" if key else ""  # "" lists the bucket's top level
             names = []
             for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
                 names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]

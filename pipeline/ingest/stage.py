@@ -58,4 +58,4 @@ CODE_VERSION = code_version(decode, hashing, sys.modules[__name__])
 
 
 def partition_fingerprint(entries: list[FileEntry], limits: IngestSection) -> str:
-    return fingerprint(STAGE, CODE_VERSION, limits, [(e.uri, e.size) for e in entries])
+    return fingerprint(STAGE, CODE_VERSION, limits, [(e.uri, e.size, e.version) for e in entries])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 IMAGE_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 TAR_MEMBER_OVERHEAD = 512  # one ustar header per member; data is padded to 512 bytes
-TAR_END = 1024
+TAR_END = 10240  # two zero blocks, padded by tarfile to a whole 10 KiB record (upper bound)
 
 
 def shard_files(layout: str, index: int) -> dict[str, str]:

@@ -1,0 +1,37 @@
+# make demo: build a dataset from generated 2K-4K sample images; make test: the test suite.
+# Both create the virtualenv .venv in this checkout on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+# Prefect keeps its SQLite database under PREFECT_HOME; one per checkout avoids clashes with
+# databases migrated by other Prefect versions (~/.prefect).
+export PREFECT_HOME ?= $(CURDIR)/$(VENV)/prefect-home
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# No CUDA here: pin torch to the 2.13.0 CPU build (a looser pin pulls a multi-GB CUDA build).
+	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install --quiet torch==2.13.0; fi
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	$(BIN)/localcap demo
+	$(BIN)/localcap inspect demo-output/dataset
+
+test: install
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf demo-output .pytest_cache

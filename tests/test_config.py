@@ -1,0 +1,67 @@
+"""A bad config fails before any work, naming the offending field."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.config import ConfigError, load_config, parse_config
+
+MINIMAL = {"sources": [{"uri": "images/"}], "shards": {"output": "out/"}}
+
+
+def test_minimal_config_gets_defaults():
+    cfg = parse_config(MINIMAL)
+    assert cfg.ingest.min_side == 1024
+    assert cfg.shards.layout == "paired"
+    assert cfg.sources[0].type == "files"
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"ingest": {"min_side": 0}}, "ingest.min_side"),
+        ({"ingest": {"min_sid": 10}}, "ingest.min_sid"),
+        ({"shards": {"output": "o", "layout": "tarball"}}, "shards.layout"),
+        ({"sources": []}, "sources"),
+        ({"sources": [{"path": "x"}]}, "sources.0.uri"),
+        ({"ingest": {"formats": ["JPEG", "HEIC"]}}, "ingest.formats.1"),
+        ({"regions": {"method": "ps3"}}, "regions.method"),
+        ({"bogus_section": {}}, "bogus_section"),
+    ],
+)
+def test_bad_config_names_field(patch, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, **patch})
+    assert f"  {field}:" in str(err.value)
+
+
+def test_missing_shards_output():
+    with pytest.raises(ConfigError, match="shards"):
+        parse_config({"sources": [{"uri": "x"}]})
+
+
+def test_load_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("sources:\n  - uri: imgs\nshards:\n  output: out\n")
+    cfg = load_config(path, {"ingest.min_side": 512, "shards.layout": "combined"})
+    assert cfg.ingest.min_side == 512 and cfg.shards.layout == "combined"
+
+
+def test_load_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in list((root / "configs").glob("*.yaml")) + [root / "flows" / "demo.yaml"]:
+        load_config(path)

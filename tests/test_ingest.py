@@ -1,0 +1,138 @@
+"""Ingest: every input ends in the images table or the rejects table, with a reason."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.ingest.decode import Rejection, decode_validate
+from pipeline.ingest.stage import ingest_entries
+from pipeline.storage import Storage
+from schemas.config import IngestSection
+from schemas.tables import IMAGES, RejectReason
+from tests.images import bomb_png_header, cmyk_jpeg, exif_rotated_jpeg, png16, scene_jpeg, write_bad_inputs
+
+LIMITS = IngestSection()
+
+
+def test_good_jpeg_passes_through_untouched():
+    data = scene_jpeg(11)
+    row = decode_validate(data, "x.jpg", LIMITS)
+    assert isinstance(row, dict)
+    assert row["image"] == data and row["format"] == "JPEG" and json.loads(row["meta"]) == {}
+    assert (row["width"], row["height"]) == (1600, 1200)
+    assert row["uid"] == row["sha256"][:32] and len(row["uid"]) == 32
+    assert 0 <= row["phash"] < 2**64 and 0 <= row["dhash"] < 2**64
+
+
+def test_exif_rotation_is_applied_to_size_and_bytes():
+    data = exif_rotated_jpeg(orientation=6)  # stored 1600x1200, displayed 1200x1600
+    row = decode_validate(data, "r.jpg", LIMITS)
+    assert (row["width"], row["height"]) == (1200, 1600)
+    stored = Image.open(io.BytesIO(row["image"]))
+    assert stored.size == (1200, 1600)  # plain PIL, ignoring EXIF, sees the oriented image
+    assert stored.getexif().get(0x0112, 1) == 1
+    meta = json.loads(row["meta"])
+    assert meta["normalized"] == "exif orientation 6" and meta["source_n_bytes"] == len(data)
+    assert row["sha256"] != __import__("hashlib").sha256(row["image"]).hexdigest()  # uid is of the original
+
+
+def test_rotation_preserves_content():
+    """Orientation 6 means rotate 90 degrees clockwise for display: compare with PIL's own transpose."""
+    from PIL import ImageOps
+
+    data = exif_rotated_jpeg(orientation=6)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("L").resize((60, 80))
+    row = decode_validate(data, "r.jpg", LIMITS)
+    got = Image.open(io.BytesIO(row["image"])).convert("L").resize((60, 80))
+    diff = sum(abs(a - b) for a, b in zip(expected.getdata(), got.getdata())) / (60 * 80)
+    assert diff < 6
+
+
+@pytest.mark.parametrize("maker, reason", [(cmyk_jpeg, "mode CMYK"), (png16, "mode I;16")])
+def test_normalised_encodings_decode_to_rgb8(maker, reason):
+    row = decode_validate(maker(), "n", LIMITS)
+    assert json.loads(row["meta"])["normalized"] == reason
+    img = Image.open(io.BytesIO(row["image"]))
+    assert img.mode == "RGB" and img.size == (row["width"], row["height"])
+
+
+def test_16bit_scaled_not_clipped():
+    row = decode_validate(png16(), "d.png", LIMITS)
+    arr = Image.open(io.BytesIO(row["image"])).convert("L")
+    lo, hi = arr.getextrema()
+    assert lo < 30 and hi > 220  # the 0..65535 gradient maps onto 0..255, not a white clip
+
+
+def test_alpha_png_composited_on_white():
+    img = Image.new("RGBA", (1100, 1100), (255, 0, 0, 0))
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    row = decode_validate(out.getvalue(), "a.png", LIMITS)
+    assert json.loads(row["meta"])["normalized"] == "mode RGBA"
+    assert Image.open(io.BytesIO(row["image"])).getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_limits_come_from_config():
+    assert isinstance(decode_validate(scene_jpeg(3, 800, 600), "s", IngestSection(min_side=512)), dict)
+    rej = decode_validate(scene_jpeg(3), "s", IngestSection(max_pixels=1000))
+    assert isinstance(rej, Rejection) and rej.reason is RejectReason.TOO_MANY_PIXELS
+    assert decode_validate(bomb_png_header(), "b", LIMITS).reason is RejectReason.TOO_MANY_PIXELS
+
+
+def test_ingest_entries_accounts_for_every_file(tmp_path):
+    expected = write_bad_inputs(tmp_path / "bad")
+    storage = Storage()
+    entries = storage.list_files(str(tmp_path / "bad"))
+    images, rejects = ingest_entries(entries, IngestSection(max_bytes=10**9), storage)
+    assert images.schema.equals(IMAGES, check_metadata=False)
+    assert images.num_rows + rejects.num_rows == len(expected)
+    got = {r["source_uri"].rsplit("/", 1)[1]: r["reason"] for r in rejects.to_pylist()}
+    assert got == {k: v for k, v in expected.items() if v is not None}
+    accepted = {u.rsplit("/", 1)[1] for u in images["source_uri"].to_pylist()}
+    assert accepted == {k for k, v in expected.items() if v is None}
+
+
+def test_too_large_and_unreadable_files_are_rejected(tmp_path):
+    from pipeline.storage import FileEntry
+
+    big = tmp_path / "big.jpg"
+    big.write_bytes(scene_jpeg(5))
+    entries = [FileEntry(str(big), big.stat().st_size), FileEntry(str(tmp_path / "vanished.jpg"), 10)]
+    images, rejects = ingest_entries(entries[:1], IngestSection(max_bytes=100), Storage())
+    assert images.num_rows == 0
+    assert rejects["reason"].to_pylist() == ["too_large_file"]
+    images, rejects = ingest_entries(entries[1:], IngestSection(), Storage())
+    assert rejects["reason"].to_pylist() == ["read_error"] and "vanished" in rejects["detail"][0].as_py()
+
+
+def test_bad_input_folder_through_the_flow(build, tmp_path):
+    """Acceptance: a folder of bad inputs gives a successful run; inputs = accepted + rejected."""
+    expected = write_bad_inputs(tmp_path / "bad")
+    (tmp_path / "bad" / "zz_copy_of_good.jpg").write_bytes((tmp_path / "bad" / "good.jpg").read_bytes())
+    expected["zz_copy_of_good.jpg"] = "duplicate_exact"  # same bytes as good.jpg, which sorts after it
+    expected["good.jpg"] = None
+    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "bad")}],
+           "ingest": {"partition_size": 3}, "shards": {"output": str(tmp_path / "ds"), "max_samples": 2}}
+    dataset = build(cfg, run_id="bad-inputs")
+    counts = dataset["counts"]
+    accepted = sorted(k for k, v in expected.items() if v is None)
+    assert counts["inputs"] == len(expected) == counts["samples"] + counts["rejected"]
+    assert counts["samples"] == len(accepted)
+
+    from pipeline.stages import collect_rejects, make_context
+    from schemas.config import parse_config
+
+    table = collect_rejects(make_context(parse_config(cfg), "bad-inputs"))
+    got = {r["source_uri"].rsplit("/", 1)[1]: r["reason"] for r in table.to_pylist()}
+    assert got == {k: v for k, v in expected.items() if v is not None}
+    assert all(r["detail"] for r in table.to_pylist())
+
+    manifest = pq.read_table(tmp_path / "ds" / "manifest.parquet").to_pylist()
+    assert sorted(m["source"].rsplit("/", 1)[1] for m in manifest) == accepted
+    rotated = next(m for m in manifest if m["source"].endswith("rotated.jpg"))
+    assert (rotated["width"], rotated["height"]) == (1200, 1600)
