@@ -25,7 +25,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(BIN)/localcap demo
-	$(BIN)/localcap inspect demo-output/dataset
 
 test: install
 	$(BIN)/pytest

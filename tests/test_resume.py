@@ -1,0 +1,112 @@
+"""A run killed with SIGKILL mid-stage resumes with the same run id to byte-identical output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.synthetic import encode, generate_scene
+
+N_IMAGES = 24
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _without_times(dataset_json: bytes) -> dict:
+    data = json.loads(dataset_json)
+    data.pop("created_at")
+    return data
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_byte_identical(build, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(N_IMAGES):  # PNGs decode fully, so the ingest stage lasts long enough to be killed
+        img, _ = generate_scene(300 + i, 2048, 1536, n_objects=3)
+        (src / f"{i:03d}.png").write_bytes(encode(img, "PNG", compress_level=1))
+    work, out = tmp_path / "work", tmp_path / "ds"
+    cfg = {"run": {"work_dir": str(work)}, "sources": [{"uri": str(src)}], "ray": {"num_cpus": 1},
+           "ingest": {"partition_size": 1}, "shards": {"output": str(out), "max_samples": 5}}
+
+    # The reference: an uninterrupted run, then moved aside so the killed run uses the same paths.
+    build(cfg, run_id="r1")
+    shutil.move(out, tmp_path / "reference")
+    shutil.rmtree(work)
+
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    # Its own Prefect home and temporary server: the test harness's SQLite database is not shared.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(config_path), "--run-id", "r1", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ingest_dir = work / "r1" / "ingest"
+    deadline = time.monotonic() + 300
+    done_at_kill: list[str] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        done_at_kill = sorted(p.name for p in ingest_dir.glob("part-*.parquet")) if ingest_dir.exists() else []
+        if len(done_at_kill) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read().decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)  # let any orphaned worker finish dying
+    done_at_kill = sorted(p.name for p in ingest_dir.glob("part-*.parquet"))
+    assert 3 <= len(done_at_kill) < N_IMAGES, done_at_kill
+    assert not (out / "dataset.json").exists()
+    mtimes = {n: (ingest_dir / n).stat().st_mtime_ns for n in done_at_kill}
+
+    build(cfg, run_id="r1")
+
+    run = json.loads((work / "r1" / "run.json").read_text())
+    ingest = next(s for s in run["stages"] if s["stage"] == "ingest")
+    assert ingest["skipped"] >= len(done_at_kill) and ingest["skipped"] + ingest["computed"] == N_IMAGES
+    assert {n: (ingest_dir / n).stat().st_mtime_ns for n in done_at_kill} == mtimes  # not redone
+
+    reference, resumed = _files(tmp_path / "reference"), _files(out)
+    assert sorted(reference) == sorted(resumed)
+    for name in reference:
+        if name == "dataset.json":
+            assert _without_times(reference[name]) == _without_times(resumed[name])
+        else:
+            assert reference[name] == resumed[name], f"{name} differs"
+    assert len([n for n in reference if n.endswith(".tar")]) == 2 * 5  # 24 samples, 5 per shard
+
+
+def test_rerun_of_finished_run_skips_everything(build, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        img, _ = generate_scene(400 + i, 1200, 1100, n_objects=1)
+        (src / f"{i}.jpg").write_bytes(encode(img))
+    cfg = {"run": {"work_dir": str(tmp_path / "w")}, "sources": [{"uri": str(src)}],
+           "ingest": {"partition_size": 2}, "shards": {"output": str(tmp_path / "ds")}}
+    build(cfg, run_id="again")
+    first = _files(tmp_path / "ds")
+    build(cfg, run_id="again")
+    run = json.loads((tmp_path / "w" / "again" / "run.json").read_text())
+    assert all(s["computed"] == 0 and s["skipped"] == s["partitions"] for s in run["stages"])
+    second = _files(tmp_path / "ds")
+    assert {k: v for k, v in first.items() if k != "dataset.json"} == {k: v for k, v in second.items() if k != "dataset.json"}
+
+    # Changing a stage's config recomputes that stage only where its fingerprint changed.
+    cfg["shards"]["max_samples"] = 1
+    build(cfg, run_id="again")
+    run = json.loads((tmp_path / "w" / "again" / "run.json").read_text())
+    by_stage = {s["stage"]: s for s in run["stages"]}
+    assert by_stage["ingest"]["computed"] == 0 and by_stage["shard"]["computed"] == 3
+    assert sorted(json.loads((tmp_path / "ds" / "image" / "sizes.json").read_text())) == [f"image_{i:06d}.tar" for i in range(3)]
