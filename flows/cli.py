@@ -12,6 +12,10 @@ import yaml
 
 from schemas.config import ConfigError, load_config
 
+# Prefect's temporary server otherwise records a telemetry session on start-up, which can race its
+# own database migration on a fresh PREFECT_HOME ("database is locked").
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 app = typer.Typer(
     help="localcap: build local-caption datasets (PS3 paired WebDataset shards) from high-resolution images.\n\n"
     "Runs locally with no server (Prefect's temporary server, a local Ray); set RAY_ADDRESS or ray.address "

@@ -9,9 +9,9 @@ AWS_ENDPOINT_URL, so a local S3 endpoint (moto, MinIO) works without code change
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import glob
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,34 @@ def split_s3(uri: str) -> tuple[str, str]:
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ValueError(f"not an s3:// URI: {uri!r}")
     return parsed.netloc, parsed.path.lstrip("/")
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a regex with local `glob.glob(recursive=True)` semantics: `*` stays within a folder,
+    `**/` matches zero or more folders."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2 :]:
+            close = pattern.index("]", i + 2)
+            body = pattern[i + 1 : close]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = close + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
 
 
 @dataclass(frozen=True)
@@ -133,23 +161,25 @@ class Storage:
         return out
 
     def _list_s3(self, pattern: str) -> list[FileEntry]:
+        """A prefix is a folder (`s3://b/raw` lists `raw/...`, not `raw2/`); globs match as local ones do."""
         bucket, key = split_s3(pattern)
         cut = min((key.find(c) for c in _WILDCARDS if c in key), default=-1)
-        prefix = key if cut < 0 else key[:cut]
-        glob_pattern = None if cut < 0 else key
-        # Only names below the listed folder (or the glob's fixed part) make a file hidden.
-        base = prefix[: prefix.rfind("/") + 1]
-        folder = key.rstrip("/") + "/" if cut < 0 and key else base
+        if cut < 0:
+            folder, matcher = (key.rstrip("/") + "/" if key else ""), None
+        else:
+            folder, matcher = key[: key.rfind("/", 0, cut) + 1], glob_regex(key)
         out = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
             for obj in page.get("Contents", []):
                 name = obj["Key"]
-                below = name[len(folder):] if name.startswith(folder) else name[len(base):]
-                if name.endswith("/") or any(p.startswith(".") for p in below.split("/")):
+                # Only names below the listed folder make a file hidden.
+                if name.endswith("/") or any(p.startswith(".") for p in name[len(folder):].split("/")):
                     continue
-                if glob_pattern and not fnmatch.fnmatchcase(name, glob_pattern):
+                if matcher and not matcher.match(name):
                     continue
                 out.append(FileEntry(f"s3://{bucket}/{name}", int(obj["Size"]), obj.get("ETag", "").strip('"')))
+        if not out and cut < 0 and key and not key.endswith("/") and self.exists(pattern):
+            out.append(FileEntry(pattern, self.size(pattern)))  # the prefix names one object
         return out
 
     def list_prefix(self, uri: str) -> list[str]:

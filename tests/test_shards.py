@@ -153,3 +153,14 @@ def test_sample_validator():
         validate_sample_json(b'{"text": [], "box": [], "extra": 1}')
     with pytest.raises(ValueError, match="leaves"):
         ok.check_inside(20, 20)
+
+
+def test_flow_leaves_markdown_artifact(paired_dataset):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["localcap-build"])))
+    text = next(a.data for a in artifacts if "`paired`" in a.data)
+    assert "**7** samples in **3** shards from **8** inputs" in text
+    assert "| ingest | 3 | 3 | 0 |" in text and "| not_an_image | 1 |" in text

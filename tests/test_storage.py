@@ -174,12 +174,17 @@ def test_s3_list_prefix_and_glob(s3, s3_bucket):
     sizes = {name: e.size for name, e in zip(_rel(s3.list_files(base + "/"), base), s3.list_files(base + "/"))}
     assert sizes == {"a.jpg": 10, "b.JPG": 20, "notes.txt": 4, "sub/c.jpg": 30, "sub/deeper/d.png": 40}
     assert all(e.version for e in s3.list_files(base + "/"))  # the ETag
-    assert _rel(s3.list_files(base + "/**/*.jpg"), base) == ["sub/c.jpg"]  # `**/` needs a folder in S3 globs
-    assert _rel(s3.list_files(base + "/*.jpg"), base) == ["a.jpg", "sub/c.jpg"]  # fnmatch: `*` crosses `/`
-    assert _rel(s3.list_files(base + "/sub/*"), base) == ["sub/c.jpg", "sub/deeper/d.png"]
-    assert _rel(s3.list_files(f"s3://{s3_bucket}/*/*.jpg"), f"s3://{s3_bucket}") == [
-        "other/z.jpg", "raw/a.jpg", "raw/sub/c.jpg"]
+    # Globs mean what they mean locally: `**/` is zero or more folders, `*` stays within one.
+    assert _rel(s3.list_files(base + "/**/*.jpg"), base) == ["a.jpg", "sub/c.jpg"]
+    assert _rel(s3.list_files(base + "/*.jpg"), base) == ["a.jpg"]
+    assert _rel(s3.list_files(base + "/sub/*"), base) == ["sub/c.jpg"]
+    assert _rel(s3.list_files(base + "/**"), base) == VISIBLE
+    assert _rel(s3.list_files(f"s3://{s3_bucket}/*/*.jpg"), f"s3://{s3_bucket}") == ["other/z.jpg", "raw/a.jpg"]
     assert s3.list_files(f"s3://{s3_bucket}/absent/") == []
+    # A prefix is a folder: `raw` does not reach into `raw2/`; a prefix naming one object lists it.
+    s3.write_bytes(f"s3://{s3_bucket}/raw2/x.jpg", b"x")
+    assert _rel(s3.list_files(base), base) == VISIBLE
+    assert [e.uri for e in s3.list_files(base + "/a.jpg")] == [base + "/a.jpg"]
 
 
 def test_s3_list_extensions_filter(s3, s3_bucket):
@@ -193,7 +198,7 @@ def test_s3_list_under_a_hidden_parent_prefix(s3, s3_bucket):
     base = f"s3://{s3_bucket}/.staging/raw"
     _upload_tree(s3, base)
     assert _rel(s3.list_files(base + "/"), base) == VISIBLE
-    assert _rel(s3.list_files(base + "/**/*.jpg"), base) == ["sub/c.jpg"]
+    assert _rel(s3.list_files(base + "/**/*.jpg"), base) == ["a.jpg", "sub/c.jpg"]
     # a glob that cuts inside a name: `im*` must not make `im.jpg` look hidden
     s3.write_bytes(f"s3://{s3_bucket}/pics/im.jpg", b"1")
     s3.write_bytes(f"s3://{s3_bucket}/pics/image.jpg", b"2")
