@@ -31,11 +31,11 @@ from pipeline.synthetic import encode, generate_scene  # noqa: E402
 from schemas.config import parse_config  # noqa: E402
 
 
-def generate(folder: Path, n: int, width: int, height: int) -> int:
+def generate(folder: Path, n: int, width: int, height: int, grain: float) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     total = 0
     for i in range(n):
-        img, _ = generate_scene(i, width, height, n_objects=4)
+        img, _ = generate_scene(i, width, height, n_objects=4, grain=grain)
         data = encode(img, "JPEG", quality=90)
         (folder / f"img_{i:05d}.jpg").write_bytes(data)
         total += len(data)
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=3840)
     ap.add_argument("--height", type=int, default=2160)
     ap.add_argument("--partition-size", type=int, default=8, help="images per ingest partition")
+    ap.add_argument("--grain", type=float, default=6.0,
+                    help="per-pixel noise so JPEGs weigh what 4K photos do (0: smooth, ~0.3 MB each)")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a fresh temporary folder)")
     args = ap.parse_args()
 
@@ -110,7 +112,7 @@ def main() -> None:
         images = root / "images"
         print(f"generating {args.images} JPEGs of {args.width}x{args.height} (quality 90) in {images} ...", flush=True)
         t0 = time.perf_counter()
-        n_bytes = generate(images, args.images, args.width, args.height)
+        n_bytes = generate(images, args.images, args.width, args.height, args.grain)
         print(f"  {n_bytes / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s (not counted), "
               f"{n_bytes / args.images / 2**20:.2f} MiB per image")
         n_parts = -(-args.images // args.partition_size)

@@ -78,6 +78,11 @@ def run_stage(
     start = time.perf_counter()
     stage_dir = join(run_dir, stage)
     existing = set(storage.list_prefix(stage_dir))
+    for name in sorted(existing):
+        # Partitions of an earlier attempt with more inputs or shards would be read as this run's.
+        if name.endswith(".parquet") and name[-13:-8].isdigit() and int(name[-13:-8]) >= len(jobs):
+            storage.delete(join(stage_dir, name))
+            existing.discard(name)
     todo = [j for j in jobs if part_name(j.index) not in existing or read_fingerprint(storage, join(stage_dir, part_name(j.index))) != j.fingerprint]
     report = StageReport(stage, partitions=len(jobs), skipped=len(jobs) - len(todo))
     if report.skipped:

@@ -84,10 +84,10 @@ def dedupe_partition(payload: DedupePayload) -> dict[str, pa.Table]:
 
 
 def run_dedupe(ctx: RunContext, ingest_fingerprints: list[str]) -> StageReport:
+    if not ctx.config.dedupe.exact:  # no jobs: also clears what an earlier attempt with it on wrote
+        return run_stage("dedupe", ctx.run_dir, [], dedupe_partition, ctx.storage, progress=False)
     fp = fingerprint("dedupe", code_version(exact), ctx.config.dedupe, ingest_fingerprints)
     payload = DedupePayload(ctx.stage_dir("ingest"), len(ingest_fingerprints), ctx.storage)
-    if not ctx.config.dedupe.exact:
-        return StageReport("dedupe")
     return run_stage("dedupe", ctx.run_dir, [PartitionJob(0, fp, payload)], dedupe_partition, ctx.storage, progress=ctx.progress)
 
 
@@ -105,11 +105,6 @@ def run_shards(ctx: RunContext, ingest_fingerprints: list[str]) -> StageReport:
     for i, group in enumerate(groups):
         payload = ShardPayload(i, group, ctx.stage_dir("ingest"), cfg, ctx.storage)
         jobs.append(PartitionJob(i, shard_fingerprint(payload, fps), payload))
-    # Partitions of an earlier plan with more shards would be read as part of the manifest.
-    stage_dir = ctx.stage_dir("shard")
-    for name in ctx.storage.list_prefix(stage_dir):
-        if name.startswith("part-") and int(name[5:10]) >= len(jobs):
-            ctx.storage.delete(join(stage_dir, name))
     return run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress)
 
 

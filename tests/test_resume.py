@@ -110,3 +110,9 @@ def test_rerun_of_finished_run_skips_everything(build, tmp_path):
     by_stage = {s["stage"]: s for s in run["stages"]}
     assert by_stage["ingest"]["computed"] == 0 and by_stage["shard"]["computed"] == 3
     assert sorted(json.loads((tmp_path / "ds" / "image" / "sizes.json").read_text())) == [f"image_{i:06d}.tar" for i in range(3)]
+
+    # Fewer inputs: partitions past the new end are dropped, not counted twice.
+    (src / "2.jpg").unlink()
+    dataset = build(cfg, run_id="again")
+    assert dataset["counts"]["inputs"] == 2 == dataset["counts"]["samples"]
+    assert sorted(p.name for p in (tmp_path / "w" / "again" / "ingest").iterdir()) == ["part-00000.parquet", "rejects-00000.parquet"]
