@@ -7,6 +7,7 @@ deploy for a local run.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 
@@ -17,6 +18,9 @@ from prefect.cache_policies import NONE as NO_CACHE
 from pipeline.executor import StageReport, init_ray
 from pipeline.stages import make_context, publish_dataset, run_dedupe, run_ingest, run_shards
 from schemas.config import RunConfig, parse_config
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def new_run_id() -> str:
@@ -71,6 +75,8 @@ def build_dataset(config: dict, run_id: str | None = None, progress: bool = True
     """Ingest, dedupe and shard the configured sources into a dataset; returns dataset.json's content."""
     cfg: RunConfig = parse_config(config)
     run_id = run_id or new_run_id()
+    if not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run id {run_id!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)")
     logger = get_run_logger()
     ctx = make_context(cfg, run_id, progress)
     logger.info("run %s: work in %s, dataset to %s", run_id, ctx.run_dir, cfg.shards.output)

@@ -38,6 +38,13 @@ def test_bad_config_fails_before_work_naming_the_field(tmp_path):
     assert not (tmp_path / "ds").exists()
 
 
+def test_bad_run_id_is_refused(tmp_path):
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(f"sources: [{{uri: {tmp_path}}}]\nshards: {{output: {tmp_path / 'ds'}}}\n")
+    out = localcap("run", str(cfg), "--run-id", "../escape", tmp_path=tmp_path, timeout=120)
+    assert out.returncode == 2 and "--run-id" in out.stderr
+
+
 def test_inspect_of_a_non_dataset_is_a_clear_error(tmp_path):
     out = localcap("inspect", str(tmp_path), tmp_path=tmp_path, timeout=60)
     assert out.returncode == 2 and "dataset.json" in out.stderr

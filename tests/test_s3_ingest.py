@@ -103,6 +103,11 @@ def test_work_dir_and_shards_on_s3(build, s3_endpoint, s3_bucket):
     assert json.loads(storage.read_bytes(f"{out}/dataset.json"))["counts"] == dataset["counts"]
     assert json.loads(storage.read_bytes(f"{out}/image/sizes.json")) == {"image_000000.tar": len(GOOD)}
 
+    from pipeline.report import describe_dataset
+
+    shown = describe_dataset(out, storage)  # `localcap inspect s3://...` reads the same way
+    assert f"samples   {len(GOOD)} in 1 shards" in shown and "not_an_image" in shown
+
     # the stage partitions live on S3 too
     ingest_dir = f"{work}/s3run/ingest"
     assert storage.list_prefix(ingest_dir) == [
