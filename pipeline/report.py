@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 
 
 from pipeline.partitions import read_table
 from pipeline.shards.layout import folders
-from pipeline.storage import Storage, join
+from pipeline.storage import Storage, is_s3, join
 
 
 def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: int = 1) -> str:
@@ -38,10 +39,12 @@ def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: in
 
 
 def _sample_json(storage: Storage, dataset: str, layout: str, row: dict) -> str:
-    import tarfile
-
     shard = row["shard"]
-    tar_name = shard.replace("image/image_", "text_box/text_box_") if layout == "paired" else shard
-    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(join(dataset, tar_name)))) as tar:
-        member = tar.extractfile(f"{row['key']}.json")
-        return member.read().decode() if member else "(json missing)"
+    uri = join(dataset, shard.replace("image/image_", "text_box/text_box_") if layout == "paired" else shard)
+    # Local tars are read member by member; an S3 tar is fetched whole.
+    source = {"fileobj": io.BytesIO(storage.read_bytes(uri))} if is_s3(uri) else {"name": uri}
+    with tarfile.open(mode="r:", **source) as tar:
+        for member in tar:
+            if member.name == f"{row['key']}.json":
+                return tar.extractfile(member).read().decode()
+    return "(json missing)"

@@ -72,13 +72,13 @@ def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
 
     cfg = payload.config
     files = shard_files(cfg.layout, payload.index)
+    first_folder, first_file = next(iter(files.items()))
     images, texts, manifest = [], [], []
     for s in payload.samples:
         rec = rows[(s.partition, s.row)]
         assert rec["uid"] == s.key, f"ingest partition {s.partition} changed under the shard plan"
         images.append((f"{s.key}.{IMAGE_EXT[rec['format']]}", rec["image"]))
         texts.append((f"{s.key}.json", sample_json(cfg)))
-        first_folder, first_file = next(iter(files.items()))
         manifest.append({"key": s.key, "uid": rec["uid"], "shard": f"{first_folder}/{first_file}", "source": rec["source_uri"],
                          "width": rec["width"], "height": rec["height"], "boxes": 0})
 
