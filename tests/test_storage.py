@@ -13,38 +13,29 @@ from pipeline import partitions
 from pipeline.storage import Storage, join, split_s3
 
 
+# A small tree with images, a text file, hidden files and a hidden folder.
+TREE = {
+    "a.jpg": b"a" * 10,
+    "b.JPG": b"b" * 20,
+    "notes.txt": b"text",
+    "sub/c.jpg": b"c" * 30,
+    "sub/deeper/d.png": b"d" * 40,
+    ".hidden.jpg": b"h",
+    ".cache/e.jpg": b"e",
+    "sub/.f.jpg": b"f",
+}
+VISIBLE = ["a.jpg", "b.JPG", "notes.txt", "sub/c.jpg", "sub/deeper/d.png"]
+
+
 def _tree(root: Path) -> None:
-    """A small tree with images, a text file, hidden files and a hidden folder."""
-    files = {
-        "a.jpg": b"a" * 10,
-        "b.JPG": b"b" * 20,
-        "notes.txt": b"text",
-        "sub/c.jpg": b"c" * 30,
-        "sub/deeper/d.png": b"d" * 40,
-        ".hidden.jpg": b"h",
-        ".cache/e.jpg": b"e",
-        "sub/.f.jpg": b"f",
-    }
-    for name, data in files.items():
+    for name, data in TREE.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
 
-VISIBLE = ["a.jpg", "b.JPG", "notes.txt", "sub/c.jpg", "sub/deeper/d.png"]
-
-
 def _upload_tree(storage: Storage, base: str) -> None:
-    for name, data in {
-        "a.jpg": b"a" * 10,
-        "b.JPG": b"b" * 20,
-        "notes.txt": b"text",
-        "sub/c.jpg": b"c" * 30,
-        "sub/deeper/d.png": b"d" * 40,
-        ".hidden.jpg": b"h",
-        ".cache/e.jpg": b"e",
-        "sub/.f.jpg": b"f",
-    }.items():
+    for name, data in TREE.items():
         storage.write_bytes(join(base, name), data)
 
 
