@@ -93,7 +93,7 @@ def through_ray(images: str, work_dir: str, partition_size: int) -> tuple[float,
     seconds = time.perf_counter() - start
     assert report.computed == len(jobs) and report.skipped == 0, report
     ray.shutdown()
-    return seconds, report.rows.get("part", 0), len(pids)
+    return seconds, report.rows.get("images", 0), len(pids)
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
         lines.append(f"| {r.stage} | {r.partitions} | {r.computed} | {r.skipped} | {r.seconds} | {rows} |")
     ingest = next((r for r in reports if r.stage == "ingest"), None)
     if ingest and ingest.computed and ingest.seconds:
-        done = ingest.rows.get("part", 0) + ingest.rows.get("rejects", 0)
+        done = ingest.rows.get("images", 0) + ingest.rows.get("rejects", 0)
         lines += ["", f"Ingest throughput: {done / ingest.seconds:.1f} inputs/s over the partitions computed."]
     if c["rejected_by_reason"]:
         lines += ["", "| rejection reason | count |", "|---|---|"]

@@ -43,7 +43,7 @@ def _run(config_path: Path, run_id: Optional[str], sets: list[str], progress: bo
         cfg = load_config(config_path, _parse_sets(sets))
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     from flows.build import RUN_ID, build_dataset  # Prefect imports slowly: only after the config is good
 
     if run_id is not None and not RUN_ID.fullmatch(run_id):
@@ -79,7 +79,7 @@ def inspect(
         typer.echo(describe_dataset(dataset, n_samples=samples))
     except FileNotFoundError as exc:
         typer.echo(f"not a localcap dataset (no dataset.json?): {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 @app.command()

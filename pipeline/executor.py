@@ -73,8 +73,12 @@ def run_stage(
     storage: Storage,
     num_cpus: float = 1,
     progress: bool = True,
+    marker: str = "rows",
 ) -> StageReport:
-    """Compute every job whose `STAGE/part-NNNNN.parquet` is missing or stamped differently."""
+    """Compute every job whose `STAGE/part-NNNNN.parquet` is missing or stamped differently.
+
+    `marker` names the rows of the part files in the report (e.g. "images" for ingest).
+    """
     start = time.perf_counter()
     stage_dir = join(run_dir, stage)
     existing = set(storage.list_prefix(stage_dir))
@@ -97,6 +101,7 @@ def run_stage(
                 for counts in ray.get(ready):
                     report.computed += 1
                     for key, n in counts.items():
+                        key = marker if key == "part" else key
                         report.rows[key] = report.rows.get(key, 0) + n
                     bar.update(1)
         except BaseException:

@@ -112,13 +112,13 @@ def read_table(storage: Storage, uri: str, columns: list[str] | None = None) -> 
         table = pq.read_table(source, columns=columns)
     else:
         table = pq.read_table(uri, columns=columns)
-    return table.replace_schema_metadata(None) if columns is None else table
+    return table.replace_schema_metadata(None)  # the fingerprint stamp is not data
 
 
 def read_tables(storage: Storage, folder: str, prefix: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
     """Concatenate `folder/PREFIX-*.parquet` in partition order (an empty table when there are none)."""
     names = [n for n in storage.list_prefix(folder) if n.startswith(prefix + "-") and n.endswith(".parquet")]
-    tables = [read_table(storage, join(folder, n), columns).replace_schema_metadata(None) for n in names]
+    tables = [read_table(storage, join(folder, n), columns) for n in names]
     if not tables:
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty

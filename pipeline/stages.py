@@ -20,7 +20,7 @@ from dedupe import exact
 from pipeline.executor import PartitionJob, StageReport, run_stage
 from pipeline.ingest.reader import chunk, list_inputs
 from pipeline.ingest.stage import IngestPayload, ingest_partition, partition_fingerprint
-from pipeline.partitions import code_version, fingerprint, part_name, read_table, read_tables, write_table
+from pipeline.partitions import code_version, fingerprint, part_name, read_table, read_tables
 from pipeline.shards.plan import assign_shards
 from pipeline.shards.stage import ShardPayload, finalize_shards, plan_samples, shard_fingerprint, write_shard
 from pipeline.storage import Storage, join
@@ -63,7 +63,7 @@ def ingest_jobs(ctx: RunContext) -> tuple[int, list[PartitionJob]]:
 
 def run_ingest(ctx: RunContext) -> tuple[StageReport, list[str]]:
     n_inputs, jobs = ingest_jobs(ctx)
-    report = run_stage("ingest", ctx.run_dir, jobs, ingest_partition, ctx.storage, progress=ctx.progress)
+    report = run_stage("ingest", ctx.run_dir, jobs, ingest_partition, ctx.storage, progress=ctx.progress, marker="images")
     report.rows["inputs"] = n_inputs
     return report, [j.fingerprint for j in jobs]
 
@@ -88,7 +88,8 @@ def run_dedupe(ctx: RunContext, ingest_fingerprints: list[str]) -> StageReport:
         return run_stage("dedupe", ctx.run_dir, [], dedupe_partition, ctx.storage, progress=False)
     fp = fingerprint("dedupe", code_version(exact), ctx.config.dedupe, ingest_fingerprints)
     payload = DedupePayload(ctx.stage_dir("ingest"), len(ingest_fingerprints), ctx.storage)
-    return run_stage("dedupe", ctx.run_dir, [PartitionJob(0, fp, payload)], dedupe_partition, ctx.storage, progress=ctx.progress)
+    return run_stage("dedupe", ctx.run_dir, [PartitionJob(0, fp, payload)], dedupe_partition, ctx.storage,
+                     progress=ctx.progress, marker="images")
 
 
 # -- shards ------------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def run_shards(ctx: RunContext, ingest_fingerprints: list[str]) -> StageReport:
     for i, group in enumerate(groups):
         payload = ShardPayload(i, group, ctx.stage_dir("ingest"), cfg, ctx.storage)
         jobs.append(PartitionJob(i, shard_fingerprint(payload, fps), payload))
-    return run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress)
+    return run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress, marker="samples")
 
 
 # -- the dataset files -------------------------------------------------------------------------

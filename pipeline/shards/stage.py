@@ -15,7 +15,7 @@ from pipeline.shards import layout as layout_mod
 from pipeline.shards import plan as plan_mod
 from pipeline.shards import writer
 from pipeline.shards.layout import IMAGE_EXT, folders, shard_files
-from pipeline.shards.plan import SampleRef, assign_shards
+from pipeline.shards.plan import SampleRef
 from pipeline.storage import Storage, join
 from schemas.config import ShardsSection
 from schemas.sample import TextBoxSample
@@ -48,8 +48,7 @@ def plan_samples(storage: Storage, ingest_dir: str, n_partitions: int, excluded_
 
 def shard_fingerprint(payload: ShardPayload, ingest_fingerprints: dict[int, str]) -> str:
     used = sorted({s.partition for s in payload.samples})
-    return fingerprint(STAGE, CODE_VERSION, payload.config.model_dump(exclude={"output"}), payload.config.output,
-                       payload.index, [(s.key, s.partition, s.row) for s in payload.samples],
+    return fingerprint(STAGE, CODE_VERSION, payload.config, payload.index, [(s.key, s.partition, s.row) for s in payload.samples],
                        [ingest_fingerprints[p] for p in used])
 
 
