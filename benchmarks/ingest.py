@@ -89,7 +89,7 @@ def through_ray(images: str, work_dir: str, partition_size: int) -> tuple[float,
     warm_jobs = [PartitionJob(i, f"warm-{i}", jobs[0].payload) for i in range(n_cpus)]
     run_stage("ingest", join(work_dir, "warm-up"), warm_jobs, ingest_partition, ctx.storage, progress=False)
     start = time.perf_counter()
-    report = run_stage("ingest", ctx.run_dir, jobs, ingest_partition, ctx.storage, progress=False)
+    report = run_stage("ingest", ctx.run_dir, jobs, ingest_partition, ctx.storage, progress=False, marker="images")
     seconds = time.perf_counter() - start
     assert report.computed == len(jobs) and report.skipped == 0, report
     ray.shutdown()
