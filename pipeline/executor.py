@@ -7,6 +7,7 @@ decides what is left to do, ships it to Ray, writes the results atomically (side
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -93,11 +94,16 @@ def run_stage(
         log.info("%s: %d of %d partitions already done, skipped", stage, report.skipped, len(jobs))
     if todo:
         remote = _run_partition.options(num_cpus=num_cpus, max_retries=2)
-        pending = [remote.remote(work, job, stage_dir, storage) for job in todo]
+        # Enough tasks queued to keep every CPU busy, not the whole stage: payloads stay small in
+        # the object store and a failure cancels little work.
+        max_in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1) / num_cpus))
+        queue = iter(todo)
+        pending = [remote.remote(work, job, stage_dir, storage) for job in itertools.islice(queue, max_in_flight)]
         bar = tqdm(total=len(jobs), initial=report.skipped, desc=stage, unit="part", disable=not progress, file=sys.stderr)
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
+                pending += [remote.remote(work, job, stage_dir, storage) for job in itertools.islice(queue, len(ready))]
                 for counts in ray.get(ready):
                     report.computed += 1
                     for key, n in counts.items():
