@@ -15,6 +15,9 @@ from schemas.config import ConfigError, load_config
 # Prefect's temporary server otherwise records a telemetry session on start-up, which can race its
 # own database migration on a fresh PREFECT_HOME ("database is locked").
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Its first start on a fresh PREFECT_HOME migrates a database: ~15 s on 2 idle cores, past Prefect's
+# 20 s default when the machine is busy. A slow start is better than a failed run.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
     help="localcap: build local-caption datasets (PS3 paired WebDataset shards) from high-resolution images.\n\n"
