@@ -90,7 +90,7 @@ MANIFEST = pa.schema(
     [
         _field("key", pa.string(), "sample key inside the tars"),
         _field("uid", pa.string(), "image uid"),
-        _field("shard", pa.string(), "shard file name without folder, e.g. image_000000.tar"),
+        _field("shard", pa.string(), "the image (or combined) tar, relative to the dataset, e.g. image/image_000000.tar"),
         _field("source", pa.string(), "source URI of the original"),
         _field("width", pa.int32(), "oriented width"),
         _field("height", pa.int32(), "oriented height"),
