@@ -23,6 +23,12 @@ from schemas.config import RunConfig, parse_config
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run id {run_id!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)")
+    return run_id
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
@@ -74,9 +80,7 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
 def build_dataset(config: dict, run_id: str | None = None, progress: bool = True) -> dict:
     """Ingest, dedupe and shard the configured sources into a dataset; returns dataset.json's content."""
     cfg: RunConfig = parse_config(config)
-    run_id = run_id or new_run_id()
-    if not RUN_ID.fullmatch(run_id):
-        raise ValueError(f"run id {run_id!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)")
+    run_id = check_run_id(run_id or new_run_id())
     logger = get_run_logger()
     ctx = make_context(cfg, run_id, progress)
     logger.info("run %s: work in %s, dataset to %s", run_id, ctx.run_dir, cfg.shards.output)

@@ -47,11 +47,13 @@ def _run(config_path: Path, run_id: Optional[str], sets: list[str], progress: bo
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    from flows.build import RUN_ID, build_dataset  # Prefect imports slowly: only after the config is good
+    from flows.build import build_dataset, check_run_id  # Prefect imports slowly: only after the config is good
 
-    if run_id is not None and not RUN_ID.fullmatch(run_id):
-        typer.echo(f"--run-id {run_id!r}: use letters, digits, '.', '_' or '-' (it names a folder)", err=True)
-        raise typer.Exit(2)
+    try:
+        run_id = run_id and check_run_id(run_id)
+    except ValueError as exc:
+        typer.echo(f"--run-id: {exc}", err=True)
+        raise typer.Exit(2) from None
 
     return build_dataset(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
 

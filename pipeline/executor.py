@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from pipeline.partitions import part_name, read_fingerprint, write_table
+from pipeline.partitions import part_name, partition_index, read_fingerprint, write_table
 from pipeline.storage import Storage, join
 from schemas.config import RaySection
 
@@ -85,7 +85,8 @@ def run_stage(
     existing = set(storage.list_prefix(stage_dir))
     for name in sorted(existing):
         # Partitions of an earlier attempt with more inputs or shards would be read as this run's.
-        if name.endswith(".parquet") and name[-13:-8].isdigit() and int(name[-13:-8]) >= len(jobs):
+        index = partition_index(name)
+        if index is not None and index >= len(jobs):
             storage.delete(join(stage_dir, name))
             existing.discard(name)
     todo = [j for j in jobs if part_name(j.index) not in existing or read_fingerprint(storage, join(stage_dir, part_name(j.index))) != j.fingerprint]

@@ -42,6 +42,13 @@ def part_name(index: int, prefix: str = "part") -> str:
     return f"{prefix}-{index:05d}.parquet"
 
 
+def partition_index(name: str) -> int | None:
+    """N of a `PREFIX-NNNNN.parquet` name written by part_name, else None (temporary files, ...)."""
+    stem, dot, ext = name.rpartition(".")
+    prefix, dash, digits = stem.rpartition("-")
+    return int(digits) if ext == "parquet" and dash and prefix and len(digits) == 5 and digits.isdigit() else None
+
+
 def table_bytes(table: pa.Table, fingerprint_value: str | None = None) -> bytes:
     if fingerprint_value is not None:
         meta = dict(table.schema.metadata or {})

@@ -38,6 +38,11 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def first_wildcard(pattern: str) -> int:
+    """Index of the first glob character, or -1 when the pattern is a plain path."""
+    return min((pattern.find(c) for c in _WILDCARDS if c in pattern), default=-1)
+
+
 def glob_regex(pattern: str) -> re.Pattern:
     """A glob as a regex with local `glob.glob(recursive=True)` semantics: `*` stays within a folder,
     `**/` matches zero or more folders."""
@@ -135,8 +140,9 @@ class Storage:
         return sorted(entries, key=lambda e: e.uri)
 
     def _list_local(self, pattern: str) -> list[FileEntry]:
-        if any(c in pattern for c in _WILDCARDS):
-            root = Path(os.path.dirname(pattern[: min(pattern.find(c) for c in _WILDCARDS if c in pattern)]))
+        cut = first_wildcard(pattern)
+        if cut >= 0:
+            root = Path(os.path.dirname(pattern[:cut]))
             paths = [Path(p) for p in glob.glob(pattern, recursive=True)]
         else:
             root = Path(pattern)
@@ -163,7 +169,7 @@ class Storage:
     def _list_s3(self, pattern: str) -> list[FileEntry]:
         """A prefix is a folder (`s3://b/raw` lists `raw/...`, not `raw2/`); globs match as local ones do."""
         bucket, key = split_s3(pattern)
-        cut = min((key.find(c) for c in _WILDCARDS if c in key), default=-1)
+        cut = first_wildcard(key)
         if cut < 0:
             folder, matcher = (key.rstrip("/") + "/" if key else ""), None
         else:
