@@ -16,9 +16,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from pipeline.executor import StageReport, init_ray
-from pipeline.stages import make_context, publish_dataset, run_dedupe, run_ingest, run_shards
+from pipeline.stages import (
+    make_context,
+    publish_dataset,
+    run_dedupe,
+    run_ingest,
+    run_regions,
+    run_shards,
+)
 from schemas.config import RunConfig, parse_config
-
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -43,9 +49,14 @@ def dedupe_task(ctx, ingest_fingerprints):
     return run_dedupe(ctx, ingest_fingerprints)
 
 
+@task(name="regions", cache_policy=NO_CACHE)
+def regions_task(ctx, ingest_fingerprints):
+    return run_regions(ctx, ingest_fingerprints)
+
+
 @task(name="shard", cache_policy=NO_CACHE)
-def shard_task(ctx, ingest_fingerprints):
-    return run_shards(ctx, ingest_fingerprints)
+def shard_task(ctx, ingest_fingerprints, regions_fingerprints):
+    return run_shards(ctx, ingest_fingerprints, regions_fingerprints)
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -70,6 +81,11 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
     if ingest and ingest.computed and ingest.seconds:
         done = ingest.rows.get("images", 0) + ingest.rows.get("rejects", 0)
         lines += ["", f"Ingest throughput: {done / ingest.seconds:.1f} inputs/s over the partitions computed."]
+    st = dataset["statistics"]
+    if st.get("boxes_per_image"):
+        b = st["boxes_per_image"]
+        lines += ["", (f"Boxes per image: median {b['median']} (min {b['min']}, max {b['max']}); "
+                       f"images without boxes: {st['no_boxes_by_reason'] or 'none'}.")]
     if c["rejected_by_reason"]:
         lines += ["", "| rejection reason | count |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in c["rejected_by_reason"].items()]
@@ -78,7 +94,7 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
 
 @flow(name="build_dataset", log_prints=True)
 def build_dataset(config: dict, run_id: str | None = None, progress: bool = True) -> dict:
-    """Ingest, dedupe and shard the configured sources into a dataset; returns dataset.json's content."""
+    """Ingest, dedupe, propose boxes and shard the configured sources into a dataset; returns dataset.json's content."""
     cfg: RunConfig = parse_config(config)
     run_id = check_run_id(run_id or new_run_id())
     logger = get_run_logger()
@@ -91,8 +107,9 @@ def build_dataset(config: dict, run_id: str | None = None, progress: bool = True
     n_inputs = ingest_report.rows["inputs"]
     logger.info("ingest: %d inputs in %d partitions (%d skipped as done)", n_inputs, ingest_report.partitions, ingest_report.skipped)
     dedupe_report = dedupe_task.with_options(**opts)(ctx, fingerprints)
-    shard_report = shard_task.with_options(**opts)(ctx, fingerprints)
-    reports = [ingest_report, dedupe_report, shard_report]
+    regions_report, regions_fingerprints = regions_task.with_options(**opts)(ctx, fingerprints)
+    shard_report = shard_task.with_options(**opts)(ctx, fingerprints, regions_fingerprints)
+    reports = [ingest_report, dedupe_report, regions_report, shard_report]
     dataset = publish_task.with_options(**opts)(ctx, n_inputs, reports)
     create_markdown_artifact(report_markdown(run_id, dataset, reports), key="localcap-build", description=f"localcap run {run_id}")
     c = dataset["counts"]

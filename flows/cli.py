@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -41,13 +40,23 @@ def _parse_sets(values: list[str]) -> dict:
     return out
 
 
-def _run(config_path: Path, run_id: Optional[str], sets: list[str], progress: bool) -> dict:
+def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool) -> dict:
     try:
         cfg = load_config(config_path, _parse_sets(sets))
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    from flows.build import build_dataset, check_run_id  # Prefect imports slowly: only after the config is good
+    from pipeline.regions import ProposerUnavailable, preflight
+
+    try:
+        preflight(cfg.regions)
+    except ProposerUnavailable as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    from flows.build import (  # Prefect imports slowly: only after the config is good
+        build_dataset,
+        check_run_id,
+    )
 
     try:
         run_id = run_id and check_run_id(run_id)
@@ -61,11 +70,11 @@ def _run(config_path: Path, run_id: Optional[str], sets: list[str], progress: bo
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="YAML run config (see configs/)."),
-    run_id: Optional[str] = typer.Option(None, "--run-id", help="Reuse a run id to resume it: finished partitions are skipped."),
+    run_id: str | None = typer.Option(None, "--run-id", help="Reuse a run id to resume it: finished partitions are skipped."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set ingest.min_side=512 (repeatable)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ):
-    """Build a dataset: ingest -> dedupe -> shard -> publish, as the Prefect flow `build_dataset`."""
+    """Build a dataset: ingest -> dedupe -> regions -> shard -> publish, as the Prefect flow `build_dataset`."""
     dataset = _run(config, run_id, set_, progress)
     c = dataset["counts"]
     typer.echo(f"run {dataset['run_id']}: {c['samples']} samples in {c['shards']} shards -> {dataset['config']['shards']['output']}"

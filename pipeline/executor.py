@@ -56,14 +56,51 @@ def init_ray(cfg: RaySection) -> None:
     ray.init(address=address, **kwargs)
 
 
-@ray.remote
-def _run_partition(work: Work, job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
+def _compute_partition(work: Work, job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
     tables = work(job.payload)
     marker = tables.pop("part")
     for prefix, table in tables.items():
         write_table(storage, join(stage_dir, part_name(job.index, prefix)), table, job.fingerprint)
     write_table(storage, join(stage_dir, part_name(job.index)), marker, job.fingerprint)
     return {"part": marker.num_rows, **{p: t.num_rows for p, t in tables.items()}}
+
+
+_run_partition = ray.remote(_compute_partition)
+
+
+@ray.remote
+class _PartitionActor:
+    """Holds a stateful work object (e.g. a loaded model) across partitions."""
+
+    def __init__(self, factory: Callable[[], Work]):
+        self.work = factory()
+
+    def run(self, job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
+        return _compute_partition(self.work, job, stage_dir, storage)
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """Run a stage on `size` long-lived actors, each built once by `factory()` (a model load),
+    instead of one Ray task per partition. `resources` go to each actor (e.g. {"num_gpus": 1})."""
+
+    factory: Callable[[], Work]
+    size: int
+    resources: dict = field(default_factory=dict)
+
+
+def _submitter(work: Work, stage_dir: str, storage: Storage, num_cpus: float, pool: ActorPool | None):
+    """(job -> object ref, how many jobs to keep in flight). Enough are queued to keep every CPU (or
+    actor) busy, not the whole stage: payloads stay small in the object store and a failure cancels
+    little work."""
+    if pool is None:
+        remote = _run_partition.options(num_cpus=num_cpus, max_retries=2)
+        in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1) / num_cpus))
+        return (lambda job: remote.remote(work, job, stage_dir, storage)), in_flight
+    actors = [_PartitionActor.options(max_restarts=1, max_task_retries=2, **pool.resources).remote(pool.factory)
+              for _ in range(pool.size)]
+    turn = itertools.cycle(actors)
+    return (lambda job: next(turn).run.remote(job, stage_dir, storage)), 2 * len(actors)
 
 
 def run_stage(
@@ -75,10 +112,12 @@ def run_stage(
     num_cpus: float = 1,
     progress: bool = True,
     marker: str = "rows",
+    pool: ActorPool | None = None,
 ) -> StageReport:
     """Compute every job whose `STAGE/part-NNNNN.parquet` is missing or stamped differently.
 
-    `marker` names the rows of the part files in the report (e.g. "images" for ingest).
+    `marker` names the rows of the part files in the report (e.g. "images" for ingest). With a
+    `pool`, partitions go to its actors (`work` is then unused); otherwise each is a Ray task.
     """
     start = time.perf_counter()
     stage_dir = join(run_dir, stage)
@@ -94,17 +133,14 @@ def run_stage(
     if report.skipped:
         log.info("%s: %d of %d partitions already done, skipped", stage, report.skipped, len(jobs))
     if todo:
-        remote = _run_partition.options(num_cpus=num_cpus, max_retries=2)
-        # Enough tasks queued to keep every CPU busy, not the whole stage: payloads stay small in
-        # the object store and a failure cancels little work.
-        max_in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1) / num_cpus))
+        submit, max_in_flight = _submitter(work, stage_dir, storage, num_cpus, pool)
         queue = iter(todo)
-        pending = [remote.remote(work, job, stage_dir, storage) for job in itertools.islice(queue, max_in_flight)]
+        pending = [submit(job) for job in itertools.islice(queue, max_in_flight)]
         bar = tqdm(total=len(jobs), initial=report.skipped, desc=stage, unit="part", disable=not progress, file=sys.stderr)
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
-                pending += [remote.remote(work, job, stage_dir, storage) for job in itertools.islice(queue, len(ready))]
+                pending += [submit(job) for job in itertools.islice(queue, len(ready))]
                 for counts in ray.get(ready):
                     report.computed += 1
                     for key, n in counts.items():

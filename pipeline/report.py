@@ -26,8 +26,7 @@ def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: in
     if stats.get("width"):
         out.append(f"size      width {stats['width']['min']}-{stats['width']['max']}, height {stats['height']['min']}-{stats['height']['max']}, "
                    f"median {stats['megapixels']['median']} MP")
-        b = stats["boxes_per_image"]
-        out.append(f"boxes     per image: min {b['min']}, median {b['median']}, max {b['max']}")
+        out += box_lines(stats)
     for folder in folders(info["layout"]):
         sizes = json.loads(storage.read_bytes(join(dataset, folder, "sizes.json")))
         out.append(f"{folder + '/':<10}" + ", ".join(f"{k} ({v})" for k, v in sizes.items()))
@@ -36,6 +35,22 @@ def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: in
         out.append(f"sample    key {row['key']}  {row['width']}x{row['height']}  {row['shard']}  from {row['source']}")
         out.append("          " + _sample_json(storage, dataset, info["layout"], row))
     return "\n".join(out)
+
+
+def box_lines(stats: dict) -> list[str]:
+    """Boxes per image, box sides as a fraction of the image's short side, why some have none."""
+    b = stats["boxes_per_image"]
+    out = [f"boxes     per image: min {b['min']}, median {b['median']}, max {b['max']}, mean {b['mean']}"]
+    for axis in ("width", "height"):
+        f = stats.get(f"box_{axis}_fraction") or {}
+        if f:
+            out.append(f"          box {axis} / short side: min {f['min']:.3f}, median {f['median']:.3f}, max {f['max']:.3f}")
+    if stats.get("no_boxes_by_reason"):
+        out.append("          no boxes: " + ", ".join(f"{k} {v}" for k, v in stats["no_boxes_by_reason"].items()))
+    ms = stats.get("regions_ms_per_image") or {}
+    if ms:
+        out.append("          proposer ms/image: " + ", ".join(f"{k} {v}" for k, v in ms.items()))
+    return out
 
 
 def _sample_json(storage: Storage, dataset: str, layout: str, row: dict) -> str:

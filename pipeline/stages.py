@@ -17,17 +17,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dedupe import exact
-from pipeline.executor import PartitionJob, StageReport, run_stage
+from pipeline.executor import ActorPool, PartitionJob, StageReport, run_stage
 from pipeline.ingest.reader import chunk, list_inputs
 from pipeline.ingest.stage import IngestPayload, ingest_partition, partition_fingerprint
-from pipeline.partitions import code_version, fingerprint, part_name, read_table, read_tables
+from pipeline.partitions import (
+    code_version,
+    fingerprint,
+    part_name,
+    read_table,
+    read_tables,
+)
+from pipeline.regions import preflight
+from pipeline.regions import stage as regions_stage
+from pipeline.regions.stage import RegionsPayload, RegionsWorker, regions_partition
 from pipeline.shards.plan import assign_shards
-from pipeline.shards.stage import ShardPayload, finalize_shards, plan_samples, shard_fingerprint, write_shard
+from pipeline.shards.stage import (
+    ShardPayload,
+    finalize_shards,
+    plan_samples,
+    shard_fingerprint,
+    write_shard,
+)
 from pipeline.storage import Storage, join
 from schemas.config import RunConfig
-from schemas.tables import IMAGES, REJECTS
+from schemas.tables import IMAGES, REGION_STATUS, REGIONS, REJECTS
 
-STAGES = ("ingest", "dedupe", "shard")
+STAGES = ("ingest", "dedupe", "regions", "shard")
 
 
 @dataclass
@@ -92,19 +107,59 @@ def run_dedupe(ctx: RunContext, ingest_fingerprints: list[str]) -> StageReport:
                      progress=ctx.progress, marker="images")
 
 
+def duplicate_sources(ctx: RunContext) -> set[str]:
+    """Source URIs the dedupe stage dropped: later stages spend nothing on them."""
+    if not ctx.config.dedupe.exact:
+        return set()
+    dupes = read_table(ctx.storage, join(ctx.stage_dir("dedupe"), part_name(0, "rejects")), columns=["source_uri"])
+    return set(dupes["source_uri"].to_pylist())
+
+
+# -- regions -----------------------------------------------------------------------------------
+def regions_pool(ctx: RunContext) -> ActorPool | None:
+    """SAM runs in long-lived GPU actors (the model loads once); the CPU proposers as plain tasks."""
+    cfg = ctx.config.regions
+    if not (cfg.method == "salient" and cfg.masks == "sam"):
+        return None
+    from pipeline.regions import sam
+
+    size = sam.actor_count(cfg.sam)
+    resources = {"num_gpus": cfg.sam.num_gpus if cfg.sam.device == "cuda" else 0, "num_cpus": 1}
+    return ActorPool(lambda: RegionsWorker(cfg), size, resources)
+
+
+def run_regions(ctx: RunContext, ingest_fingerprints: list[str]) -> tuple[StageReport, list[str]]:
+    """(report, one fingerprint per ingest partition) for the boxes of every kept image."""
+    cfg = ctx.config.regions
+    if cfg.method == "none":  # no jobs: also clears what an earlier attempt with boxes wrote
+        return run_stage("regions", ctx.run_dir, [], regions_partition, ctx.storage, progress=False), []
+    preflight(cfg)
+    skipped = duplicate_sources(ctx)
+    jobs = []
+    for i, ingest_fp in enumerate(ingest_fingerprints):
+        images_uri = join(ctx.stage_dir("ingest"), part_name(i))
+        if skipped:
+            sources = read_table(ctx.storage, images_uri, columns=["source_uri"])["source_uri"].to_pylist()
+            skip = frozenset(skipped.intersection(sources))
+        else:
+            skip = frozenset()
+        fp = regions_stage.partition_fingerprint(cfg, ingest_fp, skip)
+        jobs.append(PartitionJob(i, fp, RegionsPayload(images_uri, skip, cfg, ctx.storage)))
+    report = run_stage("regions", ctx.run_dir, jobs, regions_partition, ctx.storage, progress=ctx.progress,
+                       marker="boxes", pool=regions_pool(ctx))
+    return report, [j.fingerprint for j in jobs]
+
+
 # -- shards ------------------------------------------------------------------------------------
-def run_shards(ctx: RunContext, ingest_fingerprints: list[str]) -> StageReport:
+def run_shards(ctx: RunContext, ingest_fingerprints: list[str], regions_fingerprints: list[str]) -> StageReport:
     cfg = ctx.config.shards
-    excluded: set[str] = set()
-    if ctx.config.dedupe.exact:
-        dupes = read_table(ctx.storage, join(ctx.stage_dir("dedupe"), part_name(0, "rejects")), columns=["source_uri"])
-        excluded = set(dupes["source_uri"].to_pylist())
-    samples = plan_samples(ctx.storage, ctx.stage_dir("ingest"), len(ingest_fingerprints), excluded)
+    samples = plan_samples(ctx.storage, ctx.stage_dir("ingest"), len(ingest_fingerprints), duplicate_sources(ctx))
     groups = assign_shards(samples, cfg.max_samples, cfg.max_bytes, combined=cfg.layout == "combined")
-    fps = dict(enumerate(ingest_fingerprints))
+    fps = {i: (fp, regions_fingerprints[i] if regions_fingerprints else None) for i, fp in enumerate(ingest_fingerprints)}
+    regions_dir = ctx.stage_dir("regions") if regions_fingerprints else None
     jobs = []
     for i, group in enumerate(groups):
-        payload = ShardPayload(i, group, ctx.stage_dir("ingest"), cfg, ctx.storage)
+        payload = ShardPayload(i, group, ctx.stage_dir("ingest"), regions_dir, cfg, ctx.storage)
         jobs.append(PartitionJob(i, shard_fingerprint(payload, fps), payload))
     return run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress, marker="samples")
 
@@ -117,7 +172,7 @@ def collect_rejects(ctx: RunContext) -> pa.Table:
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("localcap", "ray", "prefect", "pyarrow", "pillow", "webdataset", "imagehash", "pydantic"):
+    for name in ("localcap", "ray", "prefect", "pyarrow", "pillow", "webdataset", "imagehash", "pydantic", "scikit-image"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -132,14 +187,40 @@ def _stats(values: list[float]) -> dict:
     return {"min": s[0], "median": s[len(s) // 2], "max": s[-1], "mean": round(sum(s) / len(s), 3)}
 
 
-def dataset_statistics(manifest: pa.Table) -> dict:
+def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table) -> dict:
+    """Sizes, boxes per image, box sides as fractions of the image's short side, and why images
+    got no boxes; regions and status hold the kept samples' rows of those stage tables."""
     widths, heights = manifest["width"].to_pylist(), manifest["height"].to_pylist()
+    short = {uid: min(w, h) for uid, w, h in zip(manifest["uid"].to_pylist(), widths, heights)}
+    box_w, box_h = [], []
+    for uid, (x1, y1, x2, y2) in zip(regions["uid"].to_pylist(), regions["box"].to_pylist()):
+        box_w.append(round((x2 - x1) / short[uid], 4))
+        box_h.append(round((y2 - y1) / short[uid], 4))
+    no_box: dict[str, int] = {}
+    for reason in status["reason"].to_pylist():
+        if reason is not None:
+            no_box[reason] = no_box.get(reason, 0) + 1
+    timing = {c.removesuffix("_ms"): round(float(pc.mean(status[c]).as_py() or 0.0), 2)
+              for c in ("decode_ms", "segment_ms", "score_ms")} if status.num_rows else {}
     return {
         "width": _stats(widths),
         "height": _stats(heights),
         "megapixels": _stats([round(w * h / 1e6, 3) for w, h in zip(widths, heights)]),
         "boxes_per_image": _stats(manifest["boxes"].to_pylist()),
+        "box_width_fraction": _stats(box_w),
+        "box_height_fraction": _stats(box_h),
+        "no_boxes_by_reason": dict(sorted(no_box.items())),
+        "regions_ms_per_image": timing,
     }
+
+
+def kept_region_tables(ctx: RunContext, manifest: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(regions, region_status) rows of the images that became samples."""
+    regions = read_tables(ctx.storage, ctx.stage_dir("regions"), "part", REGIONS)
+    status = read_tables(ctx.storage, ctx.stage_dir("regions"), "status", REGION_STATUS)
+    uids = pa.array(sorted(set(manifest["uid"].to_pylist())), pa.string())
+    return (regions.filter(pc.is_in(regions["uid"], value_set=uids)),
+            status.filter(pc.is_in(status["uid"], value_set=uids)))
 
 
 def count_summary(n_inputs: int, manifest: pa.Table, rejects: pa.Table) -> dict:
@@ -168,7 +249,7 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
         "layout": ctx.config.shards.layout,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "counts": counts,
-        "statistics": dataset_statistics(manifest),
+        "statistics": dataset_statistics(manifest, *kept_region_tables(ctx, manifest)),
         "versions": package_versions(),
         "config": ctx.config.model_dump(mode="json"),
     }

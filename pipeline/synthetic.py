@@ -130,3 +130,23 @@ def write_demo_images(folder: str | Path, n: int = 6, seed: int = 0) -> list[Pat
     (folder / "thumbnail_too_small.jpg").write_bytes(encode(small))
     (folder / "notes.jpg").write_text("not an image, just a text file with a .jpg name\n")
     return paths + [folder / "thumbnail_too_small.jpg", folder / "notes.jpg"]
+
+
+def generate_document(seed: int, width: int = 1700, height: int = 2200, n_lines: int = 12) -> tuple[Image.Image, list[PlantedObject]]:
+    """A white page with lines of dark text at known places (the planted objects are the lines)."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (width, height), (250, 250, 246))
+    draw = ImageDraw.Draw(img)
+    size = max(16, height // 60)
+    font = _font(size)
+    lines = []
+    y = height // 12
+    for _ in range(n_lines):
+        text = " ".join(rng.choice(WORDS, int(rng.integers(3, 8))))
+        x = width // 10
+        draw.text((x, y), text, fill=(15, 15, 15), font=font)
+        lines.append(PlantedObject("text_line", tuple(int(v) for v in draw.textbbox((x, y), text, font=font))))
+        y += int(size * rng.uniform(2.0, 3.2))
+        if y > height - height // 10:
+            break
+    return img, lines

@@ -54,11 +54,63 @@ class IngestSection(_Section):
     reencode_quality: int = Field(95, ge=50, le=100, description="JPEG quality when bytes must be normalised.")
 
 
+class FelzenszwalbOptions(_Section):
+    """scikit-image's graph segmentation, run on the downscaled copy (defaults tuned on the test scenes:
+    a small scale and min_size keep the many small segments that mark detail)."""
+
+    scale: float = Field(20.0, gt=0, description="Higher means larger segments.")
+    sigma: float = Field(1.0, ge=0, description="Gaussian pre-smoothing (pixels of the downscaled copy).")
+    min_size: int = Field(5, ge=1, description="Segments smaller than this many pixels are merged into a neighbour.")
+
+
+class SamOptions(_Section):
+    """transformers' SAM automatic mask generation, in a GPU Ray actor."""
+
+    model: str = Field("facebook/sam-vit-base", description="Local directory or Hugging Face id (must be in the local cache: nothing is downloaded).")
+    downscale: int = Field(1024, ge=64, description="Long side of the copy SAM segments (SAM's own input size is 1024).")
+    points_per_batch: int = Field(64, ge=1, description="Prompt points per forward pass.")
+    points_per_crop: int = Field(32, ge=2, description="Grid of prompt points per side.")
+    pred_iou_thresh: float = Field(0.88, ge=0, le=1, description="Drop masks the model itself rates below this.")
+    stability_score_thresh: float = Field(0.95, ge=0, le=1, description="Drop masks that change under small threshold shifts.")
+    device: Literal["cuda", "cpu"] = Field("cuda", description="'cpu' only for tests and tiny models: SAM is far too slow there.")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs each SAM actor asks Ray for.")
+    actors: int | None = Field(None, ge=1, description="SAM actors (default: one per GPU in the cluster).")
+
+
+class TilesOptions(_Section):
+    tile: int = Field(512, ge=16, description="Tile side at scale 1, in pixels of the scaled image.")
+    scales: list[float] = Field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25], min_length=1,
+                                description="Pyramid scales: at scale s the tiles are tile/s original pixels wide.")
+
+
+class OcrOptions(_Section):
+    max_side: int = Field(1280, ge=64, description="Long side the page is downscaled to for text detection.")
+    min_height: int = Field(8, ge=1, description="Drop detected lines lower than this many original pixels.")
+
+
 class RegionsSection(_Section):
-    method: Literal["none"] = Field(
-        "none", description="Box proposer. Only 'none' exists yet (samples get empty box lists)."
+    method: Literal["salient", "tiles", "ocr", "none"] = Field(
+        "salient",
+        description="'salient': PS3's top-k non-overlapping boxes holding the most small masks; 'tiles': a pyramid "
+        "of tiles; 'ocr': text-line boxes (document pages, needs the `ocr` extra); 'none': no boxes.",
     )
-    k: int = Field(4, ge=0, description="Boxes kept per image.")
+    masks: Literal["felzenszwalb", "sam"] = Field("felzenszwalb", description="Mask back end of 'salient'.")
+    k: int = Field(4, ge=1, description="Boxes kept per image ('salient'; 'tiles' and 'ocr' keep all).")
+    grid_fraction: float = Field(0.2, gt=0, le=1, description="Candidate box side as a fraction of the short side (PS3: 1/5).")
+    stride_fraction: float = Field(0.5, gt=0, le=1, description="Grid stride as a fraction of the box side.")
+    downscale: int = Field(320, ge=32, description="Long side (pixels) of the copy that is segmented.")
+    mask_floor: int = Field(40, ge=1, description="Masks count as at least this side squared (original pixels) in the score.")
+    min_mask_pixels: int = Field(1, ge=1, description="Masks with fewer pixels on the downscaled copy are ignored.")
+    min_score: float = Field(
+        10.0, ge=0,
+        description="Boxes scoring below this are not kept; a box holding a whole mask of 1/N of the image scores N. "
+        "An image with no box above it gets zero boxes, reason 'too_plain'.",
+    )
+    min_box_side: int = Field(32, ge=1, description="Images whose boxes would be narrower than this get zero boxes ('too_small').")
+    felzenszwalb: FelzenszwalbOptions = Field(default_factory=FelzenszwalbOptions)
+    sam: SamOptions = Field(default_factory=SamOptions)
+    tiles: TilesOptions = Field(default_factory=TilesOptions)
+    ocr: OcrOptions = Field(default_factory=OcrOptions)
 
 
 class CaptionerSection(_Section):
@@ -111,7 +163,7 @@ class RunConfig(_Section):
     prefect: PrefectSection = Field(default_factory=PrefectSection)
 
     @model_validator(mode="after")
-    def _output_outside_work(self) -> "RunConfig":
+    def _output_outside_work(self) -> RunConfig:
         if self.shards.output.rstrip("/") == self.run.work_dir.rstrip("/"):
             raise ValueError("shards.output must differ from run.work_dir")
         return self

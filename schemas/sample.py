@@ -19,7 +19,7 @@ class TextBoxSample(BaseModel):
     type: Literal["natural", "document"] = "natural"
 
     @model_validator(mode="after")
-    def _boxes_match_texts(self) -> "TextBoxSample":
+    def _boxes_match_texts(self) -> TextBoxSample:
         if len(self.text) != len(self.box):
             raise ValueError(f"{len(self.text)} texts for {len(self.box)} boxes")
         for b in self.box:

@@ -25,6 +25,15 @@ class RejectReason(str, Enum):
     DUPLICATE_EXACT = "duplicate_exact"  # same SHA-256 as a kept image
 
 
+class NoBoxReason(str, Enum):
+    """Why an image (still a sample) got zero boxes from the regions stage."""
+
+    TOO_SMALL = "too_small"  # boxes would be below regions.min_box_side, or no tile fits
+    TOO_PLAIN = "too_plain"  # no candidate box scores regions.min_score
+    NO_TEXT = "no_text"  # the OCR detector found no text line
+    ERROR = "error"  # the proposer failed on this image; `detail` has the exception
+
+
 def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
 
@@ -65,6 +74,19 @@ REGIONS = pa.schema(
     ]
 )
 
+REGION_STATUS = pa.schema(
+    [
+        _field("uid", pa.string(), "image uid"),
+        _field("method", pa.string(), "proposer name"),
+        _field("boxes", pa.int32(), "boxes kept for the image"),
+        _field("reason", pa.string(), "one of NoBoxReason when boxes = 0", nullable=True),
+        _field("detail", pa.string(), "human-readable specifics", nullable=True),
+        _field("decode_ms", pa.float32(), "time decoding the downscaled copy"),
+        _field("segment_ms", pa.float32(), "time computing masks (or text lines)"),
+        _field("score_ms", pa.float32(), "time scoring and selecting boxes"),
+    ]
+)
+
 CAPTIONS = pa.schema(
     [
         _field("uid", pa.string(), "image uid"),
@@ -102,6 +124,7 @@ TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "rejects": REJECTS,
     "regions": REGIONS,
+    "region_status": REGION_STATUS,
     "captions": CAPTIONS,
     "dedupe": DEDUPE,
     "manifest": MANIFEST,

@@ -31,6 +31,7 @@ class ShardPayload:
     index: int
     samples: list[SampleRef]
     ingest_dir: str
+    regions_dir: str | None  # None: the run proposes no boxes
     config: ShardsSection
     storage: Storage
 
@@ -46,15 +47,30 @@ def plan_samples(storage: Storage, ingest_dir: str, n_partitions: int, excluded_
     return refs
 
 
-def shard_fingerprint(payload: ShardPayload, ingest_fingerprints: dict[int, str]) -> str:
+def shard_fingerprint(payload: ShardPayload, partition_fingerprints: dict[int, tuple]) -> str:
+    """Changes when the shard's plan, its config, or any input partition (images, boxes) changes."""
     used = sorted({s.partition for s in payload.samples})
     return fingerprint(STAGE, CODE_VERSION, payload.config, payload.index, [(s.key, s.partition, s.row) for s in payload.samples],
-                       [ingest_fingerprints[p] for p in used])
+                       [partition_fingerprints[p] for p in used])
 
 
-def sample_json(config: ShardsSection) -> bytes:
-    """The text_box JSON of a sample. Boxes and captions join here once those stages exist."""
-    return TextBoxSample(text=[], box=[], type=config.sample_type).to_json_bytes()
+def sample_json(config: ShardsSection, boxes: list[list[int]], width: int, height: int) -> bytes:
+    """The text_box JSON of a sample. Until a captioner runs, each box's text is "" (the PS3 format
+    needs one text per box; an empty string says "not captioned" without inventing words)."""
+    sample = TextBoxSample(text=[""] * len(boxes), box=boxes, type=config.sample_type)
+    sample.check_inside(width, height)
+    return sample.to_json_bytes()
+
+
+def read_boxes(storage: Storage, regions_dir: str | None, partition: int) -> dict[str, list[list[int]]]:
+    """uid -> boxes in region_id order, for one partition's regions table."""
+    if regions_dir is None:
+        return {}
+    t = read_table(storage, join(regions_dir, part_name(partition)), columns=["uid", "region_id", "box"])
+    out: dict[str, list[tuple[int, list[int]]]] = defaultdict(list)
+    for uid, rid, box in zip(t["uid"].to_pylist(), t["region_id"].to_pylist(), t["box"].to_pylist()):
+        out[uid].append((rid, box))
+    return {uid: [b for _, b in sorted(items)] for uid, items in out.items()}
 
 
 def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
@@ -62,7 +78,9 @@ def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
     for s in payload.samples:
         by_partition[s.partition].append(s.row)
     rows: dict[tuple[int, int], dict] = {}
+    boxes: dict[str, list[list[int]]] = {}
     for p, wanted in by_partition.items():
+        boxes.update(read_boxes(payload.storage, payload.regions_dir, p))
         table = read_table(payload.storage, join(payload.ingest_dir, part_name(p)),
                            columns=["uid", "source_uri", "width", "height", "format", "image"])
         picked = table.take(pa.array(wanted))
@@ -77,9 +95,10 @@ def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
         rec = rows[(s.partition, s.row)]
         assert rec["uid"] == s.key, f"ingest partition {s.partition} changed under the shard plan"
         images.append((f"{s.key}.{IMAGE_EXT[rec['format']]}", rec["image"]))
-        texts.append((f"{s.key}.json", sample_json(cfg)))
+        sample_boxes = boxes.get(rec["uid"], [])
+        texts.append((f"{s.key}.json", sample_json(cfg, sample_boxes, rec["width"], rec["height"])))
         manifest.append({"key": s.key, "uid": rec["uid"], "shard": f"{first_folder}/{first_file}", "source": rec["source_uri"],
-                         "width": rec["width"], "height": rec["height"], "boxes": 0})
+                         "width": rec["width"], "height": rec["height"], "boxes": len(sample_boxes)})
 
     if cfg.layout == "paired":
         members = {"image": images, "text_box": texts}

@@ -1,0 +1,20 @@
+"""Region proposals: the boxes each sample's local captions describe (DESIGN.md, "Regions")."""
+
+from __future__ import annotations
+
+
+class ProposerUnavailable(RuntimeError):
+    """The configured proposer cannot run here (an extra, weights or a GPU is missing)."""
+
+
+def preflight(cfg) -> None:
+    """Fail before any work when the configured proposer's extra or weights are missing.
+    (Whether the Ray cluster has GPUs is checked when the regions stage starts.)"""
+    if cfg.method == "ocr":
+        from pipeline.regions import ocr
+
+        ocr.check_available()
+    elif cfg.method == "salient" and cfg.masks == "sam":
+        from pipeline.regions import sam
+
+        sam.check_weights(cfg.sam)

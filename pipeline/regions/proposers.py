@@ -1,0 +1,120 @@
+"""One proposer per `regions.method`, all with the same call: (stored bytes, width, height) -> Proposal.
+
+A proposer never raises for a bad image: every image leaves with boxes, or with zero boxes and a
+reason (NoBoxReason). Set-up problems (a missing extra, missing SAM weights) raise when the
+proposer is built, before any partition runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.regions import ocr, tiles
+from pipeline.regions.salient import (
+    Proposal,
+    decode_downscaled,
+    label_weights,
+    timed,
+    top_boxes,
+)
+from schemas.config import RegionsSection
+from schemas.tables import NoBoxReason
+
+# A mask back end: (downscaled RGB pixels, original-pixel area of one of them, image area) -> weight map.
+Masker = Callable[[np.ndarray, float, float], np.ndarray]
+
+
+class Proposer(Protocol):
+    method: str
+
+    def __call__(self, data: bytes, width: int, height: int) -> Proposal: ...
+
+
+def felzenszwalb_masker(cfg: RegionsSection) -> Masker:
+    from skimage.segmentation import felzenszwalb
+
+    opts = cfg.felzenszwalb
+
+    def weights(pixels: np.ndarray, pixel_area: float, image_area: float) -> np.ndarray:
+        labels = felzenszwalb(pixels, scale=opts.scale, sigma=opts.sigma, min_size=opts.min_size)
+        return label_weights(labels, pixel_area, image_area, cfg.mask_floor**2, cfg.min_mask_pixels)
+
+    return weights
+
+
+class SalientProposer:
+    """PS3's boxes: segment a downscaled copy, score the grid, keep the top k that do not overlap."""
+
+    method = "salient"
+
+    def __init__(self, cfg: RegionsSection, masker: Masker, downscale: int):
+        self.cfg, self.masker, self.downscale = cfg, masker, downscale
+
+    def __call__(self, data: bytes, width: int, height: int) -> Proposal:
+        cfg, t = self.cfg, {}
+        side = cfg.grid_fraction * min(width, height)
+        if side < cfg.min_box_side:
+            return Proposal.empty(NoBoxReason.TOO_SMALL, f"box side {side:.0f} px < regions.min_box_side = {cfg.min_box_side}")
+        with timed(t, "decode"):
+            pixels, sx, sy = decode_downscaled(data, width, height, self.downscale)
+        with timed(t, "segment"):
+            weights = self.masker(pixels, sx * sy, float(width) * height)
+        with timed(t, "score"):
+            proposal = top_boxes(weights, width, height, sx, sy, cfg.k, cfg.grid_fraction, cfg.stride_fraction, cfg.min_score)
+        proposal.timings = t
+        return proposal
+
+
+class TilesProposer:
+    method = "tiles"
+
+    def __init__(self, cfg: RegionsSection):
+        self.opts = cfg.tiles
+
+    def __call__(self, data: bytes, width: int, height: int) -> Proposal:
+        boxes, scales = tiles.pyramid_tiles(width, height, self.opts.tile, self.opts.scales)
+        if len(boxes) == 0:
+            return Proposal.empty(NoBoxReason.TOO_SMALL, f"{width}x{height} is smaller than the smallest tile ({self.opts.tile} px)")
+        return Proposal(boxes, scales)
+
+
+class OcrProposer:
+    method = "ocr"
+
+    def __init__(self, cfg: RegionsSection):
+        self.opts = cfg.ocr
+        ocr.check_available()
+
+    def __call__(self, data: bytes, width: int, height: int) -> Proposal:
+        t: dict[str, float] = {}
+        with timed(t, "segment"):
+            boxes = ocr.text_line_boxes(data, width, height, self.opts.max_side, self.opts.min_height)
+        if len(boxes) == 0:
+            return Proposal.empty(NoBoxReason.NO_TEXT, "the text detector found no lines", t)
+        return Proposal(boxes, np.ones(len(boxes), np.float32), timings=t)
+
+
+def make_proposer(cfg: RegionsSection) -> Proposer:
+    if cfg.method == "tiles":
+        return TilesProposer(cfg)
+    if cfg.method == "ocr":
+        return OcrProposer(cfg)
+    if cfg.method == "salient" and cfg.masks == "sam":
+        from pipeline.regions import sam
+
+        return SalientProposer(cfg, sam.sam_masker(cfg), cfg.sam.downscale)
+    if cfg.method == "salient":
+        return SalientProposer(cfg, felzenszwalb_masker(cfg), cfg.downscale)
+    raise ValueError(f"no proposer for regions.method {cfg.method!r}")
+
+
+def propose_safely(proposer: Proposer, data: bytes, width: int, height: int) -> Proposal:
+    """The proposer's answer, or zero boxes with the error as the reason: one bad image must not
+    fail its partition."""
+    try:
+        return proposer(data, width, height)
+    except Exception as exc:
+        return Proposal.empty(NoBoxReason.ERROR, f"{type(exc).__name__}: {exc}")
