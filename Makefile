@@ -31,6 +31,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/regions.py
 
 clean:
 	rm -rf demo-output .pytest_cache

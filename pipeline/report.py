@@ -26,7 +26,7 @@ def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: in
     if stats.get("width"):
         out.append(f"size      width {stats['width']['min']}-{stats['width']['max']}, height {stats['height']['min']}-{stats['height']['max']}, "
                    f"median {stats['megapixels']['median']} MP")
-        out += box_lines(stats)
+        out += box_lines(stats, info.get("timings", {}))
     for folder in folders(info["layout"]):
         sizes = json.loads(storage.read_bytes(join(dataset, folder, "sizes.json")))
         out.append(f"{folder + '/':<10}" + ", ".join(f"{k} ({v})" for k, v in sizes.items()))
@@ -37,7 +37,7 @@ def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: in
     return "\n".join(out)
 
 
-def box_lines(stats: dict) -> list[str]:
+def box_lines(stats: dict, timings: dict) -> list[str]:
     """Boxes per image, box sides as a fraction of the image's short side, why some have none."""
     b = stats["boxes_per_image"]
     out = [f"boxes     per image: min {b['min']}, median {b['median']}, max {b['max']}, mean {b['mean']}"]
@@ -47,7 +47,7 @@ def box_lines(stats: dict) -> list[str]:
             out.append(f"          box {axis} / short side: min {f['min']:.3f}, median {f['median']:.3f}, max {f['max']:.3f}")
     if stats.get("no_boxes_by_reason"):
         out.append("          no boxes: " + ", ".join(f"{k} {v}" for k, v in stats["no_boxes_by_reason"].items()))
-    ms = stats.get("regions_ms_per_image") or {}
+    ms = timings.get("regions_ms_per_image") or {}
     if ms:
         out.append("          proposer ms/image: " + ", ".join(f"{k} {v}" for k, v in ms.items()))
     return out

@@ -189,7 +189,8 @@ def _stats(values: list[float]) -> dict:
 
 def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table) -> dict:
     """Sizes, boxes per image, box sides as fractions of the image's short side, and why images
-    got no boxes; regions and status hold the kept samples' rows of those stage tables."""
+    got no boxes; regions and status hold the kept samples' rows of those stage tables. Only facts
+    about the data: a resumed run writes the same statistics as an uninterrupted one."""
     widths, heights = manifest["width"].to_pylist(), manifest["height"].to_pylist()
     short = {uid: min(w, h) for uid, w, h in zip(manifest["uid"].to_pylist(), widths, heights)}
     box_w, box_h = [], []
@@ -200,8 +201,6 @@ def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table) 
     for reason in status["reason"].to_pylist():
         if reason is not None:
             no_box[reason] = no_box.get(reason, 0) + 1
-    timing = {c.removesuffix("_ms"): round(float(pc.mean(status[c]).as_py() or 0.0), 2)
-              for c in ("decode_ms", "segment_ms", "score_ms")} if status.num_rows else {}
     return {
         "width": _stats(widths),
         "height": _stats(heights),
@@ -210,8 +209,16 @@ def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table) 
         "box_width_fraction": _stats(box_w),
         "box_height_fraction": _stats(box_h),
         "no_boxes_by_reason": dict(sorted(no_box.items())),
-        "regions_ms_per_image": timing,
     }
+
+
+def run_timings(reports: list[StageReport], status: pa.Table) -> dict:
+    """What this run's work cost (differs between runs of the same data, unlike `statistics`)."""
+    out: dict = {"stage_seconds": {r.stage: r.seconds for r in reports}}
+    if status.num_rows:
+        out["regions_ms_per_image"] = {c.removesuffix("_ms"): round(float(pc.mean(status[c]).as_py() or 0.0), 2)
+                                       for c in ("decode_ms", "segment_ms", "score_ms")}
+    return out
 
 
 def kept_region_tables(ctx: RunContext, manifest: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -243,13 +250,15 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
     """manifest.parquet, sizes.json, then dataset.json last; run.json into the run directory."""
     manifest = finalize_shards(ctx.storage, ctx.run_dir, ctx.config.shards)
     counts = count_summary(n_inputs, manifest, collect_rejects(ctx))
+    regions, status = kept_region_tables(ctx, manifest)
     dataset = {
         "name": ctx.config.run.name,
         "run_id": ctx.run_id,
         "layout": ctx.config.shards.layout,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "counts": counts,
-        "statistics": dataset_statistics(manifest, *kept_region_tables(ctx, manifest)),
+        "statistics": dataset_statistics(manifest, regions, status),
+        "timings": run_timings(reports, status),
         "versions": package_versions(),
         "config": ctx.config.model_dump(mode="json"),
     }
