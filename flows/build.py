@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from pipeline.executor import StageReport, init_ray
+from pipeline.regions import preflight
 from pipeline.stages import (
     make_context,
     publish_dataset,
@@ -101,6 +102,7 @@ def build_dataset(config: dict, run_id: str | None = None, progress: bool = True
     ctx = make_context(cfg, run_id, progress)
     logger.info("run %s: work in %s, dataset to %s", run_id, ctx.run_dir, cfg.shards.output)
     init_ray(cfg.ray)
+    preflight(cfg.regions, ray_started=True)  # missing extras, weights or GPUs stop the run before any work
 
     opts = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_s}
     ingest_report, fingerprints = ingest_task.with_options(**opts)(ctx)

@@ -86,6 +86,16 @@ def test_sam_runs_in_the_flow_in_ray_actors(tiny_sam, build, tmp_path):
     assert dataset["statistics"]["boxes_per_image"]["min"] >= 1
 
 
+def test_sam_on_cuda_without_gpus_stops_the_flow_before_ingest(tiny_sam, build, tmp_path, ray_local):
+    if ray_local.cluster_resources().get("GPU"):
+        pytest.skip("this Ray cluster has GPUs")
+    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path)}],
+           "shards": {"output": str(tmp_path / "ds")}, "regions": _cfg(tiny_sam, device="cuda").model_dump(mode="json")}
+    with pytest.raises(ProposerUnavailable, match="has none"):
+        build(cfg, run_id="nogpu")
+    assert not (tmp_path / "work").exists()
+
+
 @pytest.mark.gpu
 def test_tiny_sam_on_gpu(tiny_sam):
     img, _ = generate_scene(3, 2048, 1536, n_objects=3)

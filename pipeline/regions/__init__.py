@@ -7,9 +7,9 @@ class ProposerUnavailable(RuntimeError):
     """The configured proposer cannot run here (an extra, weights or a GPU is missing)."""
 
 
-def preflight(cfg) -> None:
-    """Fail before any work when the configured proposer's extra or weights are missing.
-    (Whether the Ray cluster has GPUs is checked when the regions stage starts.)"""
+def preflight(cfg, ray_started: bool = False) -> None:
+    """Fail before any work when the configured proposer's extra or weights are missing, and, once
+    Ray is up (`ray_started`), when SAM wants GPUs the cluster does not have."""
     if cfg.method == "ocr":
         from pipeline.regions import ocr
 
@@ -18,3 +18,5 @@ def preflight(cfg) -> None:
         from pipeline.regions import sam
 
         sam.check_weights(cfg.sam)
+        if ray_started:
+            sam.actor_count(cfg.sam)
