@@ -20,6 +20,7 @@ from pipeline.regions import preflight
 from pipeline.stages import (
     make_context,
     publish_dataset,
+    run_captions,
     run_dedupe,
     run_ingest,
     run_regions,
@@ -55,9 +56,14 @@ def regions_task(ctx, ingest_fingerprints):
     return run_regions(ctx, ingest_fingerprints)
 
 
+@task(name="caption", cache_policy=NO_CACHE)
+def caption_task(ctx, ingest_fingerprints, regions_fingerprints):
+    return run_captions(ctx, ingest_fingerprints, regions_fingerprints)
+
+
 @task(name="shard", cache_policy=NO_CACHE)
-def shard_task(ctx, ingest_fingerprints, regions_fingerprints):
-    return run_shards(ctx, ingest_fingerprints, regions_fingerprints)
+def shard_task(ctx, ingest_fingerprints, regions_fingerprints, caption_fingerprints):
+    return run_shards(ctx, ingest_fingerprints, regions_fingerprints, caption_fingerprints)
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -87,6 +93,10 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
         b = st["boxes_per_image"]
         lines += ["", (f"Boxes per image: median {b['median']} (min {b['min']}, max {b['max']}); "
                        f"images without boxes: {st['no_boxes_by_reason'] or 'none'}.")]
+    cap = dataset.get("captions")
+    if cap:
+        lines += ["", f"Captions by `{cap['model']}` ({cap['backend']}, prompt `{cap['prompt_id']}`): "
+                  f"{cap['by_status'].get('ok', 0)} ok of {cap['total']}; {cap['by_status']}."]
     if c["rejected_by_reason"]:
         lines += ["", "| rejection reason | count |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in c["rejected_by_reason"].items()]
@@ -95,7 +105,7 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
 
 @flow(name="build_dataset", log_prints=True)
 def build_dataset(config: dict, run_id: str | None = None, progress: bool = True) -> dict:
-    """Ingest, dedupe, propose boxes and shard the configured sources into a dataset; returns dataset.json's content."""
+    """Ingest, dedupe, propose boxes, caption and shard the configured sources into a dataset; returns dataset.json's content."""
     cfg: RunConfig = parse_config(config)
     run_id = check_run_id(run_id or new_run_id())
     logger = get_run_logger()
@@ -110,8 +120,9 @@ def build_dataset(config: dict, run_id: str | None = None, progress: bool = True
     logger.info("ingest: %d inputs in %d partitions (%d skipped as done)", n_inputs, ingest_report.partitions, ingest_report.skipped)
     dedupe_report = dedupe_task.with_options(**opts)(ctx, fingerprints)
     regions_report, regions_fingerprints = regions_task.with_options(**opts)(ctx, fingerprints)
-    shard_report = shard_task.with_options(**opts)(ctx, fingerprints, regions_fingerprints)
-    reports = [ingest_report, dedupe_report, regions_report, shard_report]
+    caption_report, caption_fingerprints = caption_task.with_options(**opts)(ctx, fingerprints, regions_fingerprints)
+    shard_report = shard_task.with_options(**opts)(ctx, fingerprints, regions_fingerprints, caption_fingerprints)
+    reports = [ingest_report, dedupe_report, regions_report, caption_report, shard_report]
     dataset = publish_task.with_options(**opts)(ctx, n_inputs, reports)
     create_markdown_artifact(report_markdown(run_id, dataset, reports), key="localcap-build", description=f"localcap run {run_id}")
     c = dataset["counts"]

@@ -33,6 +33,7 @@ class PartitionJob:
     index: int
     fingerprint: str
     payload: Any
+    redo: bool = False  # recompute even when a partition with this fingerprint exists (it recorded failures)
 
 
 @dataclass
@@ -57,7 +58,11 @@ def init_ray(cfg: RaySection) -> None:
 
 
 def _compute_partition(work: Work, job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
-    tables = work(job.payload)
+    return _write_partition(work(job.payload), job, stage_dir, storage)
+
+
+def _write_partition(tables: dict[str, pa.Table], job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
+    """Side tables first, the `part` marker last: a partition is done only once its marker exists."""
     marker = tables.pop("part")
     for prefix, table in tables.items():
         write_table(storage, join(stage_dir, part_name(job.index, prefix)), table, job.fingerprint)
@@ -82,25 +87,60 @@ class _PartitionActor:
 @dataclass(frozen=True)
 class ActorPool:
     """Run a stage on `size` long-lived actors, each built once by `factory()` (a model load),
-    instead of one Ray task per partition. `resources` go to each actor (e.g. {"num_gpus": 1})."""
+    instead of one Ray task per partition. `resources` go to each actor (e.g. {"num_gpus": 1}).
+
+    A partition whose actor dies is retried on the restarted actor (`max_task_retries` times, Ray's
+    own mechanism). When it still fails, `on_failure(payload, error)` may return the tables to write
+    instead (e.g. every row marked failed, so that nothing is lost and a rerun redoes just that), and
+    the actor is replaced by a fresh one; without `on_failure` the stage fails."""
 
     factory: Callable[[], Work]
     size: int
     resources: dict = field(default_factory=dict)
+    max_task_retries: int = 2
+    on_failure: Callable[[Any, str], dict[str, pa.Table]] | None = None
 
 
-def _submitter(work: Work, stage_dir: str, storage: Storage, num_cpus: float, pool: ActorPool | None):
-    """(job -> object ref, how many jobs to keep in flight). Enough are queued to keep every CPU (or
-    actor) busy, not the whole stage: payloads stay small in the object store and a failure cancels
-    little work."""
-    if pool is None:
-        remote = _run_partition.options(num_cpus=num_cpus, max_retries=2)
-        in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1) / num_cpus))
-        return (lambda job: remote.remote(work, job, stage_dir, storage)), in_flight
-    actors = [_PartitionActor.options(max_restarts=1, max_task_retries=2, **pool.resources).remote(pool.factory)
-              for _ in range(pool.size)]
-    turn = itertools.cycle(actors)
-    return (lambda job: next(turn).run.remote(job, stage_dir, storage)), 2 * len(actors)
+class _Workers:
+    """Where partitions run: Ray tasks, or the actors of a pool (one slot per actor)."""
+
+    def __init__(self, work: Work, stage_dir: str, storage: Storage, num_cpus: float, pool: ActorPool | None):
+        self.work, self.stage_dir, self.storage, self.pool = work, stage_dir, storage, pool
+        if pool is None:
+            self.remote = _run_partition.options(num_cpus=num_cpus, max_retries=2)
+            # Enough tasks queued to keep every CPU busy, not the whole stage: payloads stay small
+            # in the object store and a failure cancels little work.
+            self.in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1) / num_cpus))
+        else:
+            self.actors = [self._new_actor() for _ in range(pool.size)]
+            self.turn = itertools.cycle(range(pool.size))
+            self.in_flight = 2 * pool.size
+
+    def _new_actor(self):
+        return _PartitionActor.options(max_restarts=1, max_task_retries=self.pool.max_task_retries,
+                                       **self.pool.resources).remote(self.pool.factory)
+
+    def submit(self, job: PartitionJob):
+        """(object ref, slot) of the job's run."""
+        if self.pool is None:
+            return self.remote.remote(self.work, job, self.stage_dir, self.storage), None
+        slot = next(self.turn)
+        return self.actors[slot].run.remote(job, self.stage_dir, self.storage), slot
+
+    def failed(self, job: PartitionJob, slot: int | None, exc: Exception) -> dict[str, int]:
+        """Counts of the fallback tables written for a job that failed for good; re-raises when the
+        stage has no fallback."""
+        if self.pool is None or self.pool.on_failure is None:
+            raise exc
+        log.warning("partition %d failed after retries, recorded as failed: %s", job.index, exc)
+        if isinstance(exc, ray.exceptions.RayActorError):
+            ray.kill(self.actors[slot], no_restart=True)
+            self.actors[slot] = self._new_actor()
+        return _write_partition(self.pool.on_failure(job.payload, f"{type(exc).__name__}: {exc}"), job, self.stage_dir, self.storage)
+
+    def shutdown(self) -> None:
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor, no_restart=True)
 
 
 def run_stage(
@@ -114,7 +154,8 @@ def run_stage(
     marker: str = "rows",
     pool: ActorPool | None = None,
 ) -> StageReport:
-    """Compute every job whose `STAGE/part-NNNNN.parquet` is missing or stamped differently.
+    """Compute every job whose `STAGE/part-NNNNN.parquet` is missing, stamped differently, or
+    marked `redo`.
 
     `marker` names the rows of the part files in the report (e.g. "images" for ingest). With a
     `pool`, partitions go to its actors (`work` is then unused); otherwise each is a Ray task.
@@ -128,30 +169,44 @@ def run_stage(
         if index is not None and index >= len(jobs):
             storage.delete(join(stage_dir, name))
             existing.discard(name)
-    todo = [j for j in jobs if part_name(j.index) not in existing or read_fingerprint(storage, join(stage_dir, part_name(j.index))) != j.fingerprint]
+    todo = [j for j in jobs if j.redo or part_name(j.index) not in existing
+            or read_fingerprint(storage, join(stage_dir, part_name(j.index))) != j.fingerprint]
     report = StageReport(stage, partitions=len(jobs), skipped=len(jobs) - len(todo))
     if report.skipped:
         log.info("%s: %d of %d partitions already done, skipped", stage, report.skipped, len(jobs))
     if todo:
-        submit, max_in_flight = _submitter(work, stage_dir, storage, num_cpus, pool)
+        workers = _Workers(work, stage_dir, storage, num_cpus, pool)
         queue = iter(todo)
-        pending = [submit(job) for job in itertools.islice(queue, max_in_flight)]
+        pending: dict = {}
+
+        def refill(n: int) -> None:
+            for job in itertools.islice(queue, n):
+                ref, slot = workers.submit(job)
+                pending[ref] = (job, slot)
+
+        refill(workers.in_flight)
         bar = tqdm(total=len(jobs), initial=report.skipped, desc=stage, unit="part", disable=not progress, file=sys.stderr)
         try:
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                pending += [submit(job) for job in itertools.islice(queue, len(ready))]
-                for counts in ray.get(ready):
-                    report.computed += 1
-                    for key, n in counts.items():
-                        key = marker if key == "part" else key
-                        report.rows[key] = report.rows.get(key, 0) + n
-                    bar.update(1)
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                job, slot = pending.pop(ready[0])
+                try:
+                    counts = ray.get(ready[0])
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                    counts = workers.failed(job, slot, exc)
+                    report.rows["failed_partitions"] = report.rows.get("failed_partitions", 0) + 1
+                refill(1)
+                report.computed += 1
+                for key, n in counts.items():
+                    key = marker if key == "part" else key
+                    report.rows[key] = report.rows.get(key, 0) + n
+                bar.update(1)
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
         finally:
             bar.close()
+            workers.shutdown()
     report.seconds = round(time.perf_counter() - start, 3)
     return report

@@ -7,6 +7,7 @@ Each function here is what one Prefect task calls; it holds no orchestration log
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import sys
 import time
@@ -17,6 +18,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dedupe import exact
+from pipeline.caption import stage as caption_stage
+from pipeline.caption.stage import (
+    CaptionPayload,
+    CaptionWorker,
+    caption_task,
+    failed_partition,
+)
 from pipeline.executor import ActorPool, PartitionJob, StageReport, run_stage
 from pipeline.ingest.reader import chunk, list_inputs
 from pipeline.ingest.stage import IngestPayload, ingest_partition, partition_fingerprint
@@ -40,9 +48,19 @@ from pipeline.shards.stage import (
 )
 from pipeline.storage import Storage, join
 from schemas.config import RunConfig
-from schemas.tables import IMAGES, REGION_STATUS, REGIONS, REJECTS
+from schemas.tables import (
+    CAPTIONS,
+    GLOBAL_REGION,
+    IMAGES,
+    REGION_STATUS,
+    REGIONS,
+    REJECTS,
+    CaptionStatus,
+)
 
-STAGES = ("ingest", "dedupe", "regions", "shard")
+log = logging.getLogger("localcap")
+
+STAGES = ("ingest", "dedupe", "regions", "caption", "shard")
 
 
 @dataclass
@@ -115,6 +133,14 @@ def duplicate_sources(ctx: RunContext) -> set[str]:
     return set(dupes["source_uri"].to_pylist())
 
 
+def _partition_skips(ctx: RunContext, images_uri: str, skipped: set[str]) -> frozenset[str]:
+    """The dropped duplicates that are in one ingest partition (part of its later stages' fingerprints)."""
+    if not skipped:
+        return frozenset()
+    sources = read_table(ctx.storage, images_uri, columns=["source_uri"])["source_uri"].to_pylist()
+    return frozenset(skipped.intersection(sources))
+
+
 # -- regions -----------------------------------------------------------------------------------
 def regions_pool(ctx: RunContext) -> ActorPool | None:
     """SAM runs in long-lived GPU actors (the model loads once); the CPU proposers as plain tasks."""
@@ -138,11 +164,7 @@ def run_regions(ctx: RunContext, ingest_fingerprints: list[str]) -> tuple[StageR
     jobs = []
     for i, ingest_fp in enumerate(ingest_fingerprints):
         images_uri = join(ctx.stage_dir("ingest"), part_name(i))
-        if skipped:
-            sources = read_table(ctx.storage, images_uri, columns=["source_uri"])["source_uri"].to_pylist()
-            skip = frozenset(skipped.intersection(sources))
-        else:
-            skip = frozenset()
+        skip = _partition_skips(ctx, images_uri, skipped)
         fp = regions_stage.partition_fingerprint(cfg, ingest_fp, skip)
         jobs.append(PartitionJob(i, fp, RegionsPayload(images_uri, skip, cfg, ctx.storage)))
     report = run_stage("regions", ctx.run_dir, jobs, regions_partition, ctx.storage, progress=ctx.progress,
@@ -150,16 +172,61 @@ def run_regions(ctx: RunContext, ingest_fingerprints: list[str]) -> tuple[StageR
     return report, [j.fingerprint for j in jobs]
 
 
+# -- captions ----------------------------------------------------------------------------------
+def caption_pool(ctx: RunContext) -> ActorPool | None:
+    """Engines (vLLM, transformers) live in long-lived actors, one per GPU (or one on CPU), placed
+    by GPU count and accelerator type; the openai client is cheap and runs as plain tasks."""
+    cfg = ctx.config.captioner
+    if cfg.backend == "openai":
+        return None
+    from captioners.placement import actor_count, actor_resources
+
+    return ActorPool(lambda: CaptionWorker(cfg), actor_count(cfg), actor_resources(cfg), on_failure=failed_partition)
+
+
+def run_captions(ctx: RunContext, ingest_fingerprints: list[str], regions_fingerprints: list[str]) -> tuple[StageReport, list[str]]:
+    """(report, one fingerprint per partition): one captions row per box and per global caption."""
+    cfg = ctx.config.captioner
+    if cfg.backend == "none":
+        return run_stage("caption", ctx.run_dir, [], caption_task, ctx.storage, progress=False), []
+    skipped = duplicate_sources(ctx)
+    jobs = []
+    for i, ingest_fp in enumerate(ingest_fingerprints):
+        images_uri = join(ctx.stage_dir("ingest"), part_name(i))
+        regions_uri = join(ctx.stage_dir("regions"), part_name(i)) if regions_fingerprints else None
+        skip = _partition_skips(ctx, images_uri, skipped)
+        fp = caption_stage.partition_fingerprint(cfg, regions_fingerprints[i] if regions_fingerprints else ingest_fp, skip)
+        out_uri = join(ctx.stage_dir("caption"), part_name(i))
+        redo = _has_failures(ctx.storage, out_uri, fp)
+        jobs.append(PartitionJob(i, fp, CaptionPayload(images_uri, regions_uri, skip, out_uri if redo else None, cfg, ctx.storage), redo))
+    if any(j.redo for j in jobs):
+        log.info("caption: %d partitions recorded back-end errors; captioning what failed again", sum(j.redo for j in jobs))
+    report = run_stage("caption", ctx.run_dir, jobs, caption_task, ctx.storage, progress=ctx.progress, marker="captions",
+                       pool=caption_pool(ctx))
+    return report, [j.fingerprint for j in jobs]
+
+
+def _has_failures(storage: Storage, uri: str, fp: str) -> bool:
+    """An existing captions partition of these exact inputs that recorded back-end errors."""
+    if not storage.exists(uri) or read_fingerprint(storage, uri) != fp:
+        return False
+    status = read_table(storage, uri, columns=["status"])["status"]
+    return bool(pc.any(pc.equal(status, CaptionStatus.BACKEND_ERROR.value)).as_py())
+
+
 # -- shards ------------------------------------------------------------------------------------
-def run_shards(ctx: RunContext, ingest_fingerprints: list[str], regions_fingerprints: list[str]) -> StageReport:
+def run_shards(ctx: RunContext, ingest_fingerprints: list[str], regions_fingerprints: list[str],
+               caption_fingerprints: list[str]) -> StageReport:
     cfg = ctx.config.shards
     samples = plan_samples(ctx.storage, ctx.stage_dir("ingest"), len(ingest_fingerprints), duplicate_sources(ctx))
     groups = assign_shards(samples, cfg.max_samples, cfg.max_bytes, combined=cfg.layout == "combined")
-    fps = {i: (fp, regions_fingerprints[i] if regions_fingerprints else None) for i, fp in enumerate(ingest_fingerprints)}
+    fps = {i: (fp, regions_fingerprints[i] if regions_fingerprints else None, caption_fingerprints[i] if caption_fingerprints else None)
+           for i, fp in enumerate(ingest_fingerprints)}
     regions_dir = ctx.stage_dir("regions") if regions_fingerprints else None
+    captions_dir = ctx.stage_dir("caption") if caption_fingerprints else None
     jobs = []
     for i, group in enumerate(groups):
-        payload = ShardPayload(i, group, ctx.stage_dir("ingest"), regions_dir, cfg, ctx.storage)
+        payload = ShardPayload(i, group, ctx.stage_dir("ingest"), regions_dir, captions_dir, cfg, ctx.storage)
         jobs.append(PartitionJob(i, shard_fingerprint(payload, fps), payload))
     return run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress, marker="samples")
 
@@ -221,6 +288,27 @@ def run_timings(reports: list[StageReport], status: pa.Table) -> dict:
     return out
 
 
+def caption_summary(cfg, captions: pa.Table, manifest: pa.Table) -> dict:
+    """Provenance and counts of the captions of the kept samples."""
+    captions = captions.filter(pc.is_in(captions["uid"], value_set=pa.array(sorted(set(manifest["uid"].to_pylist())), pa.string())))
+    by_status: dict[str, int] = {}
+    for item in pc.value_counts(captions["status"]).to_pylist() if captions.num_rows else []:
+        by_status[item["values"]] = item["counts"]
+    return {
+        "backend": cfg.backend,
+        "model": cfg.model + (f"@{cfg.revision}" if cfg.revision else ""),
+        "models_seen": sorted(set(captions["model"].to_pylist())),
+        "prompt_id": cfg.prompt_id,
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+        "max_pixels": cfg.max_pixels,
+        "total": captions.num_rows,
+        "by_status": dict(sorted(by_status.items())),
+        "global_captions": int(pc.sum(pc.and_(pc.equal(captions["region_id"], GLOBAL_REGION), pc.equal(captions["status"], "ok"))).as_py() or 0),
+        "generated_tokens": int(pc.sum(captions["n_tokens"]).as_py() or 0),
+        "prompt_tokens": int(pc.sum(captions["prompt_tokens"]).as_py() or 0),
+    }
+
+
 def kept_region_tables(ctx: RunContext, manifest: pa.Table) -> tuple[pa.Table, pa.Table]:
     """(regions, region_status) rows of the images that became samples."""
     regions = read_tables(ctx.storage, ctx.stage_dir("regions"), "part", REGIONS)
@@ -251,6 +339,12 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
     manifest = finalize_shards(ctx.storage, ctx.run_dir, ctx.config.shards)
     counts = count_summary(n_inputs, manifest, collect_rejects(ctx))
     regions, status = kept_region_tables(ctx, manifest)
+    captions = read_tables(ctx.storage, ctx.stage_dir("caption"), "part", CAPTIONS) if ctx.config.captioner.backend != "none" else None
+    if captions is not None:  # boxes whose caption was rejected are not in the shards
+        ok = captions.filter(pc.and_(pc.equal(captions["status"], "ok"), pc.greater_equal(captions["region_id"], 0)))
+        keys = pa.array(sorted({f"{u}/{r}" for u, r in zip(ok["uid"].to_pylist(), ok["region_id"].to_pylist())}), pa.string())
+        region_keys = pc.binary_join_element_wise(regions["uid"], pc.cast(regions["region_id"], pa.string()), "/")
+        regions = regions.filter(pc.is_in(region_keys, value_set=keys))
     dataset = {
         "name": ctx.config.run.name,
         "run_id": ctx.run_id,
@@ -259,6 +353,7 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
         "counts": counts,
         "statistics": dataset_statistics(manifest, regions, status),
         "timings": run_timings(reports, status),
+        "captions": caption_summary(ctx.config.captioner, captions, manifest) if captions is not None else None,
         "versions": package_versions(),
         "config": ctx.config.model_dump(mode="json"),
     }

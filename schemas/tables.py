@@ -34,6 +34,21 @@ class NoBoxReason(str, Enum):
     ERROR = "error"  # the proposer failed on this image; `detail` has the exception
 
 
+GLOBAL_REGION = -1  # captions-table region_id of an image's global caption
+
+
+class CaptionStatus(str, Enum):
+    """The `status` of a captions-table row: ok, or why the caption was rejected."""
+
+    OK = "ok"
+    EMPTY = "empty"  # nothing (left) after clean-up
+    TOO_SHORT = "too_short"  # fewer words than a caption needs
+    ERROR_SENTINEL = "error_sentinel"  # "ERROR", "N/A", "null", ... instead of a caption
+    REFUSAL = "refusal"  # "I'm sorry, I cannot ..."
+    DEGENERATE = "degenerate"  # looping or repetitive output
+    BACKEND_ERROR = "backend_error"  # the back end failed on it after every retry; a rerun tries again
+
+
 def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
 
@@ -92,10 +107,14 @@ CAPTIONS = pa.schema(
         _field("uid", pa.string(), "image uid"),
         _field("region_id", pa.int32(), "box index, -1 for the global caption"),
         _field("text", pa.string(), "cleaned caption", nullable=True),
-        _field("model", pa.string(), "model that wrote it"),
+        _field("box", pa.list_(pa.int32(), 4), "the captioned box (null for the global caption)", nullable=True),
+        _field("model", pa.string(), "model that wrote it: id or path, and @revision when known"),
+        _field("backend", pa.string(), "transformers, vllm or openai"),
         _field("prompt_id", pa.string(), "versioned prompt name"),
+        _field("prompt_tokens", pa.int32(), "prompt tokens, images included (0 when the back end does not say)"),
         _field("n_tokens", pa.int32(), "generated tokens"),
-        _field("status", pa.string(), "ok, or the reason it was rejected"),
+        _field("status", pa.string(), "one of CaptionStatus: ok, or why it was rejected"),
+        _field("detail", pa.string(), "raw output of a rejected caption, or the back end's error", nullable=True),
     ]
 )
 

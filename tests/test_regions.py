@@ -233,7 +233,7 @@ def test_rerun_recomputes_only_what_a_regions_change_touches(regions_run):
     again = build_dataset(cfg, run_id="r1", progress=False)
     assert again["counts"] == regions_run[2]["counts"]
     run = json.loads((root / "work" / "r1" / "run.json").read_text())
-    assert {s["stage"]: s["computed"] for s in run["stages"]} == {"ingest": 0, "dedupe": 0, "regions": 0, "shard": 0}
+    assert {s["stage"]: s["computed"] for s in run["stages"]} == {"ingest": 0, "dedupe": 0, "regions": 0, "caption": 0, "shard": 0}
 
     cfg2 = {**cfg, "regions": {"k": 2}}
     changed = build_dataset(cfg2, run_id="r1", progress=False)

@@ -79,7 +79,7 @@ def test_dataset_json_written_with_counts(paired_dataset):
     assert on_disk["counts"] == {"inputs": 8, "samples": 7, "rejected": 1, "rejected_by_reason": {"not_an_image": 1}, "shards": 3}
     assert on_disk["versions"]["localcap"] and on_disk["config"]["shards"]["max_samples"] == 3
     run = json.loads((root / "work" / "paired" / "run.json").read_text())
-    assert [s["stage"] for s in run["stages"]] == ["ingest", "dedupe", "regions", "shard"]
+    assert [s["stage"] for s in run["stages"]] == ["ingest", "dedupe", "regions", "caption", "shard"]
 
 
 def test_iter_paired_reader(paired_dataset):

@@ -5,6 +5,7 @@ an image that will not be a sample."""
 from __future__ import annotations
 
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -68,3 +69,14 @@ class RegionsWorker:
     def __call__(self, payload: RegionsPayload) -> dict[str, pa.Table]:
         regions, status = propose_table(_read_images(payload), self.proposer, payload.skip_sources)
         return {"status": status, "part": regions}
+
+
+def read_boxes(storage: Storage, regions_uri: str | None) -> dict[str, list[list[int]]]:
+    """uid -> boxes in region_id order, from one partition's regions table (None: no boxes)."""
+    if regions_uri is None:
+        return {}
+    t = read_table(storage, regions_uri, columns=["uid", "region_id", "box"])
+    out: dict[str, list[tuple[int, list[int]]]] = defaultdict(list)
+    for uid, rid, box in zip(t["uid"].to_pylist(), t["region_id"].to_pylist(), t["box"].to_pylist()):
+        out[uid].append((rid, box))
+    return {uid: [b for _, b in sorted(items)] for uid, items in out.items()}

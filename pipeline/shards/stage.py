@@ -10,7 +10,15 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.partitions import code_version, fingerprint, part_name, read_table, read_tables, write_table
+from pipeline.partitions import (
+    code_version,
+    fingerprint,
+    part_name,
+    read_table,
+    read_tables,
+    write_table,
+)
+from pipeline.regions.stage import read_boxes
 from pipeline.shards import layout as layout_mod
 from pipeline.shards import plan as plan_mod
 from pipeline.shards import writer
@@ -19,7 +27,7 @@ from pipeline.shards.plan import SampleRef
 from pipeline.storage import Storage, join
 from schemas.config import ShardsSection
 from schemas.sample import TextBoxSample
-from schemas.tables import MANIFEST, rows_to_table
+from schemas.tables import GLOBAL_REGION, MANIFEST, rows_to_table
 
 STAGE = "shard"
 CODE_VERSION = code_version(layout_mod, plan_mod, writer, sys.modules[__name__])
@@ -32,6 +40,7 @@ class ShardPayload:
     samples: list[SampleRef]
     ingest_dir: str
     regions_dir: str | None  # None: the run proposes no boxes
+    captions_dir: str | None  # None: no captioner ran (box texts stay "")
     config: ShardsSection
     storage: Storage
 
@@ -54,23 +63,33 @@ def shard_fingerprint(payload: ShardPayload, partition_fingerprints: dict[int, t
                        [partition_fingerprints[p] for p in used])
 
 
-def sample_json(config: ShardsSection, boxes: list[list[int]], width: int, height: int) -> bytes:
-    """The text_box JSON of a sample. Until a captioner runs, each box's text is "" (the PS3 format
-    needs one text per box; an empty string says "not captioned" without inventing words)."""
-    sample = TextBoxSample(text=[""] * len(boxes), box=boxes, type=config.sample_type)
+def sample_json(config: ShardsSection, boxes: list[list[int]], width: int, height: int,
+                captions: dict[int, str] | None = None) -> tuple[bytes, int]:
+    """(the text_box JSON of a sample, its number of boxes).
+
+    Without a captioner (captions None) every box is kept with text "" (PS3's format needs one text
+    per box; "" says "not captioned" without inventing words). With one, a box whose caption was
+    rejected or failed is dropped with it, and `global_text` is the global caption when it passed."""
+    if captions is None:
+        texts, kept = [""] * len(boxes), boxes
+    else:
+        pairs = [(captions[i], b) for i, b in enumerate(boxes) if i in captions]
+        texts, kept = [t for t, _ in pairs], [b for _, b in pairs]
+    sample = TextBoxSample(text=texts, box=kept, global_text=(captions or {}).get(GLOBAL_REGION), type=config.sample_type)
     sample.check_inside(width, height)
-    return sample.to_json_bytes()
+    return sample.to_json_bytes(), len(kept)
 
 
-def read_boxes(storage: Storage, regions_dir: str | None, partition: int) -> dict[str, list[list[int]]]:
-    """uid -> boxes in region_id order, for one partition's regions table."""
-    if regions_dir is None:
-        return {}
-    t = read_table(storage, join(regions_dir, part_name(partition)), columns=["uid", "region_id", "box"])
-    out: dict[str, list[tuple[int, list[int]]]] = defaultdict(list)
-    for uid, rid, box in zip(t["uid"].to_pylist(), t["region_id"].to_pylist(), t["box"].to_pylist()):
-        out[uid].append((rid, box))
-    return {uid: [b for _, b in sorted(items)] for uid, items in out.items()}
+def read_captions(storage: Storage, captions_dir: str | None, partition: int) -> dict[str, dict[int, str]] | None:
+    """uid -> {region_id: cleaned text} of the ok captions of one partition (None: no captioner)."""
+    if captions_dir is None:
+        return None
+    t = read_table(storage, join(captions_dir, part_name(partition)), columns=["uid", "region_id", "text", "status"])
+    out: dict[str, dict[int, str]] = defaultdict(dict)
+    for uid, rid, text, status in zip(*(t[c].to_pylist() for c in ("uid", "region_id", "text", "status"))):
+        if status == "ok":
+            out[uid][rid] = text
+    return out
 
 
 def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
@@ -79,8 +98,12 @@ def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
         by_partition[s.partition].append(s.row)
     rows: dict[tuple[int, int], dict] = {}
     boxes: dict[str, list[list[int]]] = {}
+    captions: dict[str, dict[int, str]] | None = None if payload.captions_dir is None else {}
     for p, wanted in by_partition.items():
-        boxes.update(read_boxes(payload.storage, payload.regions_dir, p))
+        regions_uri = join(payload.regions_dir, part_name(p)) if payload.regions_dir else None
+        boxes.update(read_boxes(payload.storage, regions_uri))
+        if captions is not None:
+            captions.update(read_captions(payload.storage, payload.captions_dir, p))
         table = read_table(payload.storage, join(payload.ingest_dir, part_name(p)),
                            columns=["uid", "source_uri", "width", "height", "format", "image"])
         picked = table.take(pa.array(wanted))
@@ -95,10 +118,11 @@ def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
         rec = rows[(s.partition, s.row)]
         assert rec["uid"] == s.key, f"ingest partition {s.partition} changed under the shard plan"
         images.append((f"{s.key}.{IMAGE_EXT[rec['format']]}", rec["image"]))
-        sample_boxes = boxes.get(rec["uid"], [])
-        texts.append((f"{s.key}.json", sample_json(cfg, sample_boxes, rec["width"], rec["height"])))
+        image_captions = None if captions is None else captions.get(rec["uid"], {})
+        text_json, n_boxes = sample_json(cfg, boxes.get(rec["uid"], []), rec["width"], rec["height"], image_captions)
+        texts.append((f"{s.key}.json", text_json))
         manifest.append({"key": s.key, "uid": rec["uid"], "shard": f"{first_folder}/{first_file}", "source": rec["source_uri"],
-                         "width": rec["width"], "height": rec["height"], "boxes": len(sample_boxes)})
+                         "width": rec["width"], "height": rec["height"], "boxes": n_boxes})
 
     if cfg.layout == "paired":
         members = {"image": images, "text_box": texts}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def tar_bytes_into(fileobj, members: Iterable[tuple[str, bytes]]) -> None:

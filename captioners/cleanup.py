@@ -1,0 +1,77 @@
+"""Caption clean-up and rejection: what a VLM says is not always a caption.
+
+`clean_caption(text)` returns (cleaned text, None) or (None, reason). Reasons are a fixed
+vocabulary (schemas.tables.CaptionStatus) so that the captions table can be counted by them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from schemas.tables import CaptionStatus
+
+# Openings that talk about the prompt's pictures instead of the content ("The second image is a
+# close-up of a red sign" -> "A red sign"). Applied repeatedly, longest first.
+_SUBJECT = r"(?:the\s+|this\s+|that\s+)?(?:second|2nd|last|cropped|zoomed[- ]in|close[- ]up|enlarged|magnified)?\s*" \
+           r"(?:image|picture|photo|crop|region|cropped\s+(?:area|section|region|image)|close[- ]up|view|section|area|part)"
+_VERB = r"(?:is|shows|showcases|depicts|displays|features|contains|presents|captures|highlights|reveals|focuses\s+on)"
+_BOILERPLATE = [
+    re.compile(rf"^{_SUBJECT}\s+{_VERB}\s+(?:a\s+)?(?:close[- ]up|zoomed[- ]in\s+view|detailed\s+view|view|portion|section|part)\s+of\s+", re.IGNORECASE),
+    re.compile(rf"^{_SUBJECT}\s+{_VERB}\b\s*", re.IGNORECASE),
+    re.compile(rf"^(?:in|within|inside)\s+{_SUBJECT}\s*,?\s*(?:(?:we\s+(?:can\s+)?see|there\s+(?:is|are))\s+)?", re.IGNORECASE),
+    re.compile(r"^(?:a\s+)?(?:close[- ]up|zoomed[- ]in)\s+(?:view|shot|image|photo)?\s*of\s+", re.IGNORECASE),
+]
+_REFUSAL = re.compile(
+    r"^(?:i'?m\s+sorry|sorry,|i\s+(?:cannot|can't|can\s+not|am\s+unable|'m\s+unable|am\s+not\s+able)|as\s+an\s+ai|"
+    r"i\s+do\s+not\s+have|i\s+don't\s+have|unable\s+to\s+(?:see|describe|view))", re.IGNORECASE)
+_SENTINEL = re.compile(r"^\s*(?:\[?error\]?|<error>|error:.*|n/?a|none|null|nan|undefined|<unk>|\[\s*\]|\{\s*\})\s*\.?\s*$", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]*(?:\s|$))")
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def strip_boilerplate(text: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for pattern in _BOILERPLATE:
+            new = pattern.sub("", text, count=1)
+            if new != text:
+                text, changed = new.lstrip(" ,:;-"), True
+    return text[:1].upper() + text[1:] if text else text
+
+
+def whole_sentences(text: str) -> str:
+    """Cut a generation that stopped mid-sentence (the token limit) after its last full sentence;
+    a text with no sentence end at all is kept as it is."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if ends and ends[-1] < len(text.rstrip()):
+        return text[: ends[-1]].strip()
+    return text.strip()
+
+
+def is_degenerate(text: str, n: int = 3, max_repeats: int = 3, min_unique_ratio: float = 0.3) -> bool:
+    """Looping output: one word n-gram repeated more than max_repeats times, or too few distinct
+    words in a long text."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    if len(words) >= n:
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        if grams.most_common(1)[0][1] > max_repeats:
+            return True
+    return len(words) >= 12 and len(set(words)) / len(words) < min_unique_ratio
+
+
+def clean_caption(text: str | None, min_words: int = 2) -> tuple[str | None, CaptionStatus | None]:
+    if text is None or not text.strip():
+        return None, CaptionStatus.EMPTY
+    text = " ".join(text.split())  # one line, single spaces
+    if _SENTINEL.match(text):
+        return None, CaptionStatus.ERROR_SENTINEL
+    if _REFUSAL.match(text):
+        return None, CaptionStatus.REFUSAL
+    if is_degenerate(text):
+        return None, CaptionStatus.DEGENERATE
+    text = whole_sentences(strip_boilerplate(text))
+    if len(_WORD.findall(text)) < min_words:
+        return None, CaptionStatus.EMPTY if not text else CaptionStatus.TOO_SHORT
+    return text, None

@@ -1,0 +1,86 @@
+"""Build caption requests: for each box, the whole image and the crop with the local prompt; for
+the image, the whole image with the global prompt.
+
+Each image is decoded once for all its requests, at the smallest libjpeg scale (1, 1/2, 1/4, 1/8)
+that still gives every crop and the whole view the pixels their budget allows: a 4K image with
+small boxes needs its full-scale pixels for the crops, one with only large boxes (tiles) does not,
+and a global-only request needs just a 1/8-scale draft. Views are resized to at most `max_pixels`
+(default 256·28·28, about what a Qwen2-VL-class model turns into 256 visual tokens).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from schemas.tables import GLOBAL_REGION
+
+Image.MAX_IMAGE_PIXELS = None  # ingest already enforced ingest.max_pixels
+__all__ = ["GLOBAL_REGION", "CaptionRequest", "CaptionResult", "build_requests"]
+
+
+@dataclass
+class CaptionRequest:
+    uid: str
+    region_id: int  # GLOBAL_REGION for the global caption
+    box: list[int] | None
+    images: list[Image.Image]  # [whole] or [whole, crop]
+    prompt: str
+
+
+@dataclass
+class CaptionResult:
+    """A back end's answer to one request: text, or error (why it failed); token counts when known."""
+
+    text: str | None = None
+    error: str | None = None
+    n_tokens: int = 0
+    prompt_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(w, h) with the same aspect and at most max_pixels pixels (never enlarged)."""
+    if width * height <= max_pixels:
+        return width, height
+    f = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * f)), max(1, int(height * f))
+
+
+def decode_scale(width: int, height: int, boxes: list[list[int]], max_pixels: int) -> int:
+    """Largest JPEG reduction (1, 2, 4, 8) that leaves every view at least its target pixel count."""
+    needed = [min(width * height, max_pixels) / (width * height)]
+    needed += [min((b[2] - b[0]) * (b[3] - b[1]), max_pixels) / ((b[2] - b[0]) * (b[3] - b[1])) for b in boxes]
+    linear = 1 / math.sqrt(max(needed))  # how far the most demanding view may be shrunk
+    return max(s for s in (1, 2, 4, 8) if s <= linear)
+
+
+def decode_for_requests(data: bytes, width: int, height: int, boxes: list[list[int]], max_pixels: int) -> tuple[Image.Image, float]:
+    """(decoded RGB image, its scale relative to the original: 1, 1/2, 1/4 or 1/8)."""
+    img = Image.open(io.BytesIO(data))
+    s = decode_scale(width, height, boxes, max_pixels)
+    if s > 1:
+        img.draft("RGB", (math.ceil(width / s), math.ceil(height / s)))
+    img = img.convert("RGB")
+    return img, img.size[0] / width
+
+
+def build_requests(uid: str, data: bytes, width: int, height: int, boxes: list[list[int]], local_prompt: str,
+                   global_prompt: str | None, max_pixels: int) -> list[CaptionRequest]:
+    """One request per box (region_id = its index) and, when global_prompt is set, one global request."""
+    img, scale = decode_for_requests(data, width, height, boxes, max_pixels)
+    whole = img.resize(fit_size(*img.size, max_pixels), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = []
+    for region_id, box in enumerate(boxes):
+        area = tuple(round(v * scale) for v in box)
+        crop = img.crop(area)
+        target = fit_size(*crop.size, max_pixels)
+        if target != crop.size:
+            crop = crop.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        out.append(CaptionRequest(uid, region_id, list(box), [whole, crop], local_prompt))
+    if global_prompt:
+        out.append(CaptionRequest(uid, GLOBAL_REGION, None, [whole], global_prompt))
+    return out

@@ -1,0 +1,1 @@
+"""The caption stage: regions in, captions out (back ends live in captioners/)."""

@@ -1,0 +1,168 @@
+"""The caption stage: one ingest partition's kept images and their boxes in, a captions table out.
+
+Requests are built and sent a batch at a time (each image decoded once for all its requests), the
+answers cleaned (captioners.cleanup), and every box and every global caption gets exactly one row:
+`ok`, a rejection reason, or `backend_error`. A partition that recorded back-end errors is redone
+on the next run, reusing its `ok` rows, so a rerun captions only what failed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from captioners import cleanup, messages, prompts, requests
+from captioners.backends import Backend, make_backend
+from captioners.cleanup import clean_caption
+from captioners.prompts import resolve_prompts
+from captioners.requests import (
+    GLOBAL_REGION,
+    CaptionRequest,
+    CaptionResult,
+    build_requests,
+)
+from pipeline.partitions import code_version, fingerprint, read_table
+from pipeline.regions.stage import read_boxes
+from pipeline.storage import Storage
+from schemas.config import CaptionerSection
+from schemas.tables import CAPTIONS, CaptionStatus, rows_to_table
+
+STAGE = "caption"
+CODE_VERSION = code_version(cleanup, messages, prompts, requests, sys.modules[__name__])
+
+
+@dataclass(frozen=True)
+class CaptionPayload:
+    images_uri: str  # an ingest partition
+    regions_uri: str | None  # its regions partition (None: global captions only)
+    skip_sources: frozenset[str]  # dropped as duplicates
+    previous_uri: str | None  # this partition's earlier captions, whose ok rows are reused
+    config: CaptionerSection
+    storage: Storage
+
+
+def partition_fingerprint(cfg: CaptionerSection, input_fingerprint: str, skip_sources: frozenset[str]) -> str:
+    return fingerprint(STAGE, CODE_VERSION, cfg, input_fingerprint, sorted(skip_sources))
+
+
+def caption_row(req: CaptionRequest, result: CaptionResult, model_id: str, backend: str, prompt_id: str) -> dict:
+    if result.error is not None:
+        text, status, detail = None, CaptionStatus.BACKEND_ERROR, result.error[:2000]
+    else:
+        text, reason = clean_caption(result.text)
+        status, detail = (CaptionStatus.OK, None) if reason is None else (reason, (result.text or "")[:2000])
+    return {"uid": req.uid, "region_id": req.region_id, "box": req.box, "text": text, "model": model_id, "backend": backend,
+            "prompt_id": prompt_id, "prompt_tokens": result.prompt_tokens, "n_tokens": result.n_tokens,
+            "status": status.value, "detail": detail}
+
+
+def _row_key(uid: str, region_id: int, box) -> tuple:
+    return uid, region_id, tuple(box) if box is not None else None
+
+
+def reusable_rows(payload: CaptionPayload) -> dict[tuple, dict]:
+    """ok rows of this partition's earlier output (same inputs: the stage fingerprint matched)."""
+    if payload.previous_uri is None or not payload.storage.exists(payload.previous_uri):
+        return {}
+    t = read_table(payload.storage, payload.previous_uri)
+    return {_row_key(r["uid"], r["region_id"], r["box"]): r for r in t.to_pylist() if r["status"] == CaptionStatus.OK.value}
+
+
+def caption_isolating_failures(backend: Backend, batch: list[CaptionRequest]) -> list[CaptionResult]:
+    """The batch's results. When the back end raises on a batch (one bad request can fail a whole
+    engine call), each request is retried alone, so only the bad ones fail."""
+    try:
+        results = backend.caption(batch)
+        if len(results) != len(batch):
+            raise RuntimeError(f"back end answered {len(results)} of {len(batch)} requests")
+        return results
+    except Exception as exc:  # an engine error inside this process; a dead process is Ray's to retry
+        if len(batch) == 1:
+            return [CaptionResult(error=f"{type(exc).__name__}: {exc}")]
+    return [caption_isolating_failures(backend, [r])[0] for r in batch]
+
+
+def caption_partition(payload: CaptionPayload, backend: Backend) -> pa.Table:
+    cfg = payload.config
+    prompt_set = resolve_prompts(cfg.prompt_id, cfg.local_prompt, cfg.global_prompt)
+    global_prompt = prompt_set.global_ if cfg.global_caption else None
+    images = read_table(payload.storage, payload.images_uri, columns=["uid", "source_uri", "width", "height", "image"])
+    boxes = read_boxes(payload.storage, payload.regions_uri)
+    reuse = reusable_rows(payload)
+    rows: list[dict] = []
+    batch: list[CaptionRequest] = []
+
+    def flush() -> None:
+        results = caption_isolating_failures(backend, batch)
+        rows.extend(caption_row(r, res, backend.model_id, backend.name, prompt_set.prompt_id) for r, res in zip(batch, results))
+        batch.clear()
+
+    for uid, src, w, h, data in zip(*(images[c].to_pylist() for c in ("uid", "source_uri", "width", "height", "image"))):
+        if src in payload.skip_sources:
+            continue
+        image_boxes = boxes.get(uid, [])
+        wanted = [(i, b) for i, b in enumerate(image_boxes)] + ([(GLOBAL_REGION, None)] if global_prompt else [])
+        todo = []
+        for region_id, box in wanted:
+            old = reuse.get(_row_key(uid, region_id, box))
+            if old is not None:
+                rows.append(old)
+            else:
+                todo.append(region_id)
+        if not todo:
+            continue
+        try:
+            reqs = build_requests(uid, data, w, h, image_boxes, prompt_set.local, global_prompt, cfg.max_pixels)
+        except Exception as exc:  # ingest decoded it, so this is unexpected; record it, do not crash
+            reqs = []
+            for region_id, box in wanted:
+                if region_id in todo:
+                    fake = CaptionRequest(uid, region_id, box, [], "")
+                    rows.append(caption_row(fake, CaptionResult(error=f"request: {type(exc).__name__}: {exc}"),
+                                            backend.model_id, backend.name, prompt_set.prompt_id))
+        batch.extend(r for r in reqs if r.region_id in todo)
+        if len(batch) >= cfg.batch_size:
+            flush()
+    if batch:
+        flush()
+    rows.sort(key=lambda r: (r["uid"], r["region_id"]))
+    return rows_to_table(rows, CAPTIONS)
+
+
+def failed_partition(payload: CaptionPayload, error: str) -> dict[str, pa.Table]:
+    """What a partition records when its back end died on it after every retry: each of its
+    requests as backend_error (ok rows of an earlier attempt kept), so nothing is lost."""
+    cfg = payload.config
+    prompt_set = resolve_prompts(cfg.prompt_id, cfg.local_prompt, cfg.global_prompt)
+    model_id = cfg.model + (f"@{cfg.revision}" if cfg.revision else "")
+    images = read_table(payload.storage, payload.images_uri, columns=["uid", "source_uri"])
+    boxes = read_boxes(payload.storage, payload.regions_uri)
+    reuse = reusable_rows(payload)
+    rows = []
+    for uid, src in zip(images["uid"].to_pylist(), images["source_uri"].to_pylist()):
+        if src in payload.skip_sources:
+            continue
+        wanted = list(enumerate(boxes.get(uid, []))) + ([(GLOBAL_REGION, None)] if cfg.global_caption else [])
+        for region_id, box in wanted:
+            old = reuse.get(_row_key(uid, region_id, box))
+            rows.append(old or caption_row(CaptionRequest(uid, region_id, box, [], ""), CaptionResult(error=error),
+                                           model_id, cfg.backend, prompt_set.prompt_id))
+    rows.sort(key=lambda r: (r["uid"], r["region_id"]))
+    return {"part": rows_to_table(rows, CAPTIONS)}
+
+
+class CaptionWorker:
+    """Holds one back end (a loaded model, an engine, an HTTP client) across partitions."""
+
+    def __init__(self, config: CaptionerSection):
+        self.backend = make_backend(config)
+
+    def __call__(self, payload: CaptionPayload) -> dict[str, pa.Table]:
+        return {"part": caption_partition(payload, self.backend)}
+
+
+def caption_task(payload: CaptionPayload) -> dict[str, pa.Table]:
+    """Ray-task form, for back ends that are cheap to build (openai)."""
+    return CaptionWorker(payload.config)(payload)

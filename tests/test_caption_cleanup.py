@@ -1,0 +1,68 @@
+"""Caption clean-up rules, table-driven: what is kept (and how it is rewritten) and what is rejected."""
+
+from __future__ import annotations
+
+import pytest
+
+from captioners.cleanup import clean_caption
+from captioners.prompts import PROMPTS, resolve_prompts
+from schemas.tables import CaptionStatus as S
+
+KEPT = [
+    # boilerplate openings about the prompt's pictures are removed
+    ("The second image is a close-up of a red stop sign with white letters.", "A red stop sign with white letters."),
+    ("The second image shows a red stop sign.", "A red stop sign."),
+    ("This cropped image depicts two blue bicycles leaning on a fence.", "Two blue bicycles leaning on a fence."),
+    ("In the cropped region, there is a small white cat on a mat.", "A small white cat on a mat."),
+    ("In the second image, we can see a green bottle.", "A green bottle."),
+    ("A close-up view of a price tag reading 4.99 on a shelf.", "A price tag reading 4.99 on a shelf."),
+    ("The crop focuses on a yellow taxi at a crossing.", "A yellow taxi at a crossing."),
+    ("The image is a zoomed-in view of a clock face with Roman numerals.", "A clock face with Roman numerals."),
+    # content is left alone
+    ("A red sign says OPEN above a wooden door.", "A red sign says OPEN above a wooden door."),
+    ("Second-hand books are stacked on a table.", "Second-hand books are stacked on a table."),
+    # whole sentences: a cut-off tail is trimmed; whitespace is normalised
+    ("A blue car is parked. Behind it, a tall", "A blue car is parked."),
+    ("  A  blue\ncar is parked.  ", "A blue car is parked."),
+    ("A sign with the text 3.5 km to the port", "A sign with the text 3.5 km to the port"),
+]
+
+REJECTED = [
+    ("", S.EMPTY),
+    ("   \n ", S.EMPTY),
+    (None, S.EMPTY),
+    ("ERROR", S.ERROR_SENTINEL),
+    ("[error]", S.ERROR_SENTINEL),
+    ("N/A", S.ERROR_SENTINEL),
+    ("null", S.ERROR_SENTINEL),
+    ("Error: CUDA out of memory", S.ERROR_SENTINEL),
+    ("I'm sorry, but I can't help with describing this image.", S.REFUSAL),
+    ("I cannot see the second image clearly.", S.REFUSAL),
+    ("As an AI, I am unable to view images.", S.REFUSAL),
+    ("Unable to describe the crop.", S.REFUSAL),
+    ("a red sign a red sign a red sign a red sign a red sign", S.DEGENERATE),
+    ("the the the the the the the the the the the the the", S.DEGENERATE),
+    ("dog cat dog cat dog cat dog cat dog cat dog cat dog cat", S.DEGENERATE),
+    ("The second image shows", S.EMPTY),
+    ("Sign.", S.TOO_SHORT),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), KEPT)
+def test_kept_and_rewritten(raw, expected):
+    assert clean_caption(raw) == (expected, None)
+
+
+@pytest.mark.parametrize(("raw", "reason"), REJECTED)
+def test_rejected_with_reason(raw, reason):
+    assert clean_caption(raw) == (None, reason)
+
+
+def test_prompt_overrides_need_their_own_id():
+    assert resolve_prompts("ps3-v1") is PROMPTS["ps3-v1"]
+    with pytest.raises(ValueError, match="new captioner.prompt_id"):
+        resolve_prompts("ps3-v1", local="Describe the crop.")
+    custom = resolve_prompts("mine-v1", local="Describe the crop.", global_="Describe the image.")
+    assert (custom.prompt_id, custom.local) == ("mine-v1", "Describe the crop.")
+    with pytest.raises(ValueError, match="unknown captioner.prompt_id"):
+        resolve_prompts("mine-v2", local="only one")
