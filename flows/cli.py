@@ -109,6 +109,14 @@ def demo(
     paths = write_demo_images(out / "images", n=images)
     typer.echo(f"wrote {len(paths)} demo inputs to {out / 'images'} (two are meant to be rejected)")
     sets = [f"sources=[{{uri: '{out / 'images'}'}}]", f"run.work_dir={out / 'work'}", f"shards.output={out / 'dataset'}"]
+    model_dir = out / "models" / "tiny-qwen2vl"
+    if load_config(config).captioner.backend != "none":
+        if not (model_dir / "config.json").exists():
+            from captioners.tiny import build_tiny_qwen2vl
+
+            typer.echo(f"building a tiny Qwen2-VL with random weights in {model_dir} (offline; its captions are noise)")
+            build_tiny_qwen2vl(model_dir)
+        sets.append(f"captioner.model={model_dir}")
     dataset = _run(config, "demo", sets, progress=True)
     typer.echo("")
     typer.echo(describe_dataset(dataset["config"]["shards"]["output"]))

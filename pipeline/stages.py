@@ -32,6 +32,7 @@ from pipeline.partitions import (
     code_version,
     fingerprint,
     part_name,
+    read_fingerprint,
     read_table,
     read_tables,
 )
@@ -203,7 +204,10 @@ def run_captions(ctx: RunContext, ingest_fingerprints: list[str], regions_finger
         log.info("caption: %d partitions recorded back-end errors; captioning what failed again", sum(j.redo for j in jobs))
     report = run_stage("caption", ctx.run_dir, jobs, caption_task, ctx.storage, progress=ctx.progress, marker="captions",
                        pool=caption_pool(ctx))
-    return report, [j.fingerprint for j in jobs]
+    # Later stages must see a partition change when its failures are captioned on a rerun.
+    caption_dir = ctx.stage_dir("caption")
+    return report, [j.fingerprint + ("~partial" if _has_failures(ctx.storage, join(caption_dir, part_name(j.index)), j.fingerprint) else "")
+                    for j in jobs]
 
 
 def _has_failures(storage: Storage, uri: str, fp: str) -> bool:
