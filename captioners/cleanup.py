@@ -28,6 +28,14 @@ _REFUSAL = re.compile(
 _SENTINEL = re.compile(r"^\s*(?:\[?error\]?|<error>|error:.*|n/?a|none|null|nan|undefined|<unk>|\[\s*\]|\{\s*\})\s*\.?\s*$", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]*(?:\s|$))")
 _WORD = re.compile(r"\w+", re.UNICODE)
+# Control characters and U+FFFD (a token sequence that ended inside a UTF-8 character; where it lands
+# differs between detokenizers) carry nothing a caption needs.
+_JUNK_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+
+
+def normalise_text(text: str) -> str:
+    """Junk characters removed, whitespace collapsed to single spaces."""
+    return " ".join(_JUNK_CHARS.sub("", text).split())
 
 
 def strip_boilerplate(text: str) -> str:
@@ -62,9 +70,9 @@ def is_degenerate(text: str, n: int = 3, max_repeats: int = 3, min_unique_ratio:
 
 
 def clean_caption(text: str | None, min_words: int = 2) -> tuple[str | None, CaptionStatus | None]:
-    if text is None or not text.strip():
+    text = normalise_text(text or "")
+    if not text:
         return None, CaptionStatus.EMPTY
-    text = " ".join(text.split())  # one line, single spaces
     if _SENTINEL.match(text):
         return None, CaptionStatus.ERROR_SENTINEL
     if _REFUSAL.match(text):

@@ -82,3 +82,11 @@ def build(ray_local, prefect_harness):
         return build_dataset(config, run_id=run_id, progress=False, **kw)
 
     return _build
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """A tiny Qwen2-VL with random weights, built offline once per session; its directory."""
+    from captioners.tiny import build_tiny_qwen2vl
+
+    return str(build_tiny_qwen2vl(tmp_path_factory.mktemp("models") / "tiny-qwen2vl"))

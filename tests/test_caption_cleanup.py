@@ -24,6 +24,7 @@ KEPT = [
     # whole sentences: a cut-off tail is trimmed; whitespace is normalised
     ("A blue car is parked. Behind it, a tall", "A blue car is parked."),
     ("  A  blue\ncar is parked.  ", "A blue car is parked."),
+    ("A blue\x00 car\ufffd is parked.", "A blue car is parked."),
     ("A sign with the text 3.5 km to the port", "A sign with the text 3.5 km to the port"),
 ]
 
