@@ -27,6 +27,13 @@ def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: in
         out.append(f"size      width {stats['width']['min']}-{stats['width']['max']}, height {stats['height']['min']}-{stats['height']['max']}, "
                    f"median {stats['megapixels']['median']} MP")
         out += box_lines(stats, info.get("timings", {}))
+    cap = info.get("captions")
+    if cap:
+        out.append(f"captions  {cap['by_status'].get('ok', 0)} ok of {cap['total']} ({cap['global_captions']} global) by {cap['model']} "
+                   f"via {cap['backend']}, prompt {cap['prompt_id']}, {cap['generated_tokens']} tokens generated")
+        rejected = {k: v for k, v in cap["by_status"].items() if k != "ok"}
+        if rejected:
+            out.append("          not used: " + ", ".join(f"{k} {v}" for k, v in rejected.items()))
     for folder in folders(info["layout"]):
         sizes = json.loads(storage.read_bytes(join(dataset, folder, "sizes.json")))
         out.append(f"{folder + '/':<10}" + ", ".join(f"{k} ({v})" for k, v in sizes.items()))

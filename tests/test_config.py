@@ -26,6 +26,12 @@ def test_minimal_config_gets_defaults():
         ({"sources": [{"path": "x"}]}, "sources.0.uri"),
         ({"ingest": {"formats": ["JPEG", "HEIC"]}}, "ingest.formats.1"),
         ({"regions": {"method": "ps3"}}, "regions.method"),
+        ({"regions": {"masks": "slic"}}, "regions.masks"),
+        ({"regions": {"tiles": {"scales": []}}}, "regions.tiles.scales"),
+        ({"captioner": {"backend": "llamacpp"}}, "captioner.backend"),
+        ({"captioner": {"backend": "vllm"}}, "captioner"),
+        ({"captioner": {"backend": "openai", "model": "m", "openai": {"concurrency": 0}}}, "captioner.openai.concurrency"),
+        ({"captioner": {"backend": "vllm", "model": "m", "vllm": {"tensor_parallel": 2}}}, "captioner.vllm.tensor_parallel"),
         ({"bogus_section": {}}, "bogus_section"),
     ],
 )
