@@ -62,7 +62,15 @@ def _train_tokenizer(vocab_size: int = 400):
     """A byte-level BPE trained on _CORPUS with Qwen2's pre-tokenizer; returns (vocab, merges)."""
     import json
 
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
@@ -84,8 +92,15 @@ def build_tiny_qwen2vl(folder: Path, seed: int = 0) -> Path:
     """Build and save the tiny random Qwen2-VL in `folder` (created if needed); returns `folder`."""
     import torch
     from tokenizers import AddedToken
-    from transformers import (GenerationConfig, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        GenerationConfig,
+        Qwen2Tokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set ingest.min_side=512 (repeatable)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ):
-    """Build a dataset: ingest -> dedupe -> regions -> shard -> publish, as the Prefect flow `build_dataset`."""
+    """Build a dataset: ingest -> dedupe -> regions -> caption -> shard -> publish, as the Prefect flow `build_dataset`."""
     dataset = _run(config, run_id, set_, progress)
     c = dataset["counts"]
     typer.echo(f"run {dataset['run_id']}: {c['samples']} samples in {c['shards']} shards -> {dataset['config']['shards']['output']}"

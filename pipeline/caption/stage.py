@@ -9,7 +9,10 @@ on the next run, reusing its `ok` rows, so a rerun captions only what failed.
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from queue import Queue
 
 import pyarrow as pa
 
@@ -84,49 +87,73 @@ def caption_isolating_failures(backend: Backend, batch: list[CaptionRequest]) ->
     return [caption_isolating_failures(backend, [r])[0] for r in batch]
 
 
-def caption_partition(payload: CaptionPayload, backend: Backend) -> pa.Table:
+def request_batches(payload: CaptionPayload, prompt_set, reuse: dict[tuple, dict], rows: list[dict], model_id: str,
+                    backend_name: str) -> Iterator[list[CaptionRequest]]:
+    """Batches of at least captioner.batch_size requests (whole images), skipping what `reuse` already
+    holds (those rows, and rows of requests that could not be built, go straight to `rows`)."""
     cfg = payload.config
-    prompt_set = resolve_prompts(cfg.prompt_id, cfg.local_prompt, cfg.global_prompt)
     global_prompt = prompt_set.global_ if cfg.global_caption else None
     images = read_table(payload.storage, payload.images_uri, columns=["uid", "source_uri", "width", "height", "image"])
     boxes = read_boxes(payload.storage, payload.regions_uri)
-    reuse = reusable_rows(payload)
-    rows: list[dict] = []
     batch: list[CaptionRequest] = []
-
-    def flush() -> None:
-        results = caption_isolating_failures(backend, batch)
-        rows.extend(caption_row(r, res, backend.model_id, backend.name, prompt_set.prompt_id) for r, res in zip(batch, results))
-        batch.clear()
-
     for uid, src, w, h, data in zip(*(images[c].to_pylist() for c in ("uid", "source_uri", "width", "height", "image"))):
         if src in payload.skip_sources:
             continue
         image_boxes = boxes.get(uid, [])
-        wanted = [(i, b) for i, b in enumerate(image_boxes)] + ([(GLOBAL_REGION, None)] if global_prompt else [])
-        todo = []
+        wanted = list(enumerate(image_boxes)) + ([(GLOBAL_REGION, None)] if global_prompt else [])
+        todo = set()
         for region_id, box in wanted:
             old = reuse.get(_row_key(uid, region_id, box))
             if old is not None:
                 rows.append(old)
             else:
-                todo.append(region_id)
+                todo.add(region_id)
         if not todo:
             continue
         try:
             reqs = build_requests(uid, data, w, h, image_boxes, prompt_set.local, global_prompt, cfg.max_pixels)
         except Exception as exc:  # ingest decoded it, so this is unexpected; record it, do not crash
-            reqs = []
-            for region_id, box in wanted:
-                if region_id in todo:
-                    fake = CaptionRequest(uid, region_id, box, [], "")
-                    rows.append(caption_row(fake, CaptionResult(error=f"request: {type(exc).__name__}: {exc}"),
-                                            backend.model_id, backend.name, prompt_set.prompt_id))
+            error = CaptionResult(error=f"building the request: {type(exc).__name__}: {exc}")
+            rows.extend(caption_row(CaptionRequest(uid, rid, box, [], ""), error, model_id, backend_name, prompt_set.prompt_id)
+                        for rid, box in wanted if rid in todo)
+            continue
         batch.extend(r for r in reqs if r.region_id in todo)
         if len(batch) >= cfg.batch_size:
-            flush()
+            yield batch
+            batch = []
     if batch:
-        flush()
+        yield batch
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Iterate `items` in a background thread, `depth` ahead: requests for the next batch are
+    decoded and resized (PIL releases the GIL) while the engine generates the current one."""
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                queue.put(item)
+        except BaseException as exc:  # handed to the consumer
+            queue.put(exc)
+        queue.put(done)
+
+    threading.Thread(target=produce, daemon=True, name="caption-requests").start()
+    while (item := queue.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def caption_partition(payload: CaptionPayload, backend: Backend) -> pa.Table:
+    cfg = payload.config
+    prompt_set = resolve_prompts(cfg.prompt_id, cfg.local_prompt, cfg.global_prompt)
+    rows: list[dict] = []
+    batches = request_batches(payload, prompt_set, reusable_rows(payload), rows, backend.model_id, backend.name)
+    for batch in prefetch(batches):
+        results = caption_isolating_failures(backend, batch)
+        rows.extend(caption_row(r, res, backend.model_id, backend.name, prompt_set.prompt_id) for r, res in zip(batch, results))
     rows.sort(key=lambda r: (r["uid"], r["region_id"]))
     return rows_to_table(rows, CAPTIONS)
 
