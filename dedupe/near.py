@@ -1,0 +1,98 @@
+"""Near-duplicate pairs among 64-bit perceptual hashes, without comparing all pairs.
+
+Multi-index hashing by the generalised pigeonhole principle: cut each hash into m bands of 64/m bits.
+Two hashes within Hamming distance r differ in at most r bands, so they agree exactly on at least
+m - r of them. For every choice of m - r bands, hashes are keyed by those bands' bits and sorted;
+hashes with equal keys are candidates, and each candidate pair is verified on the full distance.
+With r = 4 and m = 8, keys are 32 bits wide (70 band choices): random hashes almost never share
+one, so the work is ~70 sorts of N keys, and recall is exact (every pair within r is found).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+
+
+def band_layout(radius: int) -> tuple[int, int]:
+    """(number of bands m, bands that must agree m - r) for a Hamming radius."""
+    if radius < 0 or radius >= 16:
+        raise ValueError(f"Hamming radius must be in 0..15, got {radius}")
+    m = 8 if radius < 8 else 16
+    return m, m - radius
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.bitwise_xor(a, b))
+
+
+def _band_values(hashes: np.ndarray, m: int) -> np.ndarray:
+    """N x m array of band values (uint64), band i being bits [i*64/m, (i+1)*64/m)."""
+    width = 64 // m
+    shifts = np.arange(m, dtype=np.uint64) * np.uint64(width)
+    return (hashes[:, None] >> shifts[None, :]) & np.uint64((1 << width) - 1)
+
+
+def _equal_key_pairs(keys: np.ndarray, max_group: int) -> np.ndarray:
+    """(i, j) index pairs, i < j, of equal keys. Groups larger than max_group are returned whole
+    as pairs too (they are verified like any other), in chunks by the caller's memory."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    if not same.any():
+        return np.empty((0, 2), np.int64)
+    # Runs of equal keys: start index and length of each run longer than 1.
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], same, [False])).astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2] + 1
+    out = []
+    small = (ends - starts) == 2
+    if small.any():  # the common case: pairs
+        s = starts[small]
+        out.append(np.stack([order[s], order[s + 1]], axis=1))
+    for s, e in zip(starts[~small], ends[~small]):
+        members = order[s:e]
+        i, j = np.triu_indices(len(members), k=1)
+        out.append(np.stack([members[i], members[j]], axis=1))
+    pairs = np.concatenate(out)
+    pairs.sort(axis=1)
+    return pairs
+
+
+def near_pairs(hashes: np.ndarray, radius: int = 4, max_group: int = 4096) -> np.ndarray:
+    """All index pairs (i < j) whose hashes are within `radius` bits, sorted, as an int64 k x 2 array."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    if len(hashes) < 2:
+        return np.empty((0, 2), np.int64)
+    m, agree = band_layout(radius)
+    bands = _band_values(hashes, m)
+    width = np.uint64(64 // m)
+    found = []
+    for choice in combinations(range(m), agree):
+        key = np.zeros(len(hashes), np.uint64)
+        for k, band in enumerate(choice):
+            key |= bands[:, band] << (np.uint64(k) * width)
+        pairs = _equal_key_pairs(key, max_group)
+        if len(pairs):
+            close = hamming(hashes[pairs[:, 0]], hashes[pairs[:, 1]]) <= radius
+            found.append(pairs[close])
+    if not found:
+        return np.empty((0, 2), np.int64)
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def near_pairs_brute(hashes: np.ndarray, radius: int = 4, chunk: int = 2048) -> np.ndarray:
+    """The same answer by comparing all pairs (O(N²)); for tests and the benchmark's baseline."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    out = []
+    for start in range(0, len(hashes), chunk):
+        block = hashes[start:start + chunk]
+        dist = hamming(block[:, None], hashes[None, :])
+        i, j = np.nonzero(dist <= radius)
+        i = i + start
+        keep = i < j
+        out.append(np.stack([i[keep], j[keep]], axis=1))
+    if not out:
+        return np.empty((0, 2), np.int64)
+    pairs = np.concatenate(out).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
