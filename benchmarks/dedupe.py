@@ -59,7 +59,7 @@ def main() -> None:
     print(f"multi-index hashing, {args.n:,} hashes, radius {args.radius}: {seconds:.1f} s, {len(found):,} pairs "
           f"({args.planted:,} planted), recall {r:.4f}")
 
-    sub, sub_planted = planted_hashes(args.subset, args.subset // 100, args.radius, seed=1)
+    sub, _ = planted_hashes(args.subset, args.subset // 100, args.radius, seed=1)
     start = time.perf_counter()
     fast = near_pairs(sub, args.radius)
     fast_s = time.perf_counter() - start
