@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import imagehash
+import numpy as np
 from PIL import Image
 
 HASH_INPUT_SIDE = 256  # perceptual hashes look at <= 32x32 pixels; shrink big images cheaply first
@@ -26,15 +27,30 @@ def _to_uint64(h: imagehash.ImageHash) -> int:
     return value
 
 
-def perceptual_hashes(image: Image.Image) -> tuple[int, int]:
-    """(phash, dhash) as unsigned 64-bit integers, from an already oriented image of any size."""
+FINE_GRID = 16  # fine signature: 16 x 16 block means of the grey image
+FINE_SCALE = 16  # z-scores are stored as int8 in steps of 1/16 (range +-8 standard deviations)
+
+
+def perceptual_hashes(image: Image.Image) -> tuple[int, int, bytes]:
+    """(phash, dhash, fine signature) from an already oriented image of any size. The 64-bit hashes
+    find candidates; the fine signature confirms them: two photos that differ only in a small
+    detail share their global hashes but not the block means where the detail is."""
     small = image
     if max(small.size) > HASH_INPUT_SIDE:
         small = small.copy()
         small.thumbnail((HASH_INPUT_SIDE, HASH_INPUT_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
     gray = small.convert("L")
-    return _to_uint64(imagehash.phash(gray)), _to_uint64(imagehash.dhash(gray))
+    return _to_uint64(imagehash.phash(gray)), _to_uint64(imagehash.dhash(gray)), fine_signature(gray)
 
 
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
+def fine_signature(gray: Image.Image) -> bytes:
+    """16 x 16 block means, normalised to zero mean and unit deviation (so brightness and contrast
+    changes cancel), as 256 int8 bytes."""
+    blocks = np.asarray(gray.resize((FINE_GRID, FINE_GRID), Image.Resampling.BOX), dtype=np.float32)
+    z = (blocks - blocks.mean()) / max(float(blocks.std()), 1.0)
+    return np.clip(np.rint(z * FINE_SCALE), -127, 127).astype(np.int8).tobytes()
+
+
+def fine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest block difference, in standard deviations, between rows of int8 signatures (k x 256)."""
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=-1) / FINE_SCALE

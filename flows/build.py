@@ -126,5 +126,8 @@ def build_dataset(config: dict, run_id: str | None = None, progress: bool = True
     dataset = publish_task.with_options(**opts)(ctx, n_inputs, reports)
     create_markdown_artifact(report_markdown(run_id, dataset, reports), key="localcap-build", description=f"localcap run {run_id}")
     c = dataset["counts"]
+    published = c["rejected_by_reason"].get("duplicate_published", 0)
+    if published:
+        logger.info("skipped %d images that an earlier version already holds (dedupe.index)", published)
     logger.info("done: %d samples in %d shards, %d rejected %s", c["samples"], c["shards"], c["rejected"], c["rejected_by_reason"])
     return dataset

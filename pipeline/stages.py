@@ -17,7 +17,7 @@ from importlib import metadata
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedupe import exact
+from dedupe import clusters, exact, near
 from pipeline.caption import stage as caption_stage
 from pipeline.caption.stage import (
     CaptionPayload,
@@ -33,6 +33,7 @@ from pipeline.partitions import (
     fingerprint,
     part_name,
     read_fingerprint,
+    write_table,
     read_table,
     read_tables,
 )
@@ -48,7 +49,7 @@ from pipeline.shards.stage import (
     write_shard,
 )
 from pipeline.storage import Storage, join
-from schemas.config import RunConfig
+from schemas.config import DedupeSection, RunConfig
 from schemas.tables import (
     CAPTIONS,
     GLOBAL_REGION,
@@ -106,29 +107,67 @@ def run_ingest(ctx: RunContext) -> tuple[StageReport, list[str]]:
 @dataclass(frozen=True)
 class DedupePayload:
     ingest_dir: str
-    n_partitions: int
+    index_files: tuple[str, ...]  # the published hash index, minus this run's own contribution
+    config: DedupeSection
     storage: Storage
 
 
+DEDUPE_COLUMNS = ["uid", "sha256", "source_uri", "width", "height", "phash", "fine_sig"]
+
+
 def dedupe_partition(payload: DedupePayload) -> dict[str, pa.Table]:
-    images = read_tables(payload.storage, payload.ingest_dir, "part", IMAGES,
-                         columns=["uid", "sha256", "source_uri"])
-    table, rejects = exact.exact_duplicates(images)
+    cfg = payload.config
+    images = read_tables(payload.storage, payload.ingest_dir, "part", IMAGES, columns=DEDUPE_COLUMNS)
+    index = pa.concat_tables([read_table(payload.storage, f) for f in payload.index_files]) if payload.index_files else None
+    table, rejects = clusters.dedupe_images(images, index, cfg.exact, cfg.near, cfg.radius, cfg.fine_threshold)
     return {"rejects": rejects, "part": table}
 
 
+def index_files(ctx: RunContext) -> list[tuple[str, int]]:
+    """(uri, size) of the dataset's hash-index files written by other runs."""
+    folder = ctx.config.dedupe.index
+    if not folder:
+        return []
+    own = index_file_name(ctx.run_id)
+    return [(join(folder, n), ctx.storage.size(join(folder, n))) for n in sorted(ctx.storage.list_prefix(folder))
+            if n.startswith("hashes-") and n.endswith(".parquet") and n != own]
+
+
+def index_file_name(run_id: str) -> str:
+    return f"hashes-{run_id}.parquet"
+
+
 def run_dedupe(ctx: RunContext, ingest_fingerprints: list[str]) -> StageReport:
-    if not ctx.config.dedupe.exact:  # no jobs: also clears what an earlier attempt with it on wrote
+    cfg = ctx.config.dedupe
+    files = index_files(ctx)
+    if not (cfg.exact or cfg.near or files):  # no jobs: also clears what an earlier attempt wrote
         return run_stage("dedupe", ctx.run_dir, [], dedupe_partition, ctx.storage, progress=False)
-    fp = fingerprint("dedupe", code_version(exact), ctx.config.dedupe, ingest_fingerprints)
-    payload = DedupePayload(ctx.stage_dir("ingest"), len(ingest_fingerprints), ctx.storage)
-    return run_stage("dedupe", ctx.run_dir, [PartitionJob(0, fp, payload)], dedupe_partition, ctx.storage,
-                     progress=ctx.progress, marker="images")
+    fp = fingerprint("dedupe", code_version(exact, near, clusters), cfg, ingest_fingerprints, files)
+    payload = DedupePayload(ctx.stage_dir("ingest"), tuple(uri for uri, _ in files), cfg, ctx.storage)
+    report = run_stage("dedupe", ctx.run_dir, [PartitionJob(0, fp, payload)], dedupe_partition, ctx.storage,
+                       progress=ctx.progress, marker="images")
+    if files:
+        report.rows["index_files"] = len(files)
+    return report
+
+
+def append_to_index(ctx: RunContext, manifest: pa.Table) -> int:
+    """Publishing adds the kept images' hashes to the dataset's index (one file per run, so a rerun
+    replaces its own contribution instead of doubling it). Returns the number of rows written."""
+    if not ctx.config.dedupe.index:
+        return 0
+    images = read_tables(ctx.storage, ctx.stage_dir("ingest"), "part", IMAGES, columns=["uid", "phash", "fine_sig", "width", "height"])
+    kept = images.filter(pc.is_in(images["uid"], value_set=pa.array(sorted(set(manifest["uid"].to_pylist())), pa.string())))
+    kept = kept.group_by("uid", use_threads=False).aggregate([(c, "first") for c in ("phash", "fine_sig", "width", "height")])
+    kept = kept.rename_columns(["uid", "phash", "fine_sig", "width", "height"])
+    table = pa.table({**{c: kept[c] for c in kept.column_names}, "run_id": pa.array([ctx.run_id] * kept.num_rows, pa.string())})
+    write_table(ctx.storage, join(ctx.config.dedupe.index, index_file_name(ctx.run_id)), table.cast(clusters.INDEX))
+    return table.num_rows
 
 
 def duplicate_sources(ctx: RunContext) -> set[str]:
     """Source URIs the dedupe stage dropped: later stages spend nothing on them."""
-    if not ctx.config.dedupe.exact:
+    if not ctx.storage.exists(join(ctx.stage_dir("dedupe"), part_name(0, "rejects"))):
         return set()
     dupes = read_table(ctx.storage, join(ctx.stage_dir("dedupe"), part_name(0, "rejects")), columns=["source_uri"])
     return set(dupes["source_uri"].to_pylist())
@@ -230,7 +269,8 @@ def run_shards(ctx: RunContext, ingest_fingerprints: list[str], regions_fingerpr
     captions_dir = ctx.stage_dir("caption") if caption_fingerprints else None
     jobs = []
     for i, group in enumerate(groups):
-        payload = ShardPayload(i, group, ctx.stage_dir("ingest"), regions_dir, captions_dir, cfg, ctx.storage)
+        payload = ShardPayload(i, group, ctx.stage_dir("ingest"), regions_dir, captions_dir, cfg, ctx.storage,
+                               (ctx.config.dedupe.box_iou, ctx.config.dedupe.caption_similarity))
         jobs.append(PartitionJob(i, shard_fingerprint(payload, fps), payload))
     return run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress, marker="samples")
 
@@ -362,6 +402,7 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
         "config": ctx.config.model_dump(mode="json"),
     }
     ctx.storage.write_bytes(join(ctx.config.shards.output, "dataset.json"), json.dumps(dataset, indent=1).encode())
+    indexed = append_to_index(ctx, manifest)  # after the dataset is whole: the index never names a half-written one
     run_record = {
         "run_id": ctx.run_id,
         "finished_at": dataset["created_at"],
@@ -370,6 +411,7 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
         "argv": sys.argv,
         "stages": [asdict(r) for r in reports],
         "counts": counts,
+        "index_rows_appended": indexed,
     }
     ctx.storage.write_bytes(join(ctx.run_dir, "run.json"), json.dumps(run_record, indent=1).encode())
     return dataset

@@ -77,18 +77,21 @@ def _draw_object(img: Image.Image, rng: np.random.Generator, kind: str, x: int, 
 
 
 def generate_scene(
-    seed: int, width: int = 2048, height: int = 1536, n_objects: int = 3, grain: float = 0.0
+    seed: int, width: int = 2048, height: int = 1536, n_objects: int = 3, grain: float = 0.0, object_seed: int | None = None
 ) -> tuple[Image.Image, list[PlantedObject]]:
     """A scene and its planted objects; objects do not overlap and stay clear of the border.
 
     `grain` adds per-pixel noise of that standard deviation, so that JPEGs weigh what photos of the
-    same size do (a smooth 4K scene is ~0.3 MB as JPEG, a grainy one several MB).
+    same size do (a smooth 4K scene is ~0.3 MB as JPEG, a grainy one several MB). `object_seed`, when
+    given, draws the objects from their own seed: the same background with different objects.
     """
     rng = np.random.default_rng(seed)
     img = _background(rng, width, height)
     if grain > 0:
         noisy = np.asarray(img, dtype=np.int16) + rng.normal(0, grain, (height, width, 1)).astype(np.int16)
         img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+    if object_seed is not None:
+        rng = np.random.default_rng(object_seed)
     short = min(width, height)
     objects: list[PlantedObject] = []
     kinds = ["checker", "noise", "shapes", "text"]

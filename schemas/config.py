@@ -174,6 +174,22 @@ class CaptionerSection(_Section):
 
 class DedupeSection(_Section):
     exact: bool = Field(True, description="Drop byte-identical images (same SHA-256); the first by source URI is kept.")
+    near: bool = Field(True, description="Drop near duplicates (re-encodes, resizes, format changes, brightness).")
+    radius: int = Field(4, ge=0, le=15, description="pHash Hamming radius for near-duplicate candidates.")
+    fine_threshold: float = Field(
+        0.8, gt=0,
+        description="Candidates are confirmed only if no 16x16 block of their normalised thumbnails differs by more "
+        "than this many standard deviations (images that differ in a small detail are different samples).",
+    )
+    index: str | None = Field(
+        None,
+        description="The dataset's persistent hash index (a folder, path or s3://, e.g. next to the published "
+        "versions): images already in it are skipped, and publishing appends the kept images' hashes.",
+    )
+    box_iou: float = Field(0.7, gt=0, le=1, description="Within an image, drop a box overlapping a kept one by more IoU than this.")
+    caption_similarity: float = Field(
+        0.9, gt=0, le=1, description="Within an image, drop a box whose caption's word-set overlap (Jaccard) with a kept box's is at least this."
+    )
 
 
 class ShardsSection(_Section):

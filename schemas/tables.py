@@ -23,6 +23,8 @@ class RejectReason(str, Enum):
     TRUNCATED = "truncated"  # the pixel data ends early
     DECODE_ERROR = "decode_error"  # any other failure while decoding
     DUPLICATE_EXACT = "duplicate_exact"  # same SHA-256 as a kept image
+    DUPLICATE_NEAR = "duplicate_near"  # a near duplicate of a larger image of this run
+    DUPLICATE_PUBLISHED = "duplicate_published"  # already in an earlier version of the dataset (its hash index)
 
 
 class NoBoxReason(str, Enum):
@@ -65,6 +67,7 @@ IMAGES = pa.schema(
         _field("image", pa.large_binary(), "stored bytes: the original, or a normalised encoding (see meta)"),
         _field("phash", pa.uint64(), "64-bit perceptual hash (DCT)"),
         _field("dhash", pa.uint64(), "64-bit difference hash"),
+        _field("fine_sig", pa.binary(256), "16 x 16 normalised block means (int8, 1/16 std steps): confirms near duplicates"),
         _field("meta", pa.string(), "JSON: exif subset, normalisation, source format, page URL, ..."),
     ]
 )

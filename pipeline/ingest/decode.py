@@ -154,7 +154,7 @@ def decode_validate(data: bytes, source_uri: str, limits: IngestSection) -> dict
                 image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
             image.load()
             thumb = ImageOps.exif_transpose(image) if orientation != 1 else image
-            phash, dhash = perceptual_hashes(to_rgb8(thumb))
+            phash, dhash, fine = perceptual_hashes(to_rgb8(thumb))
         except Exception as exc:
             return _decode_error(exc, uid)
 
@@ -178,5 +178,6 @@ def decode_validate(data: bytes, source_uri: str, limits: IngestSection) -> dict
         "image": stored,
         "phash": phash,
         "dhash": dhash,
+        "fine_sig": fine,
         "meta": json.dumps(meta, sort_keys=True),
     }

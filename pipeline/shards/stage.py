@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dedupe import regions as dedupe_regions
+from dedupe.regions import kept_boxes
 from pipeline.partitions import (
     code_version,
     fingerprint,
@@ -30,7 +32,7 @@ from schemas.sample import TextBoxSample
 from schemas.tables import GLOBAL_REGION, MANIFEST, rows_to_table
 
 STAGE = "shard"
-CODE_VERSION = code_version(layout_mod, plan_mod, writer, sys.modules[__name__])
+CODE_VERSION = code_version(layout_mod, plan_mod, writer, dedupe_regions, sys.modules[__name__])
 PLAN_COLUMNS = ["uid", "source_uri", "n_bytes"]
 
 
@@ -43,6 +45,7 @@ class ShardPayload:
     captions_dir: str | None  # None: no captioner ran (box texts stay "")
     config: ShardsSection
     storage: Storage
+    box_dedupe: tuple[float, float] = (0.7, 0.9)  # (dedupe.box_iou, dedupe.caption_similarity)
 
 
 def plan_samples(storage: Storage, ingest_dir: str, n_partitions: int, excluded_uris: set[str]) -> list[SampleRef]:
@@ -59,12 +62,12 @@ def plan_samples(storage: Storage, ingest_dir: str, n_partitions: int, excluded_
 def shard_fingerprint(payload: ShardPayload, partition_fingerprints: dict[int, tuple]) -> str:
     """Changes when the shard's plan, its config, or any input partition (images, boxes) changes."""
     used = sorted({s.partition for s in payload.samples})
-    return fingerprint(STAGE, CODE_VERSION, payload.config, payload.index, [(s.key, s.partition, s.row) for s in payload.samples],
+    return fingerprint(STAGE, CODE_VERSION, payload.config, payload.box_dedupe, payload.index, [(s.key, s.partition, s.row) for s in payload.samples],
                        [partition_fingerprints[p] for p in used])
 
 
 def sample_json(config: ShardsSection, boxes: list[list[int]], width: int, height: int,
-                captions: dict[int, str] | None = None) -> tuple[bytes, int]:
+                captions: dict[int, str] | None = None, box_dedupe: tuple[float, float] = (0.7, 0.9)) -> tuple[bytes, int]:
     """(the text_box JSON of a sample, its number of boxes).
 
     Without a captioner (captions None) every box is kept with text "" (PS3's format needs one text
@@ -75,6 +78,8 @@ def sample_json(config: ShardsSection, boxes: list[list[int]], width: int, heigh
     else:
         pairs = [(captions[i], b) for i, b in enumerate(boxes) if i in captions]
         texts, kept = [t for t, _ in pairs], [b for _, b in pairs]
+    keep = kept_boxes(kept, texts, *box_dedupe)  # boxes that repeat a kept box, by overlap or by caption, go
+    texts, kept = [texts[i] for i in keep], [kept[i] for i in keep]
     sample = TextBoxSample(text=texts, box=kept, global_text=(captions or {}).get(GLOBAL_REGION), type=config.sample_type)
     sample.check_inside(width, height)
     return sample.to_json_bytes(), len(kept)
@@ -119,7 +124,8 @@ def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
         assert rec["uid"] == s.key, f"ingest partition {s.partition} changed under the shard plan"
         images.append((f"{s.key}.{IMAGE_EXT[rec['format']]}", rec["image"]))
         image_captions = None if captions is None else captions.get(rec["uid"], {})
-        text_json, n_boxes = sample_json(cfg, boxes.get(rec["uid"], []), rec["width"], rec["height"], image_captions)
+        text_json, n_boxes = sample_json(cfg, boxes.get(rec["uid"], []), rec["width"], rec["height"], image_captions,
+                                         payload.box_dedupe)
         texts.append((f"{s.key}.json", text_json))
         manifest.append({"key": s.key, "uid": rec["uid"], "shard": f"{first_folder}/{first_file}", "source": rec["source_uri"],
                          "width": rec["width"], "height": rec["height"], "boxes": n_boxes})
