@@ -37,6 +37,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/regions.py
+	$(BIN)/python benchmarks/dedupe.py
 	$(BIN)/python benchmarks/caption.py
 
 clean:

@@ -10,6 +10,8 @@ the others are `duplicate_near` rejects, each naming the image it duplicates.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,10 +34,11 @@ def signatures(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return data[arr.offset * 256:(arr.offset + len(arr)) * 256].reshape(-1, 256)
 
 
-def confirmed_pairs(phash: np.ndarray, fine: np.ndarray, radius: int, threshold: float, first_new: int) -> np.ndarray:
+def confirmed_pairs(phash: np.ndarray, fine: np.ndarray, radius: int, threshold: float, first_new: int,
+                    search: Callable[[np.ndarray, int], np.ndarray] = near_pairs) -> np.ndarray:
     """Index pairs within `radius` bits whose fine signatures agree and that involve at least one
     item at or after `first_new` (this run's images; the published ones come first)."""
-    pairs = near_pairs(phash, radius)
+    pairs = search(phash, radius)
     if len(pairs) == 0:
         return pairs
     pairs = pairs[pairs[:, 1] >= first_new]  # pairs are (i < j): j is the newer side
@@ -60,7 +63,8 @@ def _roots(pairs: np.ndarray) -> dict[int, int]:
     return {i: find(i) for i in list(parent)}
 
 
-def near_duplicates(images: pa.Table, index: pa.Table | None, radius: int, threshold: float) -> tuple[pa.Table, pa.Table]:
+def near_duplicates(images: pa.Table, index: pa.Table | None, radius: int, threshold: float,
+                    search: Callable[[np.ndarray, int], np.ndarray] = near_pairs) -> tuple[pa.Table, pa.Table]:
     """(dedupe rows, rejects) for this run's `images` (uid, source_uri, width, height, phash, fine_sig;
     exact duplicates already removed) against the published `index` (INDEX schema, may be None).
     The index stays in Arrow/numpy columns: only the rows that match are turned into Python values."""
@@ -68,7 +72,7 @@ def near_duplicates(images: pa.Table, index: pa.Table | None, radius: int, thres
     n_pub = index.num_rows
     phash = np.concatenate([index["phash"].to_numpy(), images["phash"].to_numpy()]).astype(np.uint64)
     fine = np.concatenate([signatures(index["fine_sig"]), signatures(images["fine_sig"])])
-    pairs = confirmed_pairs(phash, fine, radius, threshold, n_pub)
+    pairs = confirmed_pairs(phash, fine, radius, threshold, n_pub, search)
     roots = _roots(pairs)
 
     run_uids = images["uid"].to_pylist()
@@ -104,7 +108,7 @@ def near_duplicates(images: pa.Table, index: pa.Table | None, radius: int, thres
 
 
 def dedupe_images(images: pa.Table, index: pa.Table | None, exact_on: bool, near_on: bool, radius: int,
-                  threshold: float) -> tuple[pa.Table, pa.Table]:
+                  threshold: float, search: Callable[[np.ndarray, int], np.ndarray] = near_pairs) -> tuple[pa.Table, pa.Table]:
     """(dedupe table, rejects) for a run: exact duplicates first (by SHA-256), then near duplicates of
     what is left, within the run and against the published index. One dedupe row per image."""
     from dedupe import exact
@@ -119,7 +123,7 @@ def dedupe_images(images: pa.Table, index: pa.Table | None, exact_on: bool, near
         survivors = images.filter(pc.invert(pc.is_in(images["source_uri"], value_set=pa.array(sorted(dropped), pa.string()))))
     if near_on or (index is not None and index.num_rows):
         # With near search off, the index still catches exact content matches (radius 0).
-        near_rows, near_rejects = near_duplicates(survivors, index, radius if near_on else 0, threshold)
+        near_rows, near_rejects = near_duplicates(survivors, index, radius if near_on else 0, threshold, search)
         rows.append(near_rows)
         rejects.append(near_rejects)
     else:

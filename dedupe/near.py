@@ -59,16 +59,24 @@ def _equal_key_pairs(keys: np.ndarray, max_group: int) -> np.ndarray:
     return pairs
 
 
-def near_pairs(hashes: np.ndarray, radius: int = 4, max_group: int = 4096) -> np.ndarray:
-    """All index pairs (i < j) whose hashes are within `radius` bits, sorted, as an int64 k x 2 array."""
+def band_choices(radius: int) -> list[tuple[int, ...]]:
+    """Every set of bands that must agree: the units of work (and the shuffle key when distributed)."""
+    m, agree = band_layout(radius)
+    return list(combinations(range(m), agree))
+
+
+def near_pairs(hashes: np.ndarray, radius: int = 4, max_group: int = 4096, choices: list[tuple[int, ...]] | None = None) -> np.ndarray:
+    """All index pairs (i < j) whose hashes are within `radius` bits, sorted, as an int64 k x 2 array.
+    With `choices` (a subset of band_choices), only the pairs those band sets find: the union over a
+    partition of band_choices is the full answer, which is how the work is spread over Ray tasks."""
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
     if len(hashes) < 2:
         return np.empty((0, 2), np.int64)
-    m, agree = band_layout(radius)
+    m, _ = band_layout(radius)
     bands = _band_values(hashes, m)
     width = np.uint64(64 // m)
     found = []
-    for choice in combinations(range(m), agree):
+    for choice in choices if choices is not None else band_choices(radius):
         key = np.zeros(len(hashes), np.uint64)
         for k, band in enumerate(choice):
             key |= bands[:, band] << (np.uint64(k) * width)

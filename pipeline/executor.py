@@ -19,7 +19,12 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from pipeline.partitions import part_name, partition_index, read_fingerprint, write_table
+from pipeline.partitions import (
+    part_name,
+    partition_index,
+    read_fingerprint,
+    write_table,
+)
 from pipeline.storage import Storage, join
 from schemas.config import RaySection
 

@@ -6,7 +6,6 @@ import io
 import json
 import tarfile
 
-
 from pipeline.partitions import read_table
 from pipeline.shards.layout import folders
 from pipeline.storage import Storage, is_s3, join

@@ -16,6 +16,7 @@ from importlib import metadata
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from dedupe import clusters, exact, near
 from pipeline.caption import stage as caption_stage
@@ -33,9 +34,9 @@ from pipeline.partitions import (
     fingerprint,
     part_name,
     read_fingerprint,
-    write_table,
     read_table,
     read_tables,
+    write_table,
 )
 from pipeline.regions import preflight
 from pipeline.regions import stage as regions_stage
@@ -119,7 +120,14 @@ def dedupe_partition(payload: DedupePayload) -> dict[str, pa.Table]:
     cfg = payload.config
     images = read_tables(payload.storage, payload.ingest_dir, "part", IMAGES, columns=DEDUPE_COLUMNS)
     index = pa.concat_tables([read_table(payload.storage, f) for f in payload.index_files]) if payload.index_files else None
-    table, rejects = clusters.dedupe_images(images, index, cfg.exact, cfg.near, cfg.radius, cfg.fine_threshold)
+    n = images.num_rows + (index.num_rows if index is not None else 0)
+    search = near.near_pairs
+    if n >= cfg.distributed_min and n > 1:
+        from dedupe.distributed import near_pairs_ray
+
+        tasks = max(2, int(ray.cluster_resources().get("CPU", 2)))
+        search = lambda hashes, radius: near_pairs_ray(hashes, radius, tasks)  # noqa: E731
+    table, rejects = clusters.dedupe_images(images, index, cfg.exact, cfg.near, cfg.radius, cfg.fine_threshold, search)
     return {"rejects": rejects, "part": table}
 
 

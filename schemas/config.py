@@ -186,6 +186,10 @@ class DedupeSection(_Section):
         description="The dataset's persistent hash index (a folder, path or s3://, e.g. next to the published "
         "versions): images already in it are skipped, and publishing appends the kept images' hashes.",
     )
+    distributed_min: int = Field(
+        200_000, ge=0,
+        description="With at least this many hashes (run + index), the search runs as Ray tasks split by band set; below, in-process.",
+    )
     box_iou: float = Field(0.7, gt=0, le=1, description="Within an image, drop a box overlapping a kept one by more IoU than this.")
     caption_similarity: float = Field(
         0.9, gt=0, le=1, description="Within an image, drop a box whose caption's word-set overlap (Jaccard) with a kept box's is at least this."

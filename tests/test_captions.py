@@ -31,7 +31,7 @@ from pipeline.storage import Storage  # noqa: E402
 from pipeline.synthetic import encode, generate_scene  # noqa: E402
 from schemas.config import CaptionerSection  # noqa: E402
 from schemas.sample import validate_sample_json  # noqa: E402
-from schemas.tables import CAPTIONS, IMAGES, GLOBAL_REGION  # noqa: E402
+from schemas.tables import CAPTIONS, GLOBAL_REGION, IMAGES  # noqa: E402
 
 GREEDY = {"device": "cpu", "max_new_tokens": 16, "batch_size": 8, "temperature": 0.0}
 VLLM_CPU = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "max_num_seqs": 16}

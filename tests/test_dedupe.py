@@ -37,7 +37,8 @@ def test_edits_are_near_duplicates_and_small_differences_are_not(build, tmp_path
         other, _ = generate_scene(800 + s, 2400, 1600, n_objects=3, grain=4.0 * s, object_seed=900 + s)  # same layout
         (tmp_path / "img" / f"s{s}-other.jpg").write_bytes(encode(other, "JPEG", quality=90))
     cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "img")}],
-           "ingest": {"min_side": 512}, "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds")}}
+           "ingest": {"min_side": 512}, "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds")},
+           "dedupe": {"distributed_min": 0}}  # the search as Ray tasks split by band set, as on a cluster
     dataset = build(cfg, run_id="near")
     assert dataset["counts"]["rejected_by_reason"] == {"duplicate_near": 3 * 5}
     assert dataset["counts"]["samples"] == 3 * 2  # one of each variant group, plus each same-layout image

@@ -39,3 +39,10 @@ def test_layout_and_bounds():
     with pytest.raises(ValueError):
         band_layout(16)
     assert near_pairs(np.array([1], np.uint64)).shape == (0, 2)
+
+
+def test_spread_over_ray_tasks_gives_the_same_pairs(ray_local):
+    from dedupe.distributed import near_pairs_ray
+
+    h = _hashes(5000, 400, 4, seed=11)
+    assert np.array_equal(near_pairs_ray(h, 4, tasks=3), near_pairs(h, 4))

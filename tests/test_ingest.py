@@ -14,7 +14,14 @@ from pipeline.ingest.stage import ingest_entries
 from pipeline.storage import Storage
 from schemas.config import IngestSection
 from schemas.tables import IMAGES, RejectReason
-from tests.images import bomb_png_header, cmyk_jpeg, exif_rotated_jpeg, png16, scene_jpeg, write_bad_inputs
+from tests.images import (
+    bomb_png_header,
+    cmyk_jpeg,
+    exif_rotated_jpeg,
+    png16,
+    scene_jpeg,
+    write_bad_inputs,
+)
 
 LIMITS = IngestSection()
 

@@ -12,7 +12,6 @@ import pytest
 from pipeline import partitions
 from pipeline.storage import Storage, join, split_s3
 
-
 # A small tree with images, a text file, hidden files and a hidden folder.
 TREE = {
     "a.jpg": b"a" * 10,
