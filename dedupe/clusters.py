@@ -10,7 +10,7 @@ the others are `duplicate_near` rejects, each naming the image it duplicates.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
