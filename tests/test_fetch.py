@@ -1,0 +1,159 @@
+"""The fetcher against a local HTTP server the test controls: every fault ends as the outcome the
+rules say, retries are bounded, and no host sees more than its configured request rate."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipeline.ingest.fetch import (
+    FetchOptions,
+    FetchReason,
+    fetch_urls,
+    retry_after_seconds,
+    sniff_image,
+)
+from pipeline.synthetic import encode, generate_scene
+
+JPEG = encode(generate_scene(1, 320, 240, n_objects=1)[0])
+
+
+class FaultServer:
+    """Paths name their behaviour; every request's path and arrival time is recorded."""
+
+    def __init__(self):
+        self.hits: list[tuple[str, float]] = []
+        self.lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def send(self, status, body=b"", ctype="image/jpeg", headers=None):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                with outer.lock:
+                    outer.hits.append((self.path, time.monotonic()))
+                    n = outer.counts[self.path] = outer.counts.get(self.path, 0) + 1
+                p = self.path
+                if p == "/ok.jpg":
+                    self.send(200, JPEG)
+                elif p == "/429.jpg":
+                    self.send(429, b"slow down", "text/plain", {"Retry-After": "1"}) if n == 1 else self.send(200, JPEG)
+                elif p == "/500-then-200.jpg":
+                    self.send(500, b"oops", "text/plain") if n == 1 else self.send(200, JPEG)
+                elif p == "/always-503.jpg":
+                    self.send(503, b"down", "text/plain")
+                elif p == "/404.jpg":
+                    self.send(404, b"missing", "text/plain")
+                elif p == "/slow.jpg":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(JPEG)))
+                    self.end_headers()
+                    self.wfile.write(JPEG[:100])
+                    self.wfile.flush()
+                    time.sleep(3)
+                elif p == "/reset.jpg":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.connection.shutdown(socket.SHUT_RDWR)  # RST: linger on, timeout 0
+                    self.close_connection = True
+                elif p == "/loop-a":
+                    self.send(302, headers={"Location": "/loop-b"})
+                elif p == "/loop-b":
+                    self.send(302, headers={"Location": "/loop-a"})
+                elif p == "/redirect-ok":
+                    self.send(301, headers={"Location": "/ok.jpg"})
+                elif p == "/big.jpg":
+                    self.send(200, JPEG + b"\0" * 300_000)
+                elif p == "/html.jpg":
+                    self.send(200, b"<html><body>not a picture</body></html>", "image/jpeg")
+                elif p == "/noai.jpg":
+                    self.send(200, JPEG, headers={"X-Robots-Tag": "noai"})
+                elif p.startswith("/rate/"):
+                    self.send(200, JPEG)
+                else:
+                    self.send(404)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def server():
+    s = FaultServer()
+    yield s
+    s.close()
+
+
+OPTS = FetchOptions(allow_private=True, retries=2, backoff_s=0.05, total_timeout_s=1.5, connect_timeout_s=1.0,
+                    max_bytes=len(JPEG) + 1000, per_host_rate=50.0)
+
+
+def test_every_fault_ends_as_the_rules_say(server):
+    paths = ["/ok.jpg", "/429.jpg", "/500-then-200.jpg", "/always-503.jpg", "/404.jpg", "/slow.jpg", "/reset.jpg",
+             "/loop-a", "/redirect-ok", "/big.jpg", "/html.jpg", "/noai.jpg"]
+    start = time.monotonic()
+    results = dict(zip(paths, fetch_urls([server.base + p for p in paths], OPTS)))
+    assert time.monotonic() - start < 30  # nothing hangs
+    assert results["/ok.jpg"].data == JPEG and results["/redirect-ok"].data == JPEG
+    assert results["/429.jpg"].ok and results["/429.jpg"].attempts == 2
+    assert results["/500-then-200.jpg"].ok and results["/500-then-200.jpg"].attempts == 2
+    bad = results["/always-503.jpg"]
+    assert bad.reason == FetchReason.HTTP_STATUS and bad.status == 503 and bad.retryable
+    assert bad.attempts == 3 and server.counts["/always-503.jpg"] == 3  # retries are bounded
+    assert results["/404.jpg"].status == 404 and not results["/404.jpg"].retryable and server.counts["/404.jpg"] == 1
+    assert results["/slow.jpg"].reason == FetchReason.TIMEOUT and results["/slow.jpg"].retryable
+    assert results["/reset.jpg"].reason == FetchReason.CONNECTION and results["/reset.jpg"].retryable
+    assert results["/loop-a"].reason == FetchReason.REDIRECTS and "loop" in results["/loop-a"].detail
+    assert results["/big.jpg"].reason == FetchReason.TOO_LARGE and not results["/big.jpg"].retryable
+    assert results["/html.jpg"].reason == FetchReason.NOT_AN_IMAGE
+    assert results["/noai.jpg"].reason == FetchReason.OPTED_OUT
+
+
+def test_retry_after_is_honoured(server):
+    (r,) = fetch_urls([server.base + "/429.jpg"], OPTS)
+    (_, t1), (_, t2) = [h for h in server.hits if h[0] == "/429.jpg"]
+    assert r.ok and t2 - t1 >= 0.95
+
+
+def test_no_host_sees_more_than_its_rate(server):
+    opts = FetchOptions(allow_private=True, per_host_rate=20.0, concurrency=32, per_host_concurrency=16)
+    results = fetch_urls([f"{server.base}/rate/{i}.jpg" for i in range(30)], opts)
+    assert all(r.ok for r in results)
+    times = sorted(t for p, t in server.hits if p.startswith("/rate/"))
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 1 / 20 - 0.01  # request starts at least 1/rate apart (small clock slack)
+    assert times[-1] - times[0] >= 29 / 20 - 0.05
+
+
+def test_private_addresses_are_refused_unless_allowed(server):
+    (r,) = fetch_urls([server.base + "/ok.jpg"], FetchOptions())
+    assert r.reason == FetchReason.BLOCKED_ADDRESS and not server.hits
+
+
+def test_sniffing_and_retry_after_parsing():
+    assert sniff_image(JPEG[:16]) == "image/jpeg"
+    assert sniff_image(b"RIFF\0\0\0\0WEBPVP8 ") == "image/webp"
+    assert sniff_image(b"<!doctype html>") is None
+    assert retry_after_seconds("2") == 2.0 and retry_after_seconds("soon") is None
