@@ -26,7 +26,7 @@ class OpenAIBackend:
 
     def __init__(self, cfg: CaptionerSection):
         self.cfg, self.opts = cfg, cfg.openai
-        self.model_id = cfg.model + (f"@{cfg.revision}" if cfg.revision else "")
+        self.model_id = cfg.model_ref
         self.image_part = url_part(self.opts.image_format)
         key = os.environ.get(self.opts.api_key_env, "")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -19,7 +19,6 @@ from PIL import Image
 from schemas.tables import GLOBAL_REGION
 
 Image.MAX_IMAGE_PIXELS = None  # ingest already enforced ingest.max_pixels
-__all__ = ["GLOBAL_REGION", "CaptionRequest", "CaptionResult", "build_requests"]
 
 
 @dataclass

@@ -24,7 +24,7 @@ class TransformersBackend:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.cfg, self.torch = cfg, torch
-        self.model_id = cfg.model + (f"@{cfg.revision}" if cfg.revision else "")
+        self.model_id = cfg.model_ref
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("captioner.device is cuda but this worker sees no CUDA GPU")
         self.device = torch.device(cfg.device)

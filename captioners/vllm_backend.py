@@ -41,7 +41,7 @@ class VllmBackend:
         from vllm import LLM, SamplingParams
 
         self.cfg = cfg
-        self.model_id = cfg.model + (f"@{cfg.revision}" if cfg.revision else "")
+        self.model_id = cfg.model_ref
         self.llm = LLM(**engine_kwargs(cfg))
         self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
 

@@ -348,7 +348,7 @@ def caption_summary(cfg, captions: pa.Table, manifest: pa.Table) -> dict:
         by_status[item["values"]] = item["counts"]
     return {
         "backend": cfg.backend,
-        "model": cfg.model + (f"@{cfg.revision}" if cfg.revision else ""),
+        "model": cfg.model_ref,
         "models_seen": sorted(set(captions["model"].to_pylist())),
         "prompt_id": cfg.prompt_id,
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},

@@ -165,6 +165,11 @@ class CaptionerSection(_Section):
     vllm: VllmOptions = Field(default_factory=VllmOptions)
     openai: OpenAIOptions = Field(default_factory=OpenAIOptions)
 
+    @property
+    def model_ref(self) -> str:
+        """The model as recorded with every caption: id or path, and @revision when one is given."""
+        return (self.model or "") + (f"@{self.revision}" if self.revision else "")
+
     @model_validator(mode="after")
     def _model_given(self) -> "CaptionerSection":
         if self.backend != "none" and not self.model:

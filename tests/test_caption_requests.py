@@ -10,8 +10,9 @@ import numpy as np
 from PIL import Image
 
 from captioners.messages import chat_messages, pil_part, url_part
-from captioners.requests import GLOBAL_REGION, build_requests, decode_scale, fit_size
+from captioners.requests import build_requests, decode_scale, fit_size
 from pipeline.synthetic import encode, generate_scene
+from schemas.tables import GLOBAL_REGION
 
 BUDGET = 256 * 28 * 28
 

@@ -20,17 +20,12 @@ from captioners import cleanup, messages, prompts, requests
 from captioners.backends import Backend, make_backend
 from captioners.cleanup import clean_caption
 from captioners.prompts import resolve_prompts
-from captioners.requests import (
-    GLOBAL_REGION,
-    CaptionRequest,
-    CaptionResult,
-    build_requests,
-)
+from captioners.requests import CaptionRequest, CaptionResult, build_requests
 from pipeline.partitions import code_version, fingerprint, read_table
 from pipeline.regions.stage import read_boxes
 from pipeline.storage import Storage
 from schemas.config import CaptionerSection
-from schemas.tables import CAPTIONS, CaptionStatus, rows_to_table
+from schemas.tables import CAPTIONS, GLOBAL_REGION, CaptionStatus, rows_to_table
 
 STAGE = "caption"
 CODE_VERSION = code_version(cleanup, messages, prompts, requests, sys.modules[__name__])
@@ -163,7 +158,6 @@ def failed_partition(payload: CaptionPayload, error: str) -> dict[str, pa.Table]
     requests as backend_error (ok rows of an earlier attempt kept), so nothing is lost."""
     cfg = payload.config
     prompt_set = resolve_prompts(cfg.prompt_id, cfg.local_prompt, cfg.global_prompt)
-    model_id = cfg.model + (f"@{cfg.revision}" if cfg.revision else "")
     images = read_table(payload.storage, payload.images_uri, columns=["uid", "source_uri"])
     boxes = read_boxes(payload.storage, payload.regions_uri)
     reuse = reusable_rows(payload)
@@ -175,7 +169,7 @@ def failed_partition(payload: CaptionPayload, error: str) -> dict[str, pa.Table]
         for region_id, box in wanted:
             old = reuse.get(_row_key(uid, region_id, box))
             rows.append(old or caption_row(CaptionRequest(uid, region_id, box, [], ""), CaptionResult(error=error),
-                                           model_id, cfg.backend, prompt_set.prompt_id))
+                                           cfg.model_ref, cfg.backend, prompt_set.prompt_id))
     rows.sort(key=lambda r: (r["uid"], r["region_id"]))
     return {"part": rows_to_table(rows, CAPTIONS)}
 

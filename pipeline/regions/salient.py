@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,17 +103,11 @@ def top_boxes(weights: np.ndarray, width: int, height: int, scale_x: float, scal
     return Proposal(boxes[keep], scores[keep].astype(np.float32))
 
 
+@contextmanager
 def timed(timings: dict[str, float], name: str):
-    """Context manager adding the elapsed milliseconds of its block to timings[name]."""
-    return _Timer(timings, name)
-
-
-class _Timer:
-    def __init__(self, timings: dict[str, float], name: str):
-        self.timings, self.name = timings, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + (time.perf_counter() - self.start) * 1000
+    """Add the elapsed milliseconds of the block to timings[name]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + (time.perf_counter() - start) * 1000
