@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -15,6 +14,7 @@ from captioners.openai_backend import OpenAIBackend
 from captioners.requests import CaptionRequest
 from pipeline.synthetic import encode, generate_scene
 from schemas.config import CaptionerSection
+from tests.http_server import QuietHandler, serve
 
 
 class FakeChatServer:
@@ -30,10 +30,7 @@ class FakeChatServer:
         self.in_flight = self.max_in_flight = 0
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
@@ -55,9 +52,8 @@ class FakeChatServer:
                 self.end_headers()
                 self.wfile.write(payload.encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.httpd, root = serve(Handler)
+        self.base_url = root + "/v1"
 
     def close(self):
         self.httpd.shutdown()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -18,6 +17,7 @@ from pipeline.ingest.fetch import (
     sniff_image,
 )
 from pipeline.synthetic import encode, generate_scene
+from tests.http_server import QuietHandler, serve
 
 JPEG = encode(generate_scene(1, 320, 240, n_objects=1)[0])
 
@@ -31,11 +31,8 @@ class FaultServer:
         self.counts: dict[str, int] = {}
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
 
             def send(self, status, body=b"", ctype="image/jpeg", headers=None):
                 self.send_response(status)
@@ -90,10 +87,7 @@ class FaultServer:
                 else:
                     self.send(404)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.httpd, self.base = serve(Handler)
 
     def close(self):
         self.httpd.shutdown()
