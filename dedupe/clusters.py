@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from dedupe.hashing import fine_distance
 from dedupe.near import near_pairs
-from schemas.tables import DEDUPE, REJECTS, RejectReason, rows_to_table
+from schemas.tables import DEDUPE, REJECTS, RejectReason, reject, rows_to_table
 
 STAGE = "dedupe"
 INDEX = pa.schema([("uid", pa.string()), ("phash", pa.uint64()), ("fine_sig", pa.binary(256)),
@@ -102,8 +102,7 @@ def near_duplicates(images: pa.Table, index: pa.Table | None, radius: int, thres
         if not kept:
             reason = RejectReason.DUPLICATE_PUBLISHED if published else RejectReason.DUPLICATE_NEAR
             where = "already published (dedupe.index)" if published else f"kept: {run_sources[anchor - n_pub]}"
-            rejects.append({"source_uri": src, "uid": u, "stage": STAGE, "reason": reason.value,
-                            "detail": f"near duplicate of {anchor_uid}, {where}"})
+            rejects.append(reject(src, u, STAGE, reason, f"near duplicate of {anchor_uid}, {where}"))
     return rows_to_table(dedupe_rows, DEDUPE), rows_to_table(rejects, REJECTS)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.tables import DEDUPE, REJECTS, RejectReason, rows_to_table
+from schemas.tables import DEDUPE, REJECTS, RejectReason, reject, rows_to_table
 
 STAGE = "dedupe"
 
@@ -23,9 +23,6 @@ def exact_duplicates(images: pa.Table) -> tuple[pa.Table, pa.Table]:
         kept = kept_uri == uri
         dedupe_rows.append({"uid": uid, "cluster": kept_uid, "kept": kept, "duplicate_of": None if kept else kept_uid})
         if not kept:
-            rejects.append(
-                {"source_uri": uri, "uid": uid, "stage": STAGE, "reason": RejectReason.DUPLICATE_EXACT.value,
-                 "detail": f"same bytes as {kept_uri}"}
-            )
+            rejects.append(reject(uri, uid, STAGE, RejectReason.DUPLICATE_EXACT, f"same bytes as {kept_uri}"))
     return rows_to_table(dedupe_rows, DEDUPE), rows_to_table(rejects, REJECTS)
 

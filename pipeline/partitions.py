@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import json
 from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import Storage, is_s3, join, split_s3
+from pipeline.storage import Storage, is_s3, join
 
 FINGERPRINT_KEY = b"localcap.fingerprint"
 
@@ -65,46 +64,13 @@ def write_table(storage: Storage, uri: str, table: pa.Table, fingerprint_value: 
     storage.write_bytes(uri, table_bytes(table, fingerprint_value))
 
 
-class _S3RangeFile(io.RawIOBase):
-    """A seekable read-only view of an S3 object that fetches only the byte ranges asked for."""
-
-    def __init__(self, storage: Storage, uri: str):
-        self._storage, (self._bucket, self._key) = storage, split_s3(uri)
-        self._size = storage.size(uri)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), self._size - self._pos)
-        if n <= 0:
-            return 0
-        rng = f"bytes={self._pos}-{self._pos + n - 1}"
-        data = self._storage.s3.get_object(Bucket=self._bucket, Key=self._key, Range=rng)["Body"].read()
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
 def read_fingerprint(storage: Storage, uri: str) -> str | None:
     """The fingerprint stamped on a partition, or None if it is missing or unreadable."""
     try:
         if is_s3(uri):
             if not storage.exists(uri):
                 return None
-            schema = pq.read_schema(io.BufferedReader(_S3RangeFile(storage, uri), buffer_size=1 << 16))
+            schema = pq.read_schema(storage.open_read(uri, seekable=True, buffer_size=1 << 16))
         else:
             schema = pq.read_schema(uri)
     except (FileNotFoundError, OSError, pa.ArrowInvalid):
@@ -115,8 +81,7 @@ def read_fingerprint(storage: Storage, uri: str) -> str | None:
 
 def read_table(storage: Storage, uri: str, columns: list[str] | None = None) -> pa.Table:
     if is_s3(uri):
-        source = io.BufferedReader(_S3RangeFile(storage, uri), buffer_size=1 << 20)
-        table = pq.read_table(source, columns=columns)
+        table = pq.read_table(storage.open_read(uri, seekable=True), columns=columns)
     else:
         table = pq.read_table(uri, columns=columns)
     return table.replace_schema_metadata(None)  # the fingerprint stamp is not data

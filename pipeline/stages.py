@@ -27,8 +27,13 @@ from pipeline.caption.stage import (
     failed_partition,
 )
 from pipeline.executor import ActorPool, PartitionJob, StageReport, run_stage
-from pipeline.ingest.reader import chunk, list_inputs
-from pipeline.ingest.stage import IngestPayload, ingest_partition, partition_fingerprint
+from pipeline.ingest.reader import chunk, discover_urls, list_inputs
+from pipeline.ingest.stage import (
+    IngestPayload,
+    ingest_partition,
+    partition_fingerprint,
+    url_partition_fingerprint,
+)
 from pipeline.partitions import (
     code_version,
     fingerprint,
@@ -87,21 +92,45 @@ def make_context(config: RunConfig, run_id: str, progress: bool = True) -> RunCo
 
 # -- ingest ------------------------------------------------------------------------------------
 def ingest_jobs(ctx: RunContext) -> tuple[int, list[PartitionJob]]:
-    """(number of inputs, one job per partition of the sorted listing)."""
+    """(number of inputs, one job per partition): the sorted files first, then the urls table's
+    partitions (URL lists and crawls, discovered once per run)."""
     entries = list_inputs(ctx.config.sources, ctx.storage)
-    limits = ctx.config.ingest
+    limits, fetch = ctx.config.ingest, ctx.config.fetch
     jobs = [
         PartitionJob(i, partition_fingerprint(part, limits), IngestPayload(part, limits, ctx.storage))
         for i, part in enumerate(chunk(entries, limits.partition_size))
     ]
-    return len(entries), jobs
+    urls_dir, ingest_dir = ctx.stage_dir("urls"), ctx.stage_dir("ingest")
+    url_fps, n_urls = discover_urls(ctx.config.sources, fetch, limits.max_bytes, ctx.storage, urls_dir, ctx.progress)
+    for k, urls_fp in enumerate(url_fps):
+        i = len(jobs)
+        fp = url_partition_fingerprint(urls_fp, limits, fetch)
+        done = (join(ingest_dir, part_name(i)), join(ingest_dir, part_name(i, "rejects")))
+        redo = _has_retryable(ctx.storage, done, fp)
+        payload = IngestPayload([], limits, ctx.storage, join(urls_dir, part_name(k)), fetch, done if redo else None)
+        jobs.append(PartitionJob(i, fp, payload, redo))
+    if any(j.redo for j in jobs):
+        log.info("ingest: %d partitions recorded retryable fetch failures; fetching just those again", sum(j.redo for j in jobs))
+    return len(entries) + n_urls, jobs
+
+
+def _has_retryable(storage: Storage, done: tuple[str, str], fp: str) -> bool:
+    """A finished ingest partition of these exact inputs whose rejects include retryable failures."""
+    part, rejects = done
+    if read_fingerprint(storage, part) != fp or not storage.exists(rejects):
+        return False
+    return bool(pc.any(read_table(storage, rejects, columns=["retryable"])["retryable"]).as_py())
 
 
 def run_ingest(ctx: RunContext) -> tuple[StageReport, list[str]]:
     n_inputs, jobs = ingest_jobs(ctx)
     report = run_stage("ingest", ctx.run_dir, jobs, ingest_partition, ctx.storage, progress=ctx.progress, marker="images")
     report.rows["inputs"] = n_inputs
-    return report, [j.fingerprint for j in jobs]
+    # Later stages must see a partition change when its retryable failures are fetched on a rerun.
+    ingest_dir = ctx.stage_dir("ingest")
+    return report, [j.fingerprint + ("~partial" if j.payload.urls_uri and _has_retryable(
+        ctx.storage, (join(ingest_dir, part_name(j.index)), join(ingest_dir, part_name(j.index, "rejects"))), j.fingerprint) else "")
+        for j in jobs]
 
 
 # -- dedupe ------------------------------------------------------------------------------------

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 from urllib.parse import urlparse
 
 _WILDCARDS = "*?["
@@ -71,6 +72,39 @@ def glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
+class S3RangeFile(io.RawIOBase):
+    """A seekable read-only view of an S3 object that fetches only the byte ranges asked for."""
+
+    def __init__(self, storage: Storage, uri: str):
+        self._storage, (self._bucket, self._key) = storage, split_s3(uri)
+        self._size = storage.size(uri)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        rng = f"bytes={self._pos}-{self._pos + n - 1}"
+        data = self._storage.s3.get_object(Bucket=self._bucket, Key=self._key, Range=rng)["Body"].read()
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
 @dataclass(frozen=True)
 class FileEntry:
     uri: str
@@ -112,6 +146,16 @@ class Storage:
             bucket, key = split_s3(uri)
             return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         return Path(uri).read_bytes()
+
+    def open_read(self, uri: str, seekable: bool = False, buffer_size: int = 1 << 20) -> BinaryIO:
+        """A binary file to read from: local files directly; S3 as one streamed GET, or, when the
+        reader must seek (Parquet footers), as ranged GETs of just the bytes asked for."""
+        if not is_s3(uri):
+            return open(uri, "rb")
+        if seekable:
+            return io.BufferedReader(S3RangeFile(self, uri), buffer_size=buffer_size)
+        bucket, key = split_s3(uri)
+        return self.s3.get_object(Bucket=bucket, Key=key)["Body"]
 
     def exists(self, uri: str) -> bool:
         if is_s3(uri):

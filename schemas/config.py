@@ -7,10 +7,10 @@ silently ignored. Later stages (regions, captions, near-duplicate search) add th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 
 class _Section(BaseModel):
@@ -37,7 +37,44 @@ class FilesSource(_Section):
     )
 
 
-Source = FilesSource  # URL lists and crawls join as a tagged union with `type`
+class UrlListSource(_Section):
+    """Image URLs listed in files: parquet, csv, tsv, jsonl or txt (one URL per line), optionally .gz.
+
+    The list is read as a stream (it may hold 100M rows). Optional columns (caption, alt, alt_text,
+    text, license, page_url, width, height) are carried into each image's `meta`.
+    """
+
+    type: Literal["urls"]
+    uri: str = Field(..., min_length=1, description="A list file, a folder or glob of them, or s3:// (same rules as `files`).")
+    url_column: str | None = Field(None, description="Column holding the URL (default: the first of url, image_url, URL, src).")
+
+
+class CrawlSource(_Section):
+    """Pages crawled from start URLs, following same-site links; images from <img src/srcset>,
+    <picture><source srcset> and og:image (the largest candidate of each srcset)."""
+
+    type: Literal["crawl"]
+    start_urls: list[str] = Field(..., min_length=1, description="Where the crawl starts (depth 0).")
+    max_depth: int = Field(2, ge=0, description="Links followed from a start page: 0 = the start pages only.")
+    max_pages: int = Field(1000, ge=1, description="Stop fetching pages after this many (images found so far are kept).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts whose pages are followed besides the start URLs' own hosts (images may live anywhere)."
+    )
+    robots: bool = Field(True, description="Honour each host's robots.txt for pages and images.")
+
+
+SOURCE_TAGS = ("files", "urls", "crawl")
+
+
+def _source_type(value) -> str:
+    return (value.get("type") if isinstance(value, dict) else getattr(value, "type", None)) or "files"
+
+
+# `type` picks the model (and only that model's errors are reported); without one, a source is `files`.
+Source = Annotated[
+    Annotated[FilesSource, Tag("files")] | Annotated[UrlListSource, Tag("urls")] | Annotated[CrawlSource, Tag("crawl")],
+    Discriminator(_source_type),
+]
 
 
 class IngestSection(_Section):
@@ -52,6 +89,28 @@ class IngestSection(_Section):
     )
     partition_size: int = Field(32, ge=1, description="Images per ingest partition (one Ray task, one Parquet file).")
     reencode_quality: int = Field(95, ge=50, le=100, description="JPEG quality when bytes must be normalised.")
+
+
+class FetchSection(_Section):
+    """How URL lists and crawls are fetched: polite per host, bounded overall, never hanging."""
+
+    concurrency: int = Field(64, ge=1, description="Requests in flight per ingest worker.")
+    per_host_concurrency: int = Field(8, ge=1, description="Requests in flight to one host, per ingest worker.")
+    per_host_rate: float = Field(
+        10.0, gt=0,
+        description="Request starts per second to one host, per ingest worker (retries included). With W workers a "
+        "host may see up to W times this: size it as the site's limit / ray CPUs.",
+    )
+    retries: int = Field(3, ge=0, description="Retries on connection errors, timeouts, HTTP 429 and 5xx.")
+    backoff_s: float = Field(0.5, ge=0, description="First backoff; doubles each retry, with full jitter; Retry-After wins.")
+    max_backoff_s: float = Field(30.0, ge=0, description="Longest single wait between attempts (Retry-After included).")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Per attempt, to open the connection.")
+    timeout_s: float = Field(60.0, gt=0, description="Per attempt, for the whole response, body included.")
+    max_redirects: int = Field(5, ge=0, description="Redirect hops followed; loops are detected.")
+    allow_private: bool = Field(False, description="Allow private, loopback and link-local addresses (tests, intranets).")
+    honour_opt_out: bool = Field(True, description="Reject images served with X-Robots-Tag: noai or noimageai.")
+    user_agent: str = Field("localcap/0.1 (+https://github.com/localcap/localcap)", description="Sent with every request; robots.txt rules are matched against it.")
+    partition_size: int = Field(256, ge=1, description="URLs per ingest partition (one Ray task, one Parquet file).")
 
 
 class FelzenszwalbOptions(_Section):
@@ -232,6 +291,7 @@ class RunConfig(_Section):
     run: RunSection = Field(default_factory=RunSection)
     sources: list[Source] = Field(..., min_length=1)
     ingest: IngestSection = Field(default_factory=IngestSection)
+    fetch: FetchSection = Field(default_factory=FetchSection)
     regions: RegionsSection = Field(default_factory=RegionsSection)
     captioner: CaptionerSection = Field(default_factory=CaptionerSection)
     dedupe: DedupeSection = Field(default_factory=DedupeSection)
@@ -254,7 +314,10 @@ class ConfigError(ValueError):
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config {origin}:"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = e["loc"]
+        # Drop the union tag pydantic inserts after a list index (sources.0.crawl.start_urls -> sources.0.start_urls).
+        loc = [p for i, p in enumerate(loc) if not (p in SOURCE_TAGS and i and isinstance(loc[i - 1], int))]
+        path = ".".join(str(p) for p in loc) or "(top level)"
         lines.append(f"  {path}: {e['msg']}")
     return "\n".join(lines)
 

@@ -25,6 +25,15 @@ class RejectReason(str, Enum):
     DUPLICATE_EXACT = "duplicate_exact"  # same SHA-256 as a kept image
     DUPLICATE_NEAR = "duplicate_near"  # a near duplicate of a larger image of this run
     DUPLICATE_PUBLISHED = "duplicate_published"  # already in an earlier version of the dataset (its hash index)
+    # Web sources (URL lists, crawls): why a URL gave no image bytes.
+    HTTP_STATUS = "http_status"  # a final 4xx/5xx answer (detail: the code)
+    TIMEOUT = "timeout"  # connect or whole-body deadline passed on every attempt
+    CONNECTION_ERROR = "connection_error"  # refused, reset, DNS failure on every attempt
+    OPTED_OUT = "opted_out"  # X-Robots-Tag: noai / noimageai
+    REDIRECTS = "redirects"  # a redirect loop, or more hops than fetch.max_redirects
+    BLOCKED_ADDRESS = "blocked_address"  # a private, loopback or link-local target (fetch.allow_private is off)
+    BAD_URL = "bad_url"  # not http(s), or no host
+    ROBOTS = "robots"  # the site's robots.txt disallows it for our user agent
 
 
 class NoBoxReason(str, Enum):
@@ -79,6 +88,22 @@ REJECTS = pa.schema(
         _field("stage", pa.string(), "stage that rejected it"),
         _field("reason", pa.string(), "one of RejectReason"),
         _field("detail", pa.string(), "human-readable specifics"),
+        _field("retryable", pa.bool_(), "the failure may be temporary (timeout, connection, HTTP 429/5xx): a rerun tries it again"),
+    ]
+)
+
+
+def reject(source_uri: str, uid: str | None, stage: str, reason: RejectReason, detail: str, retryable: bool = False) -> dict:
+    """One rejects-table row."""
+    return {"source_uri": source_uri, "uid": uid, "stage": stage, "reason": reason.value, "detail": detail, "retryable": retryable}
+
+
+URLS = pa.schema(
+    [
+        _field("url", pa.string(), "image URL to fetch (or, for a row without one, where it was listed)"),
+        _field("meta", pa.string(), "JSON carried into the image's meta: caption/alt, license, page URL, ..."),
+        _field("skip_reason", pa.string(), "a RejectReason decided before fetching (robots, bad_url, opted_out)", nullable=True),
+        _field("skip_detail", pa.string(), "specifics of skip_reason", nullable=True),
     ]
 )
 
@@ -145,6 +170,7 @@ MANIFEST = pa.schema(
 TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "rejects": REJECTS,
+    "urls": URLS,
     "regions": REGIONS,
     "region_status": REGION_STATUS,
     "captions": CAPTIONS,

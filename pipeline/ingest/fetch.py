@@ -11,8 +11,8 @@
 - The Content-Type header is not trusted: the first bytes are sniffed. `X-Robots-Tag: noai` /
   `noimageai` opt-outs are honoured by default.
 
-Every URL ends as a FetchResult: bytes, or a reason from FetchReason with a detail and whether a
-later run should try it again.
+Every URL ends as a FetchResult: bytes, or a RejectReason with a detail and whether a later run
+should try it again.
 """
 
 from __future__ import annotations
@@ -24,49 +24,23 @@ import socket
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from enum import Enum
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-
-class FetchReason(str, Enum):
-    HTTP_STATUS = "http_status"  # a final 4xx/5xx (detail: the code)
-    TIMEOUT = "timeout"  # connect or whole-body deadline passed on every attempt
-    CONNECTION = "connection_error"  # refused, reset, DNS failure on every attempt
-    TOO_LARGE = "too_large"  # body (or Content-Length) above max_bytes
-    NOT_AN_IMAGE = "not_an_image"  # the bytes are not a known image format, whatever the header says
-    OPTED_OUT = "opted_out"  # X-Robots-Tag noai / noimageai
-    REDIRECTS = "redirects"  # a redirect loop or more than max_redirects hops
-    BLOCKED_ADDRESS = "blocked_address"  # private, loopback or link-local target not allowed
-    BAD_URL = "bad_url"  # not http(s), no host
+from schemas.config import FetchSection
+from schemas.tables import RejectReason
 
 
-RETRYABLE = {FetchReason.TIMEOUT, FetchReason.CONNECTION}  # and HTTP 429 / 5xx (see FetchResult.retryable)
-
-
-@dataclass(frozen=True)
-class FetchOptions:
-    concurrency: int = 64
-    per_host_concurrency: int = 8
-    per_host_rate: float = 10.0  # requests per second per host
-    retries: int = 3
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    connect_timeout_s: float = 10.0
-    total_timeout_s: float = 60.0
-    max_bytes: int = 200 * 2**20
-    max_redirects: int = 5
-    allow_private: bool = False
-    honour_opt_out: bool = True
-    user_agent: str = "localcap/0.1 (+https://github.com/localcap)"
+RETRYABLE = {RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR}  # and HTTP 429 / 5xx (see FetchResult.retryable)
+PAGE_TYPES = ("text/html", "application/xhtml+xml")
 
 
 @dataclass
 class FetchResult:
     url: str
     data: bytes | None = None
-    reason: FetchReason | None = None
+    reason: RejectReason | None = None
     detail: str = ""
     status: int | None = None
     final_url: str | None = None
@@ -82,7 +56,7 @@ class FetchResult:
         """Worth trying again in a later run (the failure may be temporary)."""
         if self.reason in RETRYABLE:
             return True
-        return self.reason == FetchReason.HTTP_STATUS and self.status is not None and (self.status == 429 or self.status >= 500)
+        return self.reason == RejectReason.HTTP_STATUS and self.status is not None and (self.status == 429 or self.status >= 500)
 
 
 IMAGE_MAGIC = [
@@ -155,95 +129,114 @@ class HostGate:
 
 
 class Fetcher:
-    def __init__(self, opts: FetchOptions):
-        self.opts = opts
+    """`async with Fetcher(cfg, max_bytes) as f: await f.fetch(url)`; one client, shared host gates.
+
+    `kind` says what the caller expects: "image" (sniffed, opt-outs honoured), "page" (HTML for the
+    crawler) or "text" (robots.txt); the address policy, rates, retries and limits apply to all.
+    """
+
+    def __init__(self, cfg: FetchSection, max_bytes: int):
+        self.cfg, self.max_bytes = cfg, max_bytes
         self.gates: dict[str, HostGate] = {}
-        self.total = asyncio.Semaphore(opts.concurrency)
+        self.total = asyncio.Semaphore(cfg.concurrency)
+        self.client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Fetcher:
+        c = self.cfg
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=c.concurrency, max_keepalive_connections=c.concurrency),
+            timeout=httpx.Timeout(c.timeout_s, connect=c.connect_timeout_s),
+            follow_redirects=False,
+            headers={"User-Agent": c.user_agent},
+        )
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.aclose()
 
     def gate(self, host: str) -> HostGate:
         if host not in self.gates:
-            self.gates[host] = HostGate(self.opts.per_host_concurrency, self.opts.per_host_rate)
+            self.gates[host] = HostGate(self.cfg.per_host_concurrency, self.cfg.per_host_rate)
         return self.gates[host]
 
-    async def fetch_all(self, urls: list[str]) -> list[FetchResult]:
-        o = self.opts
-        limits = httpx.Limits(max_connections=o.concurrency, max_keepalive_connections=o.concurrency)
-        timeout = httpx.Timeout(o.total_timeout_s, connect=o.connect_timeout_s)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False,
-                                     headers={"User-Agent": o.user_agent}) as client:
-            return await asyncio.gather(*(self.fetch(client, u) for u in urls))
-
-    async def fetch(self, client: httpx.AsyncClient, url: str) -> FetchResult:
+    async def fetch(self, url: str, kind: str = "image") -> FetchResult:
         result = FetchResult(url)
         async with self.total:
-            for attempt in range(self.opts.retries + 1):
-                result = await self._attempt(client, url)
+            for attempt in range(self.cfg.retries + 1):
+                result = await self._attempt(url, kind)
                 result.attempts = attempt + 1
-                if result.ok or not result.retryable or attempt == self.opts.retries:
+                if result.ok or not result.retryable or attempt == self.cfg.retries:
                     return result
                 wait = retry_after_seconds(result.headers.get("retry-after"))
                 if wait is None:
-                    wait = random.uniform(0, min(self.opts.max_backoff_s, self.opts.backoff_s * 2**attempt))
-                await asyncio.sleep(min(wait, self.opts.max_backoff_s))
+                    wait = random.uniform(0, min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2**attempt))
+                await asyncio.sleep(min(wait, self.cfg.max_backoff_s))
         return result
 
-    async def _attempt(self, client: httpx.AsyncClient, url: str) -> FetchResult:
+    async def _attempt(self, url: str, kind: str) -> FetchResult:
         seen = {url}
         current = url
-        for _ in range(self.opts.max_redirects + 1):
+        for _ in range(self.cfg.max_redirects + 1):
             parts = urlsplit(current)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                return FetchResult(url, reason=FetchReason.BAD_URL, detail=current)
-            if not self.opts.allow_private and address_blocked(parts.hostname):
-                return FetchResult(url, reason=FetchReason.BLOCKED_ADDRESS, detail=parts.hostname, final_url=current)
+                return FetchResult(url, reason=RejectReason.BAD_URL, detail=current)
+            if not self.cfg.allow_private and address_blocked(parts.hostname):
+                return FetchResult(url, reason=RejectReason.BLOCKED_ADDRESS, detail=parts.hostname, final_url=current)
             gate = self.gate(parts.netloc)
             async with gate.sem:
                 await gate.wait_turn()
                 try:
-                    outcome = await asyncio.wait_for(self._get(client, url, current), self.opts.total_timeout_s)
+                    outcome = await asyncio.wait_for(self._get(url, current, kind), self.cfg.timeout_s)
                 except (TimeoutError, httpx.TimeoutException) as exc:
-                    return FetchResult(url, reason=FetchReason.TIMEOUT, detail=type(exc).__name__, final_url=current)
+                    return FetchResult(url, reason=RejectReason.TIMEOUT, detail=f"{type(exc).__name__} after {self.cfg.timeout_s} s",
+                                       final_url=current)
                 except httpx.TransportError as exc:
-                    return FetchResult(url, reason=FetchReason.CONNECTION, detail=f"{type(exc).__name__}: {exc}", final_url=current)
+                    return FetchResult(url, reason=RejectReason.CONNECTION_ERROR, detail=f"{type(exc).__name__}: {exc}", final_url=current)
             if isinstance(outcome, FetchResult):
                 return outcome
             current = urljoin(current, outcome)
             if current in seen:
-                return FetchResult(url, reason=FetchReason.REDIRECTS, detail=f"redirect loop at {current}")
+                return FetchResult(url, reason=RejectReason.REDIRECTS, detail=f"redirect loop at {current}")
             seen.add(current)
-        return FetchResult(url, reason=FetchReason.REDIRECTS, detail=f"more than {self.opts.max_redirects} redirects")
+        return FetchResult(url, reason=RejectReason.REDIRECTS, detail=f"more than {self.cfg.max_redirects} redirects")
 
-    async def _get(self, client: httpx.AsyncClient, url: str, current: str) -> FetchResult | str:
+    async def _get(self, url: str, current: str, kind: str) -> FetchResult | str:
         """The result, or the Location to follow."""
-        async with client.stream("GET", current) as resp:
+        async with self.client.stream("GET", current) as resp:
             headers = {k.lower(): v for k, v in resp.headers.items()}
+
+            def failed(reason: RejectReason, detail: str) -> FetchResult:
+                return FetchResult(url, reason=reason, detail=detail, status=resp.status_code, final_url=current, headers=headers)
+
             if resp.is_redirect and "location" in resp.headers:
                 return resp.headers["location"]
             if resp.status_code != 200:
-                return FetchResult(url, reason=FetchReason.HTTP_STATUS, status=resp.status_code, detail=f"HTTP {resp.status_code}",
-                                   final_url=current, headers=headers)
-            if self.opts.honour_opt_out and opted_out(resp.headers):
-                return FetchResult(url, reason=FetchReason.OPTED_OUT, detail="X-Robots-Tag: " + resp.headers.get("x-robots-tag", ""),
-                                   status=200, final_url=current, headers=headers)
+                return failed(RejectReason.HTTP_STATUS, f"HTTP {resp.status_code}")
+            if kind == "image" and self.cfg.honour_opt_out and opted_out(resp.headers):
+                return failed(RejectReason.OPTED_OUT, "X-Robots-Tag: " + resp.headers.get("x-robots-tag", ""))
+            content_type = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind == "page" and content_type not in PAGE_TYPES:
+                return failed(RejectReason.NOT_AN_IMAGE, f"not a page: {content_type or 'no Content-Type'}")
             declared = int(resp.headers.get("content-length") or 0)
-            if declared > self.opts.max_bytes:
-                return FetchResult(url, reason=FetchReason.TOO_LARGE, detail=f"Content-Length {declared} > {self.opts.max_bytes}",
-                                   status=200, final_url=current, headers=headers)
+            if declared > self.max_bytes:
+                return failed(RejectReason.TOO_LARGE_FILE, f"Content-Length {declared} > {self.max_bytes}")
             chunks, size = [], 0
             async for chunk in resp.aiter_bytes():
                 size += len(chunk)
-                if size > self.opts.max_bytes:
-                    return FetchResult(url, reason=FetchReason.TOO_LARGE, detail=f"body passed {self.opts.max_bytes} bytes",
-                                       status=200, final_url=current, headers=headers)
+                if size > self.max_bytes:
+                    return failed(RejectReason.TOO_LARGE_FILE, f"body passed {self.max_bytes} bytes")
                 chunks.append(chunk)
             data = b"".join(chunks)
-            if sniff_image(data[:16]) is None:
-                return FetchResult(url, reason=FetchReason.NOT_AN_IMAGE,
-                                   detail=f"declared {resp.headers.get('content-type', '?')}, bytes start {data[:8]!r}",
-                                   status=200, final_url=current, headers=headers)
+            if kind == "image" and sniff_image(data[:16]) is None:
+                return failed(RejectReason.NOT_AN_IMAGE, f"declared {content_type or '?'}, bytes start {data[:8]!r}")
             return FetchResult(url, data=data, status=200, final_url=current, headers=headers)
 
 
-def fetch_urls(urls: list[str], opts: FetchOptions | None = None) -> list[FetchResult]:
-    """Fetch a batch of URLs (one event loop); results in input order."""
-    return asyncio.run(Fetcher(opts or FetchOptions()).fetch_all(urls))
+async def _fetch_all(urls: list[str], cfg: FetchSection, max_bytes: int, kind: str) -> list[FetchResult]:
+    async with Fetcher(cfg, max_bytes) as fetcher:
+        return await asyncio.gather(*(fetcher.fetch(u, kind) for u in urls))
+
+
+def fetch_urls(urls: list[str], cfg: FetchSection | None = None, max_bytes: int = 200 * 2**20, kind: str = "image") -> list[FetchResult]:
+    """Fetch a batch of URLs in one event loop; results in input order."""
+    return asyncio.run(_fetch_all(urls, cfg or FetchSection(), max_bytes, kind))
