@@ -48,20 +48,25 @@ def partition_index(name: str) -> int | None:
     return int(digits) if ext == "parquet" and dash and prefix and len(digits) == 5 and digits.isdigit() else None
 
 
-def table_bytes(table: pa.Table, fingerprint_value: str | None = None) -> bytes:
-    if fingerprint_value is not None:
-        meta = dict(table.schema.metadata or {})
-        meta[FINGERPRINT_KEY] = fingerprint_value.encode()
-        table = table.replace_schema_metadata(meta)
+def _stamped(table: pa.Table, fingerprint_value: str | None) -> pa.Table:
+    if fingerprint_value is None:
+        return table
+    meta = dict(table.schema.metadata or {})
+    meta[FINGERPRINT_KEY] = fingerprint_value.encode()
+    return table.replace_schema_metadata(meta)
+
+
+def _write_parquet(table: pa.Table, where) -> None:
     # Image bytes are already compressed: zstd would cost ~5 ms per 4K JPEG to save nothing.
     compression = {f.name: "none" if pa.types.is_large_binary(f.type) else "zstd" for f in table.schema}
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression, use_dictionary=False, write_statistics=False)
-    return sink.getvalue().to_pybytes()
+    pq.write_table(table, where, compression=compression, use_dictionary=False, write_statistics=False)
 
 
 def write_table(storage: Storage, uri: str, table: pa.Table, fingerprint_value: str | None = None) -> None:
-    storage.write_bytes(uri, table_bytes(table, fingerprint_value))
+    """Written straight to a temporary file that then becomes `uri` whole (no in-memory copies of
+    a partition that may hold hundreds of MB of images)."""
+    with storage.atomic_path(uri) as tmp:
+        _write_parquet(_stamped(table, fingerprint_value), tmp)
 
 
 def read_fingerprint(storage: Storage, uri: str) -> str | None:

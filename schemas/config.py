@@ -110,7 +110,11 @@ class FetchSection(_Section):
     allow_private: bool = Field(False, description="Allow private, loopback and link-local addresses (tests, intranets).")
     honour_opt_out: bool = Field(True, description="Reject images served with X-Robots-Tag: noai or noimageai.")
     user_agent: str = Field("localcap/0.1 (+https://github.com/localcap/localcap)", description="Sent with every request; robots.txt rules are matched against it.")
-    partition_size: int = Field(256, ge=1, description="URLs per ingest partition (one Ray task, one Parquet file).")
+    partition_size: int = Field(
+        32, ge=1,
+        description="URLs per ingest partition (one Ray task, one Parquet file, held in memory: 32 4K photos are ~65 MB). "
+        "Smaller partitions overlap fetching with writing better (benchmarks/fetch.py); raise it for lists of 100M+ URLs.",
+    )
 
 
 class FelzenszwalbOptions(_Section):

