@@ -132,7 +132,7 @@ def run_localcap(urls: list[str], warm_urls: list[str], root: Path, procs: int, 
         config = parse_config({
             "run": {"work_dir": str(root / "localcap-work")}, "sources": [{"type": "urls", "uri": str(path)}],
             "shards": {"output": str(root / "unused")}, "ingest": {"min_side": 64},
-            "fetch": {"allow_private": True, "concurrency": threads, "per_host_concurrency": threads,
+            "fetch": {"allow_private": True, "concurrency": threads, "per_host_concurrency": threads * procs,
                       "per_host_rate": 10_000, "partition_size": min(partition_size, -(-len(url_list) // procs))},
         })
         return make_context(config, run_id=f"{name}-{time.time_ns()}", progress=False)

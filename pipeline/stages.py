@@ -102,12 +102,15 @@ def ingest_jobs(ctx: RunContext) -> tuple[int, list[PartitionJob]]:
     ]
     urls_dir, ingest_dir = ctx.stage_dir("urls"), ctx.stage_dir("ingest")
     url_fps, n_urls = discover_urls(ctx.config.sources, fetch, limits.max_bytes, ctx.storage, urls_dir, ctx.progress)
+    # Per-host limits hold for the whole run: each of the workers running at once gets its share.
+    workers = max(1, min(len(url_fps), int(ray.cluster_resources().get("CPU", 1)))) if url_fps else 1
+    share = fetch.per_worker(workers)
     for k, urls_fp in enumerate(url_fps):
         i = len(jobs)
         fp = url_partition_fingerprint(urls_fp, limits, fetch)
         done = (join(ingest_dir, part_name(i)), join(ingest_dir, part_name(i, "rejects")))
         redo = _has_retryable(ctx.storage, done, fp)
-        payload = IngestPayload([], limits, ctx.storage, join(urls_dir, part_name(k)), fetch, done if redo else None)
+        payload = IngestPayload([], limits, ctx.storage, join(urls_dir, part_name(k)), share, done if redo else None)
         jobs.append(PartitionJob(i, fp, payload, redo))
     if any(j.redo for j in jobs):
         log.info("ingest: %d partitions recorded retryable fetch failures; fetching just those again", sum(j.redo for j in jobs))

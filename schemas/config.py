@@ -94,12 +94,13 @@ class IngestSection(_Section):
 class FetchSection(_Section):
     """How URL lists and crawls are fetched: polite per host, bounded overall, never hanging."""
 
-    concurrency: int = Field(64, ge=1, description="Requests in flight per ingest worker.")
-    per_host_concurrency: int = Field(8, ge=1, description="Requests in flight to one host, per ingest worker.")
+    concurrency: int = Field(64, ge=1, description="Requests in flight per ingest worker (a worker's resources, not politeness).")
+    per_host_concurrency: int = Field(
+        8, ge=1, description="Requests in flight to one host from the whole run (shared out between the ingest workers).")
     per_host_rate: float = Field(
         10.0, gt=0,
-        description="Request starts per second to one host, per ingest worker (retries included). With W workers a "
-        "host may see up to W times this: size it as the site's limit / ray CPUs.",
+        description="Request starts per second to one host from the whole run, retries included: each of the W "
+        "ingest workers running at once spaces its starts by W / rate.",
     )
     retries: int = Field(3, ge=0, description="Retries on connection errors, timeouts, HTTP 429 and 5xx.")
     backoff_s: float = Field(0.5, ge=0, description="First backoff; doubles each retry, with full jitter; Retry-After wins.")
@@ -115,6 +116,11 @@ class FetchSection(_Section):
         description="URLs per ingest partition (one Ray task, one Parquet file, held in memory: 32 4K photos are ~65 MB). "
         "Smaller partitions overlap fetching with writing better (benchmarks/fetch.py); raise it for lists of 100M+ URLs.",
     )
+
+    def per_worker(self, workers: int) -> FetchSection:
+        """The share of one of `workers` ingest workers running at once: per-host limits divided."""
+        return self.model_copy(update={"per_host_rate": self.per_host_rate / workers,
+                                       "per_host_concurrency": max(1, self.per_host_concurrency // workers)})
 
 
 class FelzenszwalbOptions(_Section):

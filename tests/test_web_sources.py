@@ -201,3 +201,17 @@ def test_url_list_faults_and_per_url_resume(build, faults, tmp_path):
     run = json.loads((work / "urls" / "run.json").read_text())
     ingest = next(s for s in run["stages"] if s["stage"] == "ingest")
     assert 0 < ingest["computed"] < ingest["partitions"]  # partitions without retryable failures were skipped
+
+
+def test_whole_run_keeps_to_the_per_host_rate(build, faults, tmp_path):
+    """Two ingest workers fetch one host at once; the server sees no more than fetch.per_host_rate."""
+    url_list = tmp_path / "urls.txt"
+    url_list.write_text("".join(f"{faults.base}/rate/{i}.jpg\n" for i in range(24)))
+    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"type": "urls", "uri": str(url_list)}],
+           "fetch": {**FAST, "per_host_rate": 8.0, "partition_size": 6}, "ingest": {"min_side": 64},
+           "regions": {"method": "none"}, "dedupe": {"exact": False, "near": False}, "shards": {"output": str(tmp_path / "ds")}}
+    build(cfg, run_id="rate")
+    times = sorted(t for p, t in faults.hits if p.startswith("/rate/"))
+    assert len(times) == 24
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert busiest <= 8 + 2, busiest  # the window's edge and a connection set-up's delay, as in test_fetch
