@@ -109,7 +109,7 @@ def ingest_jobs(ctx: RunContext) -> tuple[int, list[PartitionJob]]:
         i = len(jobs)
         fp = url_partition_fingerprint(urls_fp, limits, fetch)
         done = (join(ingest_dir, part_name(i)), join(ingest_dir, part_name(i, "rejects")))
-        redo = _has_retryable(ctx.storage, done, fp)
+        redo = _retryable(ctx.storage, done, fp) > 0
         payload = IngestPayload([], limits, ctx.storage, join(urls_dir, part_name(k)), share, done if redo else None)
         jobs.append(PartitionJob(i, fp, payload, redo))
     if any(j.redo for j in jobs):
@@ -117,12 +117,17 @@ def ingest_jobs(ctx: RunContext) -> tuple[int, list[PartitionJob]]:
     return len(entries) + n_urls, jobs
 
 
-def _has_retryable(storage: Storage, done: tuple[str, str], fp: str) -> bool:
-    """A finished ingest partition of these exact inputs whose rejects include retryable failures."""
+def _retryable(storage: Storage, done: tuple[str, str], fp: str) -> int:
+    """Retryable failures recorded by a finished ingest partition of these exact inputs."""
     part, rejects = done
     if read_fingerprint(storage, part) != fp or not storage.exists(rejects):
-        return False
-    return bool(pc.any(read_table(storage, rejects, columns=["retryable"])["retryable"]).as_py())
+        return 0
+    return int(pc.sum(read_table(storage, rejects, columns=["retryable"])["retryable"]).as_py() or 0)
+
+
+def _partial(fp: str, failures: int) -> str:
+    """The fingerprint later stages see: it changes whenever a rerun fixes some of the failures."""
+    return f"{fp}~{failures}-failed" if failures else fp
 
 
 def run_ingest(ctx: RunContext) -> tuple[StageReport, list[str]]:
@@ -131,9 +136,9 @@ def run_ingest(ctx: RunContext) -> tuple[StageReport, list[str]]:
     report.rows["inputs"] = n_inputs
     # Later stages must see a partition change when its retryable failures are fetched on a rerun.
     ingest_dir = ctx.stage_dir("ingest")
-    return report, [j.fingerprint + ("~partial" if j.payload.urls_uri and _has_retryable(
-        ctx.storage, (join(ingest_dir, part_name(j.index)), join(ingest_dir, part_name(j.index, "rejects"))), j.fingerprint) else "")
-        for j in jobs]
+    return report, [_partial(j.fingerprint, _retryable(ctx.storage, (join(ingest_dir, part_name(j.index)),
+                                                                     join(ingest_dir, part_name(j.index, "rejects"))), j.fingerprint)
+                                  if j.payload.urls_uri else 0) for j in jobs]
 
 
 # -- dedupe ------------------------------------------------------------------------------------
@@ -277,7 +282,7 @@ def run_captions(ctx: RunContext, ingest_fingerprints: list[str], regions_finger
         skip = _partition_skips(ctx, images_uri, skipped)
         fp = caption_stage.partition_fingerprint(cfg, regions_fingerprints[i] if regions_fingerprints else ingest_fp, skip)
         out_uri = join(ctx.stage_dir("caption"), part_name(i))
-        redo = _has_failures(ctx.storage, out_uri, fp)
+        redo = _backend_errors(ctx.storage, out_uri, fp) > 0
         jobs.append(PartitionJob(i, fp, CaptionPayload(images_uri, regions_uri, skip, out_uri if redo else None, cfg, ctx.storage), redo))
     if any(j.redo for j in jobs):
         log.info("caption: %d partitions recorded back-end errors; captioning what failed again", sum(j.redo for j in jobs))
@@ -285,16 +290,16 @@ def run_captions(ctx: RunContext, ingest_fingerprints: list[str], regions_finger
                        pool=caption_pool(ctx))
     # Later stages must see a partition change when its failures are captioned on a rerun.
     caption_dir = ctx.stage_dir("caption")
-    return report, [j.fingerprint + ("~partial" if _has_failures(ctx.storage, join(caption_dir, part_name(j.index)), j.fingerprint) else "")
+    return report, [_partial(j.fingerprint, _backend_errors(ctx.storage, join(caption_dir, part_name(j.index)), j.fingerprint))
                     for j in jobs]
 
 
-def _has_failures(storage: Storage, uri: str, fp: str) -> bool:
-    """An existing captions partition of these exact inputs that recorded back-end errors."""
+def _backend_errors(storage: Storage, uri: str, fp: str) -> int:
+    """Back-end errors recorded by an existing captions partition of these exact inputs."""
     if not storage.exists(uri) or read_fingerprint(storage, uri) != fp:
-        return False
+        return 0
     status = read_table(storage, uri, columns=["status"])["status"]
-    return bool(pc.any(pc.equal(status, CaptionStatus.BACKEND_ERROR.value)).as_py())
+    return int(pc.sum(pc.equal(status, CaptionStatus.BACKEND_ERROR.value)).as_py() or 0)
 
 
 # -- shards ------------------------------------------------------------------------------------
