@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from dataclasses import asdict
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -26,6 +27,7 @@ from pipeline.stages import (
     run_regions,
     run_shards,
 )
+from pipeline.versions import publish_version
 from schemas.config import RunConfig, parse_config
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -69,6 +71,13 @@ def shard_task(ctx, ingest_fingerprints, regions_fingerprints, caption_fingerpri
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(ctx, n_inputs, reports):
     return publish_dataset(ctx, n_inputs, reports)
+
+
+@task(name="publish-version", cache_policy=NO_CACHE)
+def version_task(ctx):
+    cfg = ctx.config.publish
+    result = publish_version(ctx.storage, ctx.config.shards.output, cfg.to, cfg.concurrency, cfg.part_size_mb * 2**20, ctx.progress)
+    return asdict(result)
 
 
 def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> str:
@@ -124,6 +133,9 @@ def build_dataset(config: dict, run_id: str | None = None, progress: bool = True
     shard_report = shard_task.with_options(**opts)(ctx, fingerprints, regions_fingerprints, caption_fingerprints)
     reports = [ingest_report, dedupe_report, regions_report, caption_report, shard_report]
     dataset = publish_task.with_options(**opts)(ctx, n_inputs, reports)
+    if cfg.publish.to:
+        dataset["published"] = version_task.with_options(**opts)(ctx)
+        logger.info("published %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])
     create_markdown_artifact(report_markdown(run_id, dataset, reports), key="localcap-build", description=f"localcap run {run_id}")
     c = dataset["counts"]
     published = c["rejected_by_reason"].get("duplicate_published", 0)

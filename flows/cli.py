@@ -83,17 +83,80 @@ def run(
 
 @app.command()
 def inspect(
-    dataset: str = typer.Argument(..., help="Dataset directory (path or s3://) holding dataset.json."),
+    dataset: str = typer.Argument(..., help="Dataset directory holding dataset.json, NAME/vN, NAME/LATEST or NAME (path or s3://)."),
     samples: int = typer.Option(1, "--samples", "-n", help="How many samples to print."),
 ):
     """Show a dataset: counts, rejection reasons, shards, and a sample's JSON."""
     from pipeline.report import describe_dataset
+    from pipeline.versions import resolve
 
     try:
-        typer.echo(describe_dataset(dataset, n_samples=samples))
+        storage = _storage()
+        typer.echo(describe_dataset(resolve(storage, dataset), storage, n_samples=samples))
     except FileNotFoundError as exc:
         typer.echo(f"not a localcap dataset (no dataset.json?): {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def _storage():
+    from pipeline.storage import Storage
+
+    return Storage()  # endpoint: AWS_ENDPOINT_URL; credentials: the standard AWS chain
+
+
+@app.command()
+def publish(
+    dataset: Path = typer.Argument(..., help="A built dataset folder (shards.output of a run)."),
+    name: str = typer.Argument(..., help="Dataset name to publish to: s3://bucket/prefix/NAME or a local folder."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Files (and parts) uploaded at once."),
+    part_size_mb: int = typer.Option(64, "--part-size-mb", help="Multipart part size."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Publish a built dataset as NAME/vN (next free N; shards first, dataset.json last, then LATEST).
+    Rerunning an interrupted publish completes the same version."""
+    from pipeline.versions import publish_version
+
+    if not (dataset / "dataset.json").is_file():
+        typer.echo(f"{dataset}: no dataset.json, not a finished build", err=True)
+        raise typer.Exit(2)
+    r = publish_version(_storage(), dataset, name, concurrency, part_size_mb * 2**20, progress)
+    typer.echo(f"published {r.uri} ({r.uploaded} files uploaded, {r.skipped} already there"
+               f"{', resumed' if r.resumed else ''}); LATEST -> {r.latest}")
+
+
+@app.command()
+def versions(name: str = typer.Argument(..., help="Dataset name: s3://bucket/prefix/NAME or a local folder.")):
+    """List the published versions of a dataset with their counts and dates."""
+    from pipeline.versions import list_versions
+
+    rows = list_versions(_storage(), name)
+    if not rows:
+        typer.echo(f"{name}: no published version", err=True)
+        raise typer.Exit(1)
+    for v in rows:
+        typer.echo(f"{v.version:<6}{'*' if v.latest else ' '} {v.samples:>8} samples {v.shards:>6} shards  "
+                   f"built {v.created_at}  published {v.published_at or '?'}  {v.uri}")
+
+
+@app.command()
+def pull(
+    uri: str = typer.Argument(..., help="NAME/vN, NAME/LATEST or NAME (its LATEST), s3:// or local."),
+    dest: Path = typer.Argument(..., help="Local folder to fill."),
+    shards: str | None = typer.Option(None, "--shards", help="Only shards START:STOP (e.g. 0:10), or one index."),
+    workers: int = typer.Option(8, "--workers", help="Parallel downloads."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Download a published version (or some shards): parallel, resumable, sha256-verified."""
+    from pipeline.shards.pull import parse_shards, pull as pull_version
+
+    try:
+        selection = parse_shards(shards)
+        r = pull_version(_storage(), uri, dest, selection, workers, progress)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"pulled {r.version_uri} -> {dest}: {r.downloaded} files downloaded, {r.skipped} already there "
+               f"({r.bytes / 2**20:.1f} MiB)")
 
 
 @app.command()

@@ -46,6 +46,7 @@ from pipeline.partitions import (
 from pipeline.regions import preflight
 from pipeline.regions import stage as regions_stage
 from pipeline.regions.stage import RegionsPayload, RegionsWorker, regions_partition
+from pipeline.shards.loader import write_wids_index
 from pipeline.shards.plan import assign_shards
 from pipeline.shards.stage import (
     ShardPayload,
@@ -426,6 +427,7 @@ def count_summary(n_inputs: int, manifest: pa.Table, rejects: pa.Table) -> dict:
 def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) -> dict:
     """manifest.parquet, sizes.json, then dataset.json last; run.json into the run directory."""
     manifest = finalize_shards(ctx.storage, ctx.run_dir, ctx.config.shards)
+    write_wids_index(ctx.storage, ctx.config.shards.output, ctx.config.shards.layout, ctx.config.run.name)
     counts = count_summary(n_inputs, manifest, collect_rejects(ctx))
     regions, status = kept_region_tables(ctx, manifest)
     captions = read_tables(ctx.storage, ctx.stage_dir("caption"), "part", CAPTIONS) if ctx.config.captioner.backend != "none" else None

@@ -281,6 +281,39 @@ class Storage:
                 os.unlink(tmp)
             raise
 
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Create `uri` only if nothing is there (S3: a conditional PUT, If-None-Match: *; local:
+        O_EXCL). True if this call created it; False if it already existed. Two callers racing
+        for one name: exactly one gets True."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                self.s3.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except self.s3.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                    return False
+                raise
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def etag(self, uri: str) -> str | None:
+        """The S3 ETag (quotes stripped), or None for a missing object or a local path."""
+        if not is_s3(uri):
+            return None
+        bucket, key = split_s3(uri)
+        try:
+            return self.s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        except self.s3.exceptions.ClientError:
+            return None
+
     def delete(self, uri: str) -> None:
         if is_s3(uri):
             bucket, key = split_s3(uri)

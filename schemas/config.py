@@ -280,6 +280,16 @@ class ShardsSection(_Section):
     sample_type: Literal["natural", "document"] = Field("natural", description="`type` written to each sample's JSON.")
 
 
+class PublishSection(_Section):
+    """Release the built dataset (shards.output, the staging folder) as NAME/vN (see pipeline/versions.py)."""
+
+    to: str | None = Field(
+        None, description="Dataset name to publish to, e.g. s3://bucket/datasets/NAME (or a local folder); "
+        "each build becomes the next version NAME/vN and NAME/LATEST moves to it. None: build only.")
+    concurrency: int = Field(8, ge=1, description="Files uploaded at once (and parts of one big file).")
+    part_size_mb: int = Field(64, ge=5, description="Multipart upload part size (S3's minimum is 5 MB).")
+
+
 class StorageSection(_Section):
     endpoint_url: str | None = Field(
         None, description="S3 endpoint (e.g. http://127.0.0.1:9000); default: AWS_ENDPOINT_URL or AWS."
@@ -306,6 +316,7 @@ class RunConfig(_Section):
     captioner: CaptionerSection = Field(default_factory=CaptionerSection)
     dedupe: DedupeSection = Field(default_factory=DedupeSection)
     shards: ShardsSection
+    publish: PublishSection = Field(default_factory=PublishSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     ray: RaySection = Field(default_factory=RaySection)
     prefect: PrefectSection = Field(default_factory=PrefectSection)
@@ -314,6 +325,8 @@ class RunConfig(_Section):
     def _output_outside_work(self) -> RunConfig:
         if self.shards.output.rstrip("/") == self.run.work_dir.rstrip("/"):
             raise ValueError("shards.output must differ from run.work_dir")
+        if self.publish.to and self.shards.output.startswith("s3://"):
+            raise ValueError("publish.to needs shards.output to be a local folder: it is the staging area the version is uploaded from")
         return self
 
 

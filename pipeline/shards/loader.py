@@ -1,0 +1,173 @@
+"""Read a dataset for training: streamed straight from s3:// or a local path, never downloaded whole.
+
+`open_dataset(URI)` is an iterable (a torch IterableDataset when torch is installed) of samples
+{key, image, boxes, captions, global_caption, type}. Each shard is one streamed GET per tar, read
+as a tar stream; a paired shard's image and text_box tars are read in lockstep and their keys
+checked at every position, as PS3's loader does.
+
+Splitting: shards are dealt out across (node rank x DataLoader worker), so under any number of nodes
+and workers each sample comes exactly once per epoch (with more readers than shards some idle).
+Shuffling: the shard order is shuffled per epoch (`set_epoch`), then samples pass a shuffle buffer.
+
+`write_wids_index(dataset_dir)` writes the JSON indexes that webdataset's `wids` (indexed, random
+access) reads: `wids-image.json` + `wids-text_box.json` for the paired layout (one index per tar
+stream; sample i of both is the same key), `wids.json` for the combined one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+from collections.abc import Iterator
+
+from pipeline.shards.layout import folders
+from pipeline.storage import Storage, join
+from pipeline.versions import DATASET, resolve
+from schemas.sample import validate_sample_json
+
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+try:  # torch is optional: without it the dataset is a plain iterable
+    from torch.utils.data import IterableDataset as _Base
+    from torch.utils.data import get_worker_info
+except ImportError:  # pragma: no cover - exercised only without torch
+    _Base = object
+
+    def get_worker_info():
+        return None
+
+
+def _tar_members(stream) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of each file member, in order, from a non-seekable stream."""
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            yield key, ext, tar.extractfile(member).read()
+
+
+def _grouped(members: Iterator[tuple[str, str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Consecutive members with one key -> (key, {ext: bytes})."""
+    key, group = None, {}
+    for k, ext, data in members:
+        if k != key and group:
+            yield key, group
+            group = {}
+        key = k
+        group[ext] = data
+    if group:
+        yield key, group
+
+
+def _sample(key: str, image: bytes, text_json: bytes, decode: bool) -> dict:
+    meta = validate_sample_json(text_json)
+    if decode:
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(image)).convert("RGB")
+    return {"key": key, "image": image, "boxes": meta.box, "captions": meta.text, "global_caption": meta.global_text,
+            "type": meta.type}
+
+
+def _node() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else RANK / WORLD_SIZE."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardDataset(_Base):
+    def __init__(self, uri: str, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True,
+                 storage: Storage | None = None, shards: range | None = None):
+        self.storage = storage or Storage()
+        self.root = resolve(self.storage, uri)
+        info = json.loads(self.storage.read_bytes(join(self.root, DATASET)))
+        self.layout = info["layout"]
+        self.samples = info["counts"]["samples"]
+        first = folders(self.layout)[0]
+        sizes = json.loads(self.storage.read_bytes(join(self.root, first, "sizes.json")))
+        self.shards = sorted(sizes)
+        if shards is not None:
+            self.shards = [s for i, s in enumerate(self.shards) if i in shards]
+        self.shuffle_buffer, self.seed, self.decode = shuffle_buffer, seed, decode
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def my_shards(self) -> list[str]:
+        """This reader's share of the (per-epoch shuffled) shard list."""
+        order = list(self.shards)
+        if self.shuffle_buffer:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        rank, world = _node()
+        worker = get_worker_info()
+        wid, nworkers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        return order[rank * nworkers + wid :: world * nworkers]
+
+    def _stream(self, folder: str, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        with self.storage.open_read(join(self.root, folder, name)) as stream:
+            yield from _grouped(_tar_members(stream))
+
+    def iter_shard(self, shard: str) -> Iterator[dict]:
+        if self.layout == "combined":
+            for key, group in self._stream("combined", shard):
+                yield _sample(key, next(group[e] for e in IMAGE_EXTS if e in group), group["json"], self.decode)
+            return
+        texts = self._stream("text_box", shard.replace("image_", "text_box_", 1))
+        for position, (key, group) in enumerate(self._stream("image", shard)):
+            text_key, text = next(texts, (None, None))
+            if text_key != key:
+                raise ValueError(f"{shard} position {position}: image key {key} but text_box key {text_key}")
+            yield _sample(key, next(group[e] for e in IMAGE_EXTS if e in group), text["json"], self.decode)
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = random.Random(f"{self.seed}/{self.epoch}/{_node()[0]}/{getattr(get_worker_info(), 'id', 0)}")
+        buffer: list[dict] = []
+        for shard in self.my_shards():
+            for sample in self.iter_shard(shard):
+                if self.shuffle_buffer <= 1:
+                    yield sample
+                    continue
+                buffer.append(sample)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __len__(self) -> int:
+        return self.samples
+
+
+def open_dataset(uri: str, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True,
+                 storage: Storage | None = None, shards: range | None = None) -> ShardDataset:
+    """Samples of a dataset directory, version (NAME/vN), NAME/LATEST or NAME, local or s3://."""
+    return ShardDataset(uri, shuffle_buffer, seed, decode, storage, shards)
+
+
+def write_wids_index(storage: Storage, dataset_dir: str, layout: str, name: str) -> list[str]:
+    """The wids shard indexes of a dataset directory (URLs relative to it); their file names."""
+    written = []
+    for folder in folders(layout):
+        sizes = json.loads(storage.read_bytes(join(dataset_dir, folder, "sizes.json")))
+        index = {
+            "__kind__": "wids-shard-index-v1",
+            "wids_version": 1,
+            "name": f"{name}/{folder}",
+            "shardlist": [{"url": f"{folder}/{tar}", "nsamples": n, "filesize": storage.size(join(dataset_dir, folder, tar))}
+                          for tar, n in sorted(sizes.items())],
+        }
+        file = "wids.json" if layout == "combined" else f"wids-{folder}.json"
+        storage.write_bytes(join(dataset_dir, file), json.dumps(index, indent=1).encode())
+        written.append(file)
+    return written

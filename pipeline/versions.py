@@ -1,0 +1,255 @@
+"""Versions of a dataset: `NAME/vN/` published whole, `NAME/LATEST` naming the newest.
+
+Layout under a dataset name (s3:// or a local path):
+
+    NAME/_claims/vN.json   who took version N (content id, time); created with a conditional PUT
+                           (If-None-Match: *), so two publishers never get the same N
+    NAME/vN/...            the shard tars, sizes.json, manifest.parquet, wids indexes,
+    NAME/vN/files.json     every file's size, sha256 and S3 ETag (what `pull` verifies against),
+    NAME/vN/dataset.json   written last: a version exists for readers only once this does
+    NAME/LATEST            "vN", moved forward after dataset.json
+
+Publishing uploads shards first (boto3's transfer manager: multipart, bounded concurrency), checks
+each object's ETag against the one computed locally, then files.json, dataset.json and LATEST. A
+publish that dies leaves a claim and some objects but no dataset.json: readers do not see it, LATEST
+does not move, and rerunning the same publish finds its own claim (same content id) and uploads only
+what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.storage import Storage, is_s3, join, split_s3
+
+log = logging.getLogger("localcap")
+
+LATEST = "LATEST"
+CLAIMS = "_claims"
+FILES = "files.json"
+DATASET = "dataset.json"
+# Written after the shards, in this order, before dataset.json: small files that describe the tars.
+DESCRIPTORS = ("sizes.json", "manifest.parquet", "wids-image.json", "wids-text_box.json", "wids.json")
+
+
+def version_name(n: int) -> str:
+    return f"v{n}"
+
+
+def version_number(name: str) -> int | None:
+    name = name.rstrip("/").removesuffix(".json")
+    return int(name[1:]) if name[:1] == "v" and name[1:].isdigit() else None
+
+
+# -- reading -------------------------------------------------------------------------------------
+def resolve(storage: Storage, uri: str) -> str:
+    """The dataset directory `uri` names: itself (it holds dataset.json), NAME/LATEST, or NAME (its LATEST)."""
+    uri = uri.rstrip("/")
+    if storage.exists(join(uri, DATASET)):
+        return uri
+    name, pointer = (uri.rsplit("/", 1)[0], uri) if uri.endswith("/" + LATEST) else (uri, join(uri, LATEST))
+    if storage.exists(pointer):
+        version = storage.read_bytes(pointer).decode().strip()
+        if storage.exists(join(name, version, DATASET)):
+            return join(name, version)
+        raise FileNotFoundError(f"{pointer} names {version}, which has no {DATASET}")
+    raise FileNotFoundError(f"{uri}: neither a dataset (no {DATASET}) nor a dataset name (no {LATEST})")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    uri: str
+    samples: int
+    shards: int
+    created_at: str
+    published_at: str | None
+    latest: bool
+
+
+def list_versions(storage: Storage, name_uri: str) -> list[VersionInfo]:
+    """Published (complete) versions, oldest first; a version without dataset.json is not listed."""
+    name_uri = name_uri.rstrip("/")
+    latest = storage.read_bytes(join(name_uri, LATEST)).decode().strip() if storage.exists(join(name_uri, LATEST)) else None
+    numbers = sorted(n for n in (version_number(c) for c in storage.list_prefix(join(name_uri, CLAIMS))) if n is not None)
+    out = []
+    for n in numbers:
+        uri = join(name_uri, version_name(n))
+        if not storage.exists(join(uri, DATASET)):
+            continue
+        info = json.loads(storage.read_bytes(join(uri, DATASET)))
+        files = json.loads(storage.read_bytes(join(uri, FILES))) if storage.exists(join(uri, FILES)) else {}
+        out.append(VersionInfo(version_name(n), uri, info["counts"]["samples"], info["counts"]["shards"], info["created_at"],
+                               files.get("published_at"), version_name(n) == latest))
+    return out
+
+
+# -- publishing ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalFile:
+    path: str  # relative to the dataset directory, with "/"
+    local: Path
+    size: int
+    sha256: str
+    etag: str  # the S3 ETag an upload with our part size gives
+
+
+def expected_etag(path: Path, part_size: int) -> str:
+    """The ETag S3 gives an object uploaded by boto3's transfer manager with this part size (md5 of
+    the body below the multipart threshold; md5 of the parts' md5s, "-N", above it)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < part_size:
+            return hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
+        digests = []
+        while chunk := f.read(part_size):
+            digests.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+    return hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest() + f"-{len(digests)}"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_files(dataset_dir: Path, part_size: int, workers: int = 4) -> list[LocalFile]:
+    """Every file of a built dataset (dataset.json aside), shard tars first, then the descriptors."""
+    paths = sorted(p for p in dataset_dir.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != DATASET)
+    paths.sort(key=lambda p: (p.suffix != ".tar", p.name in DESCRIPTORS and DESCRIPTORS.index(p.name), str(p)))
+
+    def describe(p: Path) -> LocalFile:
+        return LocalFile(p.relative_to(dataset_dir).as_posix(), p, p.stat().st_size, file_sha256(p), expected_etag(p, part_size))
+
+    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL
+        return list(pool.map(describe, paths))
+
+
+def claim_version(storage: Storage, name_uri: str, content_id: str) -> tuple[int, bool]:
+    """(version number, resumed): this content's unfinished (or finished) claim if there is one,
+    else the next free number, taken with a create-if-absent so that racing publishers differ."""
+    claims = join(name_uri, CLAIMS)
+    taken = sorted(n for n in (version_number(c) for c in storage.list_prefix(claims)) if n is not None)
+    for n in reversed(taken):
+        claim = json.loads(storage.read_bytes(join(claims, f"{version_name(n)}.json")))
+        if claim.get("content_id") == content_id:
+            return n, True
+    n = (taken[-1] if taken else 0) + 1
+    body = {"content_id": content_id, "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": os.uname().nodename}
+    while not storage.create_exclusive(join(claims, f"{version_name(n)}.json"), json.dumps(body).encode()):
+        n += 1  # another publisher took it between our listing and our PUT
+    return n, False
+
+
+@dataclass
+class PublishResult:
+    version: str
+    uri: str
+    uploaded: int
+    skipped: int
+    bytes_uploaded: int
+    resumed: bool
+    latest: str
+
+
+def _upload(storage: Storage, f: LocalFile, uri: str, part_size: int, threads: int) -> None:
+    if is_s3(uri):
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = split_s3(uri)
+        config = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size, max_concurrency=threads)
+        storage.s3.upload_file(str(f.local), bucket, key, Config=config)
+        etag = storage.etag(uri)
+        if etag != f.etag:
+            storage.delete(uri)
+            raise OSError(f"{uri}: ETag {etag} after upload, expected {f.etag} (corrupted in transit?)")
+    else:
+        with storage.atomic_path(uri) as tmp, open(f.local, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        if file_sha256(Path(uri)) != f.sha256:
+            raise OSError(f"{uri}: sha256 differs after the copy")
+
+
+def _already_there(storage: Storage, f: LocalFile, uri: str) -> bool:
+    if is_s3(uri):
+        return storage.etag(uri) == f.etag
+    return Path(uri).is_file() and Path(uri).stat().st_size == f.size and file_sha256(Path(uri)) == f.sha256
+
+
+def publish_version(storage: Storage, dataset_dir: str | Path, name_uri: str, concurrency: int = 8,
+                    part_size: int = 64 * 2**20, progress: bool = True,
+                    after_upload: Callable[[str], None] | None = None) -> PublishResult:
+    """Publish a built dataset directory (local) as the next version of `name_uri`.
+
+    `after_upload(path)` is called after each file lands (progress hooks; tests use it to stop a
+    publish half-way)."""
+    dataset_dir, name_uri = Path(dataset_dir), name_uri.rstrip("/")
+    dataset_json = (dataset_dir / DATASET).read_bytes()  # missing: not a finished build
+    files = dataset_files(dataset_dir, part_size)
+    content_id = hashlib.sha256(dataset_json + b"".join(f.sha256.encode() for f in files)).hexdigest()
+    n, resumed = claim_version(storage, name_uri, content_id)
+    version_uri = join(name_uri, version_name(n))
+    if resumed:
+        log.info("publish: resuming %s (an earlier publish of the same content)", version_uri)
+
+    uploaded = skipped = sent = 0
+    shards = [f for f in files if f.path.endswith(".tar")]
+    rest = [f for f in files if not f.path.endswith(".tar")]
+    bar = tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True, desc=f"publish {version_name(n)}", disable=not progress)
+    # Few big files: parallel across files; one big file: parallel parts (the transfer manager).
+    per_file = max(1, concurrency // max(1, min(concurrency, len(shards))))
+
+    def put(f: LocalFile) -> int:
+        uri = join(version_uri, f.path)
+        if resumed and _already_there(storage, f, uri):
+            bar.update(f.size)
+            return 0
+        _upload(storage, f, uri, part_size, per_file)
+        bar.update(f.size)
+        if after_upload:
+            after_upload(f.path)
+        return f.size
+
+    try:
+        for group in (shards, rest):  # descriptors only once every tar is in
+            with ThreadPoolExecutor(concurrency) as pool:
+                for size in pool.map(put, group):
+                    uploaded += size > 0
+                    skipped += size == 0
+                    sent += size
+    finally:
+        bar.close()
+    published_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    listing = {"version": version_name(n), "published_at": published_at, "content_id": content_id,
+               "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "etag": f.etag} for f in files]
+               + [{"path": DATASET, "size": len(dataset_json), "sha256": hashlib.sha256(dataset_json).hexdigest()}]}
+    storage.write_bytes(join(version_uri, FILES), json.dumps(listing, indent=1).encode())
+    storage.write_bytes(join(version_uri, DATASET), dataset_json)  # the version exists from here on
+    latest = move_latest(storage, name_uri, n)
+    return PublishResult(version_name(n), version_uri, uploaded, skipped, sent, resumed, latest)
+
+
+def move_latest(storage: Storage, name_uri: str, n: int) -> str:
+    """Point LATEST at vN unless it already names a newer complete version; returns what it names.
+    (Two publishers finishing at the same instant could both write; the re-read below repairs the
+    case where the older one wrote last.)"""
+    pointer = join(name_uri, LATEST)
+    for _ in range(3):
+        current = storage.read_bytes(pointer).decode().strip() if storage.exists(pointer) else None
+        if current is not None and (version_number(current) or 0) >= n:
+            return current
+        storage.write_bytes(pointer, version_name(n).encode())
+    return version_name(n)

@@ -1,0 +1,199 @@
+"""Publishing versions to S3 (moto's server on 127.0.0.1), pulling them back, streaming them into a
+DataLoader, and the wids index: a dataset built by the real flow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.shards import open_dataset
+from pipeline.shards.pull import parse_shards, pull
+from pipeline.storage import Storage
+from pipeline.versions import claim_version, expected_etag, list_versions, publish_version, resolve
+from tests.images import scene_jpeg
+
+N_IMAGES = 7
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, prefect_harness, tmp_path_factory) -> Path:
+    from flows.build import build_dataset
+
+    root = tmp_path_factory.mktemp("publish")
+    src = root / "src"
+    src.mkdir()
+    for i in range(N_IMAGES):
+        (src / f"{i}.jpg").write_bytes(scene_jpeg(700 + i, 1400 + 64 * i, 1100))
+    cfg = {"run": {"work_dir": str(root / "work")}, "sources": [{"uri": str(src)}],
+           "shards": {"output": str(root / "ds"), "max_samples": 3}}
+    build_dataset(cfg, run_id="pub", progress=False)
+    return root / "ds"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # what the CLI and Storage() read
+    return Storage(endpoint_url=s3_endpoint)
+
+
+def test_publish_pull_and_stream_through_s3(built, s3, s3_bucket, tmp_path):
+    name = f"s3://{s3_bucket}/datasets/scenes"
+    result = publish_version(s3, built, name, concurrency=4, progress=False)
+    assert (result.version, result.latest, result.resumed) == ("v1", "v1", False)
+    assert resolve(s3, name) == resolve(s3, name + "/LATEST") == resolve(s3, name + "/v1") == name + "/v1"
+    again = publish_version(s3, built, name, progress=False)  # same content: the same version, nothing re-sent
+    assert (again.version, again.uploaded, again.resumed) == ("v1", 0, True) and again.skipped == result.uploaded
+    [v1] = list_versions(s3, name)
+    assert (v1.version, v1.samples, v1.shards, v1.latest) == ("v1", N_IMAGES, 3, True)
+
+    # Pull: the bytes pulled are the bytes built; a second pull downloads nothing.
+    dest = tmp_path / "pulled"
+    first = pull(s3, name, dest, progress=False)
+    assert _files(dest) == _files(built)
+    assert first.downloaded == len(_files(built))
+    assert pull(s3, name + "/v1", dest, progress=False).downloaded == 0
+    # A partial download is resumed from where it stopped, and verified.
+    tar = dest / "image" / "image_000001.tar"
+    whole = tar.read_bytes()
+    tar.unlink()
+    (tar.parent / (tar.name + ".part")).write_bytes(whole[: len(whole) // 3])
+    resumed = pull(s3, name, dest, progress=False)
+    assert resumed.downloaded == 1 and resumed.bytes == len(whole) - len(whole) // 3 and tar.read_bytes() == whole
+    # A subset.
+    some = pull(s3, name, tmp_path / "some", shards=parse_shards("0:1"), progress=False)
+    tars = sorted(p.name for p in (tmp_path / "some").rglob("*.tar"))
+    assert tars == ["image_000000.tar", "text_box_000000.tar"] and some.downloaded == 2 + len(_files(built)) - 6
+    assert json.loads((tmp_path / "some" / "image" / "sizes.json").read_text()) == {"image_000000.tar": 3}
+
+    # Streaming straight from S3: every sample, paired, boxes and captions as in the tars.
+    manifest = pq.read_table(built / "manifest.parquet").to_pylist()
+    samples = list(open_dataset(name, storage=s3))
+    assert [s["key"] for s in samples] == [r["key"] for r in manifest]
+    for s, r in zip(samples, manifest):
+        assert s["image"].size == (r["width"], r["height"]) and len(s["boxes"]) == len(s["captions"]) == r["boxes"]
+
+    # The CLI: versions and inspect read S3 too.
+    from flows.cli import app
+
+    out = CliRunner().invoke(app, ["versions", name])
+    assert out.exit_code == 0 and "v1" in out.output and f"{N_IMAGES} samples" in out.output
+    out = CliRunner().invoke(app, ["inspect", name, "-n", "1"])
+    assert out.exit_code == 0 and f"samples   {N_IMAGES} in 3 shards" in out.output
+
+
+def test_interrupted_publish_is_invisible_then_completed(built, s3, s3_bucket, tmp_path):
+    name = f"s3://{s3_bucket}/scenes"
+    publish_version(s3, built, name, progress=False)
+    changed = tmp_path / "next-build"
+    shutil.copytree(built, changed)
+    info = json.loads((changed / "dataset.json").read_text())
+    (changed / "dataset.json").write_text(json.dumps({**info, "run_id": "next"}))
+
+    class Killed(Exception):
+        pass
+
+    landed = []
+
+    def die_after_two(path: str) -> None:
+        landed.append(path)
+        if len(landed) == 2:
+            raise Killed(path)
+
+    with pytest.raises(Killed):
+        publish_version(s3, changed, name, concurrency=1, progress=False, after_upload=die_after_two)
+    assert s3.exists(f"{name}/v2/{landed[0]}")  # objects of v2 exist ...
+    assert [v.version for v in list_versions(s3, name)] == ["v1"]  # ... but no reader sees v2
+    assert resolve(s3, name) == name + "/v1"
+    with pytest.raises(FileNotFoundError):
+        resolve(s3, name + "/v2")
+
+    done = publish_version(s3, changed, name, progress=False)
+    assert (done.version, done.resumed, done.latest) == ("v2", True, "v2") and done.skipped >= 2
+    assert [v.version for v in list_versions(s3, name)] == ["v1", "v2"]
+
+
+def test_racing_publishers_get_distinct_versions(s3, s3_bucket):
+    name = f"s3://{s3_bucket}/raced"
+    got, start = [], threading.Barrier(6)
+
+    def claim(i: int) -> None:
+        start.wait()
+        got.append(claim_version(Storage(endpoint_url=s3.endpoint_url), name, f"content-{i}"))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(n for n, _ in got) == [1, 2, 3, 4, 5, 6]
+
+
+def test_multipart_etag_is_checked(s3, s3_bucket, tmp_path):
+    """Files above the part size go up in parts; the ETag computed locally matches S3's."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(hashlib.sha256(b"x").digest() * (12 * 2**20 // 32))
+    assert expected_etag(big, 5 * 2**20).endswith("-3")
+    from pipeline.versions import LocalFile, _upload
+
+    f = LocalFile("big.bin", big, big.stat().st_size, "", expected_etag(big, 5 * 2**20))
+    _upload(s3, f, f"s3://{s3_bucket}/big.bin", 5 * 2**20, 4)
+    assert s3.etag(f"s3://{s3_bucket}/big.bin") == f.etag
+
+
+def test_dataloader_two_workers_yields_each_sample_once(built):
+    from torch.utils.data import DataLoader
+
+    keys = [r["key"] for r in pq.read_table(built / "manifest.parquet").to_pylist()]
+    for shuffle in (0, 4):
+        ds = open_dataset(str(built), shuffle_buffer=shuffle, decode=False)
+        for epoch in range(2):
+            ds.set_epoch(epoch)
+            # spawn: this test process runs Ray, Prefect's server and moto in threads, which a fork would copy mid-flight
+            seen = Counter(s["key"] for s in DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn"))
+            assert seen == Counter(keys)
+
+
+def test_shards_are_dealt_across_nodes_and_workers(built, monkeypatch):
+    ds = open_dataset(str(built), decode=False)
+    dealt = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dealt += ds.my_shards()
+    assert sorted(dealt) == sorted(ds.shards)  # each shard to exactly one node
+
+
+def test_wids_index_describes_the_tars(built):
+    for folder in ("image", "text_box"):
+        index = json.loads((built / f"wids-{folder}.json").read_text())
+        assert index["wids_version"] == 1 and index["__kind__"] == "wids-shard-index-v1"
+        sizes = json.loads((built / folder / "sizes.json").read_text())
+        assert [(s["url"], s["nsamples"]) for s in index["shardlist"]] == [(f"{folder}/{k}", v) for k, v in sorted(sizes.items())]
+        assert all((built / s["url"]).stat().st_size == s["filesize"] for s in index["shardlist"])
+        assert sum(s["nsamples"] for s in index["shardlist"]) == N_IMAGES
+
+
+def test_no_secret_is_logged_or_written(built, s3_endpoint, s3_bucket, tmp_path, monkeypatch, caplog):
+    secret = "sEcReT-do-not-write-0f9c2"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    storage = Storage(endpoint_url=s3_endpoint)  # credentials from the standard chain (here: the environment)
+    name = f"s3://{s3_bucket}/secretive"
+    with caplog.at_level("DEBUG", logger="localcap"):
+        publish_version(storage, built, name, progress=False)
+        pull(storage, name, tmp_path / "p", progress=False)
+    assert secret not in caplog.text
+    objects = storage.s3.list_objects_v2(Bucket=s3_bucket, Prefix="secretive/")["Contents"]
+    for obj in objects:
+        assert secret.encode() not in storage.s3.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
+    for path in (tmp_path / "p").rglob("*"):
+        assert path.is_dir() or secret.encode() not in path.read_bytes()
