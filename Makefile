@@ -39,6 +39,8 @@ bench: install
 	$(BIN)/python benchmarks/regions.py
 	$(BIN)/python benchmarks/dedupe.py
 	$(BIN)/python benchmarks/caption.py
+	$(BIN)/python benchmarks/fetch.py
+	$(BIN)/python benchmarks/s3.py
 
 clean:
 	rm -rf demo-output .pytest_cache

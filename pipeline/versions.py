@@ -104,17 +104,23 @@ class LocalFile:
     etag: str  # the S3 ETag an upload with our part size gives
 
 
-def expected_etag(path: Path, part_size: int) -> str:
-    """The ETag S3 gives an object uploaded by boto3's transfer manager with this part size (md5 of
-    the body below the multipart threshold; md5 of the parts' md5s, "-N", above it)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size < part_size:
-            return hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
-        digests = []
+def describe_file(root: Path, local: Path, part_size: int) -> LocalFile:
+    """Size, sha256 and the ETag S3 gives the object when boto3's transfer manager uploads it with
+    this part size (md5 of the body below the multipart threshold; md5 of the parts' md5s, "-N",
+    above it), from one read of the file."""
+    sha, whole, parts = hashlib.sha256(), hashlib.md5(usedforsecurity=False), []
+    size = local.stat().st_size
+    with open(local, "rb") as f:
         while chunk := f.read(part_size):
-            digests.append(hashlib.md5(chunk, usedforsecurity=False).digest())
-    return hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest() + f"-{len(digests)}"
+            sha.update(chunk)
+            whole.update(chunk)
+            parts.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+    etag = whole.hexdigest() if size < part_size else hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest() + f"-{len(parts)}"
+    return LocalFile(local.relative_to(root).as_posix(), local, size, sha.hexdigest(), etag)
+
+
+def expected_etag(path: Path, part_size: int) -> str:
+    return describe_file(path.parent, path, part_size).etag
 
 
 def file_sha256(path: Path) -> str:
@@ -125,16 +131,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def dataset_files(dataset_dir: Path, part_size: int, workers: int = 4) -> list[LocalFile]:
+def dataset_paths(dataset_dir: Path) -> list[Path]:
     """Every file of a built dataset (dataset.json aside), shard tars first, then the descriptors."""
     paths = sorted(p for p in dataset_dir.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != DATASET)
-    paths.sort(key=lambda p: (p.suffix != ".tar", p.name in DESCRIPTORS and DESCRIPTORS.index(p.name), str(p)))
+    return sorted(paths, key=lambda p: (p.suffix != ".tar", p.name in DESCRIPTORS and DESCRIPTORS.index(p.name), str(p)))
 
-    def describe(p: Path) -> LocalFile:
-        return LocalFile(p.relative_to(dataset_dir).as_posix(), p, p.stat().st_size, file_sha256(p), expected_etag(p, part_size))
 
-    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL
-        return list(pool.map(describe, paths))
+def content_id(dataset_dir: Path, paths: list[Path]) -> str:
+    """Identifies a build: its dataset.json and descriptors (sizes, manifest: every sample's key and
+    uid per shard), which the tars' bytes follow from; cheap, so claiming needs no pass over the tars."""
+    h = hashlib.sha256((dataset_dir / DATASET).read_bytes())
+    for p in paths:
+        if p.suffix != ".tar":
+            h.update(p.relative_to(dataset_dir).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
 
 
 def claim_version(storage: Storage, name_uri: str, content_id: str) -> tuple[int, bool]:
@@ -198,42 +208,46 @@ def publish_version(storage: Storage, dataset_dir: str | Path, name_uri: str, co
     publish half-way)."""
     dataset_dir, name_uri = Path(dataset_dir), name_uri.rstrip("/")
     dataset_json = (dataset_dir / DATASET).read_bytes()  # missing: not a finished build
-    files = dataset_files(dataset_dir, part_size)
-    content_id = hashlib.sha256(dataset_json + b"".join(f.sha256.encode() for f in files)).hexdigest()
-    n, resumed = claim_version(storage, name_uri, content_id)
+    paths = dataset_paths(dataset_dir)
+    content = content_id(dataset_dir, paths)
+    n, resumed = claim_version(storage, name_uri, content)
     version_uri = join(name_uri, version_name(n))
     if resumed:
         log.info("publish: resuming %s (an earlier publish of the same content)", version_uri)
 
     uploaded = skipped = sent = 0
-    shards = [f for f in files if f.path.endswith(".tar")]
-    rest = [f for f in files if not f.path.endswith(".tar")]
-    bar = tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True, desc=f"publish {version_name(n)}", disable=not progress)
+    shards = [p for p in paths if p.suffix == ".tar"]
+    rest = [p for p in paths if p.suffix != ".tar"]
+    files: list[LocalFile] = []
+    bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=f"publish {version_name(n)}",
+               disable=not progress)
     # Few big files: parallel across files; one big file: parallel parts (the transfer manager).
     per_file = max(1, concurrency // max(1, min(concurrency, len(shards))))
 
-    def put(f: LocalFile) -> int:
+    def put(local: Path) -> tuple[LocalFile, int]:
+        f = describe_file(dataset_dir, local, part_size)  # hashed in the upload's thread: overlaps other uploads
         uri = join(version_uri, f.path)
         if resumed and _already_there(storage, f, uri):
             bar.update(f.size)
-            return 0
+            return f, 0
         _upload(storage, f, uri, part_size, per_file)
         bar.update(f.size)
         if after_upload:
             after_upload(f.path)
-        return f.size
+        return f, f.size
 
     try:
         for group in (shards, rest):  # descriptors only once every tar is in
             with ThreadPoolExecutor(concurrency) as pool:
-                for size in pool.map(put, group):
+                for f, size in pool.map(put, group):
+                    files.append(f)
                     uploaded += size > 0
                     skipped += size == 0
                     sent += size
     finally:
         bar.close()
     published_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    listing = {"version": version_name(n), "published_at": published_at, "content_id": content_id,
+    listing = {"version": version_name(n), "published_at": published_at, "content_id": content,
                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "etag": f.etag} for f in files]
                + [{"path": DATASET, "size": len(dataset_json), "sha256": hashlib.sha256(dataset_json).hexdigest()}]}
     storage.write_bytes(join(version_uri, FILES), json.dumps(listing, indent=1).encode())

@@ -124,6 +124,20 @@ def test_interrupted_publish_is_invisible_then_completed(built, s3, s3_bucket, t
     assert [v.version for v in list_versions(s3, name)] == ["v1", "v2"]
 
 
+def test_build_flow_publishes_the_next_version(build, s3, s3_bucket, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        (src / f"{i}.jpg").write_bytes(scene_jpeg(800 + i, 1300, 1100))
+    name = f"s3://{s3_bucket}/built"
+    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(src)}], "regions": {"method": "none"},
+           "shards": {"output": str(tmp_path / "ds")}, "publish": {"to": name}}
+    dataset = build(cfg, run_id="pub-flow")
+    assert dataset["published"]["uri"] == name + "/v1" and dataset["published"]["latest"] == "v1"
+    assert [r["key"] for r in pq.read_table(tmp_path / "ds" / "manifest.parquet").to_pylist()] == \
+        [s["key"] for s in open_dataset(name, storage=s3, decode=False)]
+
+
 def test_racing_publishers_get_distinct_versions(s3, s3_bucket):
     name = f"s3://{s3_bucket}/raced"
     got, start = [], threading.Barrier(6)
