@@ -11,12 +11,14 @@ import re
 import secrets
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from pipeline.executor import StageReport, init_ray
+from pipeline.html_report import write_report
 from pipeline.regions import preflight
 from pipeline.stages import (
     make_context,
@@ -27,6 +29,7 @@ from pipeline.stages import (
     run_regions,
     run_shards,
 )
+from pipeline.storage import is_s3, join
 from pipeline.versions import publish_version
 from schemas.config import RunConfig, parse_config
 
@@ -71,6 +74,16 @@ def shard_task(ctx, ingest_fingerprints, regions_fingerprints, caption_fingerpri
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(ctx, n_inputs, reports):
     return publish_dataset(ctx, n_inputs, reports)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(ctx) -> str:
+    """The HTML report of the dataset, in the run directory; linked as a Prefect artifact."""
+    page = write_report(ctx.config.shards.output, join(ctx.run_dir, "report"), storage=ctx.storage)
+    link = page if is_s3(page) else Path(page).resolve().as_uri()
+    create_link_artifact(link, link_text=f"localcap report of run {ctx.run_id}", key="localcap-report",
+                         description="Gallery of samples with boxes and captions, and plots")
+    return page
 
 
 @task(name="publish-version", cache_policy=NO_CACHE)
@@ -133,6 +146,10 @@ def build_dataset(config: dict, run_id: str | None = None, progress: bool = True
     shard_report = shard_task.with_options(**opts)(ctx, fingerprints, regions_fingerprints, caption_fingerprints)
     reports = [ingest_report, dedupe_report, regions_report, caption_report, shard_report]
     dataset = publish_task.with_options(**opts)(ctx, n_inputs, reports)
+    try:
+        dataset["report"] = report_task(ctx)
+    except Exception as exc:  # the dataset is whole; a report that fails must not fail the build
+        logger.warning("report not written: %s: %s", type(exc).__name__, exc)
     if cfg.publish.to:
         dataset["published"] = version_task.with_options(**opts)(ctx)
         logger.info("published %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])

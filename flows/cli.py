@@ -160,6 +160,41 @@ def pull(
 
 
 @app.command()
+def status(
+    run_id: str | None = typer.Argument(None, help="Run id (default: the newest run in the work dir)."),
+    work_dir: str = typer.Option("./localcap-work", "--work-dir", help="run.work_dir of the runs (path or s3://)."),
+    config: Path | None = typer.Option(None, "--config", help="Take the work dir from this run config."),
+):
+    """Where a run stands, stage by stage: partitions done, rows, seconds and throughput."""
+    from pipeline.status import format_status, run_status
+
+    if config is not None:
+        work_dir = load_config(config).run.work_dir
+    try:
+        typer.echo(format_status(run_status(_storage(), work_dir, run_id)))
+    except FileNotFoundError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def report(
+    dataset: str = typer.Argument(..., help="Dataset directory, NAME/vN, NAME/LATEST or NAME (path or s3://)."),
+    out: str = typer.Option("./localcap-report", "--out", help="Folder for index.html and thumbs/ (path or s3://)."),
+    samples: int = typer.Option(24, "--samples", "-n", help="Images in the gallery (evenly spread over the manifest)."),
+):
+    """Write a static HTML report: a gallery with boxes drawn and captions beside, and plots."""
+    from pipeline.html_report import write_report
+
+    try:
+        page = write_report(dataset, out, samples, _storage())
+    except FileNotFoundError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"report: {page}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(DEMO_DIR, "--out", help="Folder for the demo images, work files and dataset."),
     images: int = typer.Option(6, "--images", help="How many 2K-4K demo scenes to generate."),

@@ -8,11 +8,12 @@ decides what is left to do, ships it to Ray, writes the results atomically (side
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -49,6 +50,10 @@ class StageReport:
     skipped: int = 0
     seconds: float = 0.0
     rows: dict[str, int] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)  # Ray node ids that computed partitions
+
+
+PLAN, REPORT = "_plan.json", "_report.json"  # per stage folder: what is to be done, what was done (localcap status)
 
 
 def init_ray(cfg: RaySection) -> None:
@@ -63,7 +68,11 @@ def init_ray(cfg: RaySection) -> None:
 
 
 def _compute_partition(work: Work, job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
-    return _write_partition(work(job.payload), job, stage_dir, storage)
+    counts = _write_partition(work(job.payload), job, stage_dir, storage)
+    return {**counts, NODE: ray.get_runtime_context().get_node_id()}
+
+
+NODE = "__node__"  # where a partition was computed, returned beside its row counts
 
 
 def _write_partition(tables: dict[str, pa.Table], job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
@@ -177,6 +186,7 @@ def run_stage(
     todo = [j for j in jobs if j.redo or part_name(j.index) not in existing
             or read_fingerprint(storage, join(stage_dir, part_name(j.index))) != j.fingerprint]
     report = StageReport(stage, partitions=len(jobs), skipped=len(jobs) - len(todo))
+    storage.write_bytes(join(stage_dir, PLAN), json.dumps({"partitions": len(jobs), "todo": len(todo), "started_at": time.time()}).encode())
     if report.skipped:
         log.info("%s: %d of %d partitions already done, skipped", stage, report.skipped, len(jobs))
     if todo:
@@ -202,6 +212,9 @@ def run_stage(
                     report.rows["failed_partitions"] = report.rows.get("failed_partitions", 0) + 1
                 refill(1)
                 report.computed += 1
+                node = counts.pop(NODE, None)
+                if node and node not in report.nodes:
+                    report.nodes.append(node)
                 for key, n in counts.items():
                     key = marker if key == "part" else key
                     report.rows[key] = report.rows.get(key, 0) + n
@@ -214,4 +227,5 @@ def run_stage(
             bar.close()
             workers.shutdown()
     report.seconds = round(time.perf_counter() - start, 3)
+    storage.write_bytes(join(stage_dir, REPORT), json.dumps({**asdict(report), "finished_at": time.time()}).encode())
     return report

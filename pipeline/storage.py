@@ -244,6 +244,18 @@ class Storage:
         root = Path(uri)
         return sorted(p.name for p in root.iterdir() if p.is_file()) if root.is_dir() else []
 
+    def list_dirs(self, uri: str) -> list[str]:
+        """Names of the sub-folders (S3: common prefixes) directly inside a folder, sorted."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            prefix = key.rstrip("/") + "/" if key else ""
+            names = []
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            return sorted(names)
+        root = Path(uri)
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
     # -- writing -------------------------------------------------------------------------------
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write atomically: readers see the old object or the whole new one."""

@@ -1,0 +1,75 @@
+"""`localcap status`: where a run stands, stage by stage, read from its run directory.
+
+Every stage folder holds `_plan.json` (partitions to do, written when the stage starts) and, once it
+ends, `_report.json` (the StageReport); finished partitions are counted from their marker files, so
+a stage that is running (or died) shows how far it got.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from pipeline.executor import PLAN, REPORT
+from pipeline.partitions import partition_index
+from pipeline.storage import Storage, join
+
+STAGES = ("ingest", "dedupe", "regions", "caption", "shard")
+
+
+def latest_run(storage: Storage, work_dir: str) -> str | None:
+    """The run whose id sorts last (ids start with a UTC timestamp), among folders with any stage."""
+    runs = [r for r in storage.list_dirs(work_dir) if any(s in storage.list_dirs(join(work_dir, r)) for s in STAGES)]
+    return runs[-1] if runs else None
+
+
+def stage_status(storage: Storage, run_dir: str, stage: str) -> dict:
+    folder = join(run_dir, stage)
+    names = storage.list_prefix(folder)
+    plan = json.loads(storage.read_bytes(join(folder, PLAN))) if PLAN in names else None
+    report = json.loads(storage.read_bytes(join(folder, REPORT))) if REPORT in names else None
+    done = sum(1 for n in names if n.startswith("part-") and partition_index(n) is not None)
+    if plan is None:
+        state = "pending"
+    elif report is not None and report.get("finished_at", 0) >= plan["started_at"]:
+        state = "done"
+    else:
+        state = "running"
+    out = {"stage": stage, "state": state, "partitions": plan["partitions"] if plan else None, "done": done}
+    if report and state == "done":
+        rows = report["rows"]
+        out.update(rows=rows, seconds=report["seconds"], computed=report["computed"], skipped=report["skipped"],
+                   nodes=len(report.get("nodes", [])))
+        main = rows.get("images", rows.get("samples", rows.get("captions", rows.get("rows", 0))))
+        out["per_second"] = round(main / report["seconds"], 1) if report["seconds"] and report["computed"] else None
+    elif plan:
+        out["elapsed_s"] = round(time.time() - plan["started_at"], 1)
+    return out
+
+
+def run_status(storage: Storage, work_dir: str, run_id: str | None = None) -> dict:
+    run_id = run_id or latest_run(storage, work_dir)
+    if run_id is None:
+        raise FileNotFoundError(f"no run in {work_dir}")
+    run_dir = join(work_dir, run_id)
+    if not storage.list_dirs(run_dir):
+        raise FileNotFoundError(f"no run {run_id} in {work_dir}")
+    finished = json.loads(storage.read_bytes(join(run_dir, "run.json"))) if storage.exists(join(run_dir, "run.json")) else None
+    stages = [stage_status(storage, run_dir, s) for s in STAGES]
+    return {"run_id": run_id, "run_dir": run_dir, "finished": bool(finished) and all(s["state"] == "done" for s in stages),
+            "counts": finished["counts"] if finished else None, "stages": stages}
+
+
+def format_status(status: dict) -> str:
+    lines = [f"run {status['run_id']}  ({status['run_dir']})  {'finished' if status['finished'] else 'not finished'}"]
+    if status["counts"]:
+        c = status["counts"]
+        lines.append(f"  {c['samples']} samples in {c['shards']} shards from {c['inputs']} inputs, {c['rejected']} rejected")
+    lines.append(f"  {'stage':<8} {'state':<8} {'partitions':>10}  {'seconds':>8} {'per s':>7}  rows")
+    for s in status["stages"]:
+        parts = f"{s['done']}/{s['partitions']}" if s["partitions"] is not None else "-"
+        seconds = f"{s['seconds']:.1f}" if "seconds" in s else (f"{s['elapsed_s']:.0f}+" if "elapsed_s" in s else "")
+        rate = f"{s['per_second']}" if s.get("per_second") else ""
+        rows = ", ".join(f"{k} {v}" for k, v in sorted(s.get("rows", {}).items()))
+        lines.append(f"  {s['stage']:<8} {s['state']:<8} {parts:>10}  {seconds:>8} {rate:>7}  {rows}")
+    return "\n".join(lines)
