@@ -159,6 +159,39 @@ def pull(
                f"({r.bytes / 2**20:.1f} MiB)")
 
 
+def _configs(paths: list[Path]):
+    try:
+        return [load_config(p) for p in paths]
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def deploy(
+    configs: list[Path] = typer.Argument(..., help="Run configs; each becomes deployment build_dataset/<run.name>."),
+    pool: str | None = typer.Option(None, "--pool", help="Work pool (default: deploy.work_pool of each config)."),
+):
+    """Register build_dataset deployments with the Prefect server at PREFECT_API_URL: parameters from
+    the config, schedule from deploy.cron, one run of a dataset at a time. Run them with
+    `prefect worker start --pool localcap`."""
+    from flows.deploy import deploy as register
+
+    loaded = _configs(configs)
+    for cfg, deployment_id in zip(loaded, register(loaded, pool)):
+        when = f"cron {cfg.deploy.cron} ({cfg.deploy.timezone})" if cfg.deploy.cron else "on demand"
+        typer.echo(f"deployed build_dataset/{cfg.run.name} ({deployment_id}), {when}, pool {pool or cfg.deploy.work_pool}")
+
+
+@app.command()
+def serve(configs: list[Path] = typer.Argument(..., help="Run configs to serve as deployments.")):
+    """Serve build_dataset deployments of these configs from this one long-lived process (small set-ups:
+    no work pool or worker needed); schedules from deploy.cron. Stop with Ctrl-C."""
+    from flows.deploy import serve as serve_deployments
+
+    serve_deployments(_configs(configs))
+
+
 @app.command()
 def status(
     run_id: str | None = typer.Argument(None, help="Run id (default: the newest run in the work dir)."),

@@ -56,8 +56,13 @@ class StageReport:
 PLAN, REPORT = "_plan.json", "_report.json"  # per stage folder: what is to be done, what was done (localcap status)
 
 
+_cpu_stage_resource: str | None = None  # set by init_ray from ray.cpu_stage_resource
+
+
 def init_ray(cfg: RaySection) -> None:
     """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray (once per process)."""
+    global _cpu_stage_resource
+    _cpu_stage_resource = cfg.cpu_stage_resource
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
@@ -121,7 +126,10 @@ class _Workers:
     def __init__(self, work: Work, stage_dir: str, storage: Storage, num_cpus: float, pool: ActorPool | None):
         self.work, self.stage_dir, self.storage, self.pool = work, stage_dir, storage, pool
         if pool is None:
-            self.remote = _run_partition.options(num_cpus=num_cpus, max_retries=2)
+            # On a cluster whose CPU nodes carry the marker resource, CPU tasks ask for a sliver of
+            # it: Ray's own GPU-node avoidance is only a preference (infra/ray/README.md).
+            marker = _cpu_stage_resource if _cpu_stage_resource and ray.cluster_resources().get(_cpu_stage_resource) else None
+            self.remote = _run_partition.options(num_cpus=num_cpus, max_retries=2, **({"resources": {marker: 0.001}} if marker else {}))
             # Enough tasks queued to keep every CPU busy, not the whole stage: payloads stay small
             # in the object store and a failure cancels little work.
             self.in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1) / num_cpus))

@@ -290,6 +290,15 @@ class PublishSection(_Section):
     part_size_mb: int = Field(64, ge=5, description="Multipart upload part size (S3's minimum is 5 MB).")
 
 
+class DeploySection(_Section):
+    """How `localcap deploy` registers this config as a Prefect deployment of build_dataset."""
+
+    cron: str | None = Field(None, description="Schedule, e.g. '0 3 * * *' (None: run only when triggered).")
+    timezone: str = Field("UTC", description="Time zone of the cron schedule.")
+    work_pool: str = Field("localcap", description="Prefect work pool whose workers run it (created as a process pool if missing).")
+    concurrency: int = Field(1, ge=1, description="Runs of this dataset's build at once; later ones wait (two scheduled builds never overlap).")
+
+
 class StorageSection(_Section):
     endpoint_url: str | None = Field(
         None, description="S3 endpoint (e.g. http://127.0.0.1:9000); default: AWS_ENDPOINT_URL or AWS."
@@ -300,6 +309,11 @@ class StorageSection(_Section):
 class RaySection(_Section):
     address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS, else a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
+    cpu_stage_resource: str | None = Field(
+        "cpu_worker",
+        description="When the cluster advertises this custom resource (infra/ray: the CPU worker nodes), the CPU "
+        "stages' tasks ask for a sliver of it, so they never land on GPU nodes; null lets them run anywhere.",
+    )
 
 
 class PrefectSection(_Section):
@@ -317,6 +331,7 @@ class RunConfig(_Section):
     dedupe: DedupeSection = Field(default_factory=DedupeSection)
     shards: ShardsSection
     publish: PublishSection = Field(default_factory=PublishSection)
+    deploy: DeploySection = Field(default_factory=DeploySection)
     storage: StorageSection = Field(default_factory=StorageSection)
     ray: RaySection = Field(default_factory=RaySection)
     prefect: PrefectSection = Field(default_factory=PrefectSection)

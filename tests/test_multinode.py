@@ -85,13 +85,16 @@ def test_build_on_two_nodes_equals_local_run(build, two_node_cluster, tmp_path):
     config_path.write_text(yaml.safe_dump(config("cluster")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(RAY_ADDRESS=two_node_cluster, PREFECT_HOME=str(tmp_path / "prefect-home"), RAY_AUTH_MODE="disabled")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config_path), "--run-id", "same", "--no-progress"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    def run_cli(run_id: str, *sets: str) -> list[str]:
+        """Build through the CLI against the cluster; the nodes the ingest partitions ran on."""
+        cmd = [sys.executable, "-m", "flows.cli", "run", str(config_path), "--run-id", run_id, "--no-progress"]
+        done = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        run = json.loads((tmp_path / "work-cluster" / run_id / "run.json").read_text())
+        return next(s for s in run["stages"] if s["stage"] == "ingest")["nodes"]
 
-    run = json.loads((tmp_path / "work-cluster" / "same" / "run.json").read_text())
-    ingest = next(s for s in run["stages"] if s["stage"] == "ingest")
-    assert len(ingest["nodes"]) == 2, ingest  # the 8 one-image partitions ran on both nodes
+    assert len(run_cli("same")) == 2  # the 8 one-image partitions ran on both nodes
 
     local, cluster = _files(tmp_path / "ds-local"), _files(tmp_path / "ds-cluster")
     assert sorted(local) == sorted(cluster)
@@ -106,3 +109,6 @@ def test_build_on_two_nodes_equals_local_run(build, two_node_cluster, tmp_path):
             assert json.loads(local[name])["shardlist"] == json.loads(cluster[name])["shardlist"]
         else:
             assert local[name] == cluster[name], name
+
+    # Told that CPU stages belong on nodes with `second_node` (as infra/ray marks CPU workers), they stay there.
+    assert len(run_cli("pinned", "ray.cpu_stage_resource=second_node", f"shards.output={tmp_path / 'ds-pinned'}")) == 1
