@@ -126,4 +126,4 @@ def test_rerun_of_finished_run_skips_everything(build, tmp_path):
     (src / "2.jpg").unlink()
     dataset = build(cfg, run_id="again")
     assert dataset["counts"]["inputs"] == 2 == dataset["counts"]["samples"]
-    assert sorted(p.name for p in (tmp_path / "w" / "again" / "ingest").iterdir()) == ["part-00000.parquet", "rejects-00000.parquet"]
+    assert sorted(p.name for p in (tmp_path / "w" / "again" / "ingest").glob("*.parquet")) == ["part-00000.parquet", "rejects-00000.parquet"]

@@ -111,6 +111,7 @@ def test_work_dir_and_shards_on_s3(build, s3_endpoint, s3_bucket):
     # the stage partitions live on S3 too
     ingest_dir = f"{work}/s3run/ingest"
     assert storage.list_prefix(ingest_dir) == [
+        "_plan.json", "_report.json",  # for `localcap status`
         "part-00000.parquet", "part-00001.parquet", "part-00002.parquet",
         "rejects-00000.parquet", "rejects-00001.parquet", "rejects-00002.parquet",
     ]
