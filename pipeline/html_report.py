@@ -19,7 +19,7 @@ from collections import Counter
 from PIL import Image
 
 from pipeline.partitions import read_table
-from pipeline.shards.loader import IMAGE_EXTS, ReadAhead, _grouped, _tar_members
+from pipeline.shards.loader import IMAGE_EXTS, read_tar_groups
 from pipeline.storage import Storage, join
 from pipeline.versions import DATASET, resolve
 
@@ -38,18 +38,13 @@ def thumbnail(data: bytes, side: int = THUMB_SIDE) -> bytes:
     return out.getvalue()
 
 
-def _members(storage: Storage, uri: str) -> dict[str, dict[str, bytes]]:
-    with ReadAhead(storage.open_read(uri)) as stream:
-        return dict(_grouped(_tar_members(io.BufferedReader(stream, 1 << 20))))
-
-
 def read_text_boxes(storage: Storage, root: str, layout: str) -> list[tuple[str, dict]]:
     """(key, sample JSON) of every sample: the text_box tars (or combined tars' JSON) only."""
     folder = "text_box" if layout == "paired" else "combined"
     sizes = json.loads(storage.read_bytes(join(root, folder, "sizes.json")))
     out = []
     for tar in sorted(sizes):
-        for key, group in _members(storage, join(root, folder, tar)).items():
+        for key, group in read_tar_groups(storage, join(root, folder, tar)):
             out.append((key, json.loads(group["json"])))
     return out
 
@@ -130,7 +125,7 @@ def write_report(dataset_uri: str, out_dir: str, n_samples: int = 24, storage: S
         thumbs = {r["key"]: join(out_dir, "thumbs", f"{r['key']}.jpg") for r in rows}
         todo = {k for k, uri in thumbs.items() if not storage.exists(uri)}  # made once
         if todo:
-            for key, group in _members(storage, join(root, shard)).items():
+            for key, group in read_tar_groups(storage, join(root, shard)):
                 if key in todo:
                     storage.write_bytes(thumbs[key], thumbnail(next(group[e] for e in IMAGE_EXTS if e in group)))
         for r in rows:

@@ -109,13 +109,18 @@ def ingest_jobs(ctx: RunContext) -> tuple[int, list[PartitionJob]]:
     for k, urls_fp in enumerate(url_fps):
         i = len(jobs)
         fp = url_partition_fingerprint(urls_fp, limits, fetch)
-        done = (join(ingest_dir, part_name(i)), join(ingest_dir, part_name(i, "rejects")))
+        done = _ingest_outputs(ingest_dir, i)
         redo = _retryable(ctx.storage, done, fp) > 0
         payload = IngestPayload([], limits, ctx.storage, join(urls_dir, part_name(k)), share, done if redo else None)
         jobs.append(PartitionJob(i, fp, payload, redo))
     if any(j.redo for j in jobs):
         log.info("ingest: %d partitions recorded retryable fetch failures; fetching just those again", sum(j.redo for j in jobs))
     return len(entries) + n_urls, jobs
+
+
+def _ingest_outputs(ingest_dir: str, index: int) -> tuple[str, str]:
+    """(images part, rejects) files of an ingest partition."""
+    return join(ingest_dir, part_name(index)), join(ingest_dir, part_name(index, "rejects"))
 
 
 def _retryable(storage: Storage, done: tuple[str, str], fp: str) -> int:
@@ -137,8 +142,7 @@ def run_ingest(ctx: RunContext) -> tuple[StageReport, list[str]]:
     report.rows["inputs"] = n_inputs
     # Later stages must see a partition change when its retryable failures are fetched on a rerun.
     ingest_dir = ctx.stage_dir("ingest")
-    return report, [_partial(j.fingerprint, _retryable(ctx.storage, (join(ingest_dir, part_name(j.index)),
-                                                                     join(ingest_dir, part_name(j.index, "rejects"))), j.fingerprint)
+    return report, [_partial(j.fingerprint, _retryable(ctx.storage, _ingest_outputs(ingest_dir, j.index), j.fingerprint)
                                   if j.payload.urls_uri else 0) for j in jobs]
 
 

@@ -257,13 +257,12 @@ def publish_version(storage: Storage, dataset_dir: str | Path, name_uri: str, co
 
 
 def move_latest(storage: Storage, name_uri: str, n: int) -> str:
-    """Point LATEST at vN unless it already names a newer complete version; returns what it names.
-    (Two publishers finishing at the same instant could both write; the re-read below repairs the
-    case where the older one wrote last.)"""
+    """Point LATEST at vN unless it already names a newer version; returns what it names. (Two
+    publishers finishing at the same instant can both pass the check; the older one may then write
+    last, until the next publish moves LATEST forward again.)"""
     pointer = join(name_uri, LATEST)
-    for _ in range(3):
-        current = storage.read_bytes(pointer).decode().strip() if storage.exists(pointer) else None
-        if current is not None and (version_number(current) or 0) >= n:
-            return current
-        storage.write_bytes(pointer, version_name(n).encode())
+    current = storage.read_bytes(pointer).decode().strip() if storage.exists(pointer) else None
+    if current is not None and (version_number(current) or 0) >= n:
+        return current
+    storage.write_bytes(pointer, version_name(n).encode())
     return version_name(n)

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator
 
 from pipeline.shards.layout import folders
+from pipeline.shards.reader import PairingError
 from pipeline.storage import Storage, join
 from pipeline.versions import DATASET, resolve
 from schemas.sample import validate_sample_json
@@ -118,6 +119,12 @@ def _grouped(members: Iterator[tuple[str, str, bytes]]) -> Iterator[tuple[str, d
         yield key, group
 
 
+def read_tar_groups(storage: Storage, uri: str, buffer_size: int = READ_SIZE) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of a tar's samples, in order: one streamed GET (or file read), read ahead."""
+    with ReadAhead(storage.open_read(uri)) as stream:
+        yield from _grouped(_tar_members(io.BufferedReader(stream, buffer_size)))
+
+
 def _sample(key: str, image: bytes, text_json: bytes, decode: bool) -> dict:
     meta = validate_sample_json(text_json)
     if decode:
@@ -170,8 +177,7 @@ class ShardDataset(_Base):
         return order[rank * nworkers + wid :: world * nworkers]
 
     def _stream(self, folder: str, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        with ReadAhead(self.storage.open_read(join(self.root, folder, name))) as stream:
-            yield from _grouped(_tar_members(io.BufferedReader(stream, READ_SIZE)))
+        return read_tar_groups(self.storage, join(self.root, folder, name))
 
     def iter_shard(self, shard: str) -> Iterator[dict]:
         if self.layout == "combined":
@@ -179,11 +185,14 @@ class ShardDataset(_Base):
                 yield _sample(key, next(group[e] for e in IMAGE_EXTS if e in group), group["json"], self.decode)
             return
         texts = self._stream("text_box", shard.replace("image_", "text_box_", 1))
-        for position, (key, group) in enumerate(self._stream("image", shard)):
+        position = 0
+        for position, (key, group) in enumerate(self._stream("image", shard), start=1):
             text_key, text = next(texts, (None, None))
             if text_key != key:
-                raise ValueError(f"{shard} position {position}: image key {key} but text_box key {text_key}")
+                raise PairingError(f"{shard} position {position - 1}: image key {key} but text_box key {text_key}")
             yield _sample(key, next(group[e] for e in IMAGE_EXTS if e in group), text["json"], self.decode)
+        if next(texts, None) is not None:
+            raise PairingError(f"{shard}: the text_box tar holds more samples than the image tar ({position})")
 
     def __iter__(self) -> Iterator[dict]:
         rng = random.Random(f"{self.seed}/{self.epoch}/{_node()[0]}/{getattr(get_worker_info(), 'id', 0)}")
