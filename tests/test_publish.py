@@ -187,6 +187,19 @@ def test_shards_are_dealt_across_nodes_and_workers(built, monkeypatch):
     assert sorted(dealt) == sorted(ds.shards)  # each shard to exactly one node
 
 
+def test_more_readers_than_shards_deal_samples(built, monkeypatch):
+    """4 ranks, 3 shards: no rank idles (an idle DDP rank hangs the others), each sample comes once."""
+    ds = open_dataset(str(built), decode=False)
+    assert len(ds.shards) < 4
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    per_rank = []
+    for rank in range(4):
+        monkeypatch.setenv("RANK", str(rank))
+        per_rank.append([s["key"] for s in ds])
+    assert all(per_rank)
+    assert Counter(k for keys in per_rank for k in keys) == Counter(r["key"] for r in pq.read_table(built / "manifest.parquet").to_pylist())
+
+
 def test_wids_index_describes_the_tars(built):
     for folder in ("image", "text_box"):
         index = json.loads((built / f"wids-{folder}.json").read_text())

@@ -6,7 +6,8 @@ as a tar stream; a paired shard's image and text_box tars are read in lockstep a
 checked at every position, as PS3's loader does.
 
 Splitting: shards are dealt out across (node rank x DataLoader worker), so under any number of nodes
-and workers each sample comes exactly once per epoch (with more readers than shards some idle).
+and workers each sample comes exactly once per epoch. With fewer shards than readers every reader
+reads every shard and keeps every n-th sample: no reader idles (an idle DDP rank would hang the others).
 Shuffling: the shard order is shuffled per epoch (`set_epoch`), then samples pass a shuffle buffer.
 
 `write_wids_index(dataset_dir)` writes the JSON indexes that webdataset's `wids` (indexed, random
@@ -149,7 +150,7 @@ def _node() -> tuple[int, int]:
 
 class ShardDataset(_Base):
     def __init__(self, uri: str, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True,
-                 storage: Storage | None = None, shards: range | None = None):
+                 storage: Storage | None = None, shards: range | None = None, split: bool = True):
         self.storage = storage or Storage()
         self.root = resolve(self.storage, uri)
         info = json.loads(self.storage.read_bytes(join(self.root, DATASET)))
@@ -161,20 +162,39 @@ class ShardDataset(_Base):
         if shards is not None:
             self.shards = [s for i, s in enumerate(self.shards) if i in shards]
         self.shuffle_buffer, self.seed, self.decode = shuffle_buffer, seed, decode
+        self.split = split  # False: this reader reads everything (e.g. evaluation on one rank)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def my_shards(self) -> list[str]:
-        """This reader's share of the (per-epoch shuffled) shard list."""
-        order = list(self.shards)
-        if self.shuffle_buffer:
-            random.Random(self.seed + self.epoch).shuffle(order)
+    def _reader(self) -> tuple[int, int]:
+        """(this reader's number, readers in all) over node ranks x DataLoader workers."""
+        if not self.split:
+            return 0, 1
         rank, world = _node()
         worker = get_worker_info()
         wid, nworkers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        return order[rank * nworkers + wid :: world * nworkers]
+        return rank * nworkers + wid, world * nworkers
+
+    def my_shards(self) -> list[str]:
+        """This reader's share of the (per-epoch shuffled) shard list: all of it when there are fewer
+        shards than readers (then samples are dealt out instead)."""
+        order = list(self.shards)
+        if self.shuffle_buffer:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        reader, readers = self._reader()
+        return order if len(order) < readers else order[reader::readers]
+
+    def _my_samples(self) -> Iterator[dict]:
+        reader, readers = self._reader()
+        by_sample = len(self.shards) < readers
+        position = 0
+        for shard in self.my_shards():
+            for sample in self.iter_shard(shard):
+                if not by_sample or position % readers == reader:
+                    yield sample
+                position += 1
 
     def _stream(self, folder: str, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         return read_tar_groups(self.storage, join(self.root, folder, name))
@@ -197,14 +217,13 @@ class ShardDataset(_Base):
     def __iter__(self) -> Iterator[dict]:
         rng = random.Random(f"{self.seed}/{self.epoch}/{_node()[0]}/{getattr(get_worker_info(), 'id', 0)}")
         buffer: list[dict] = []
-        for shard in self.my_shards():
-            for sample in self.iter_shard(shard):
-                if self.shuffle_buffer <= 1:
-                    yield sample
-                    continue
-                buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
+        for sample in self._my_samples():
+            if self.shuffle_buffer <= 1:
+                yield sample
+                continue
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
 
@@ -213,9 +232,10 @@ class ShardDataset(_Base):
 
 
 def open_dataset(uri: str, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True,
-                 storage: Storage | None = None, shards: range | None = None) -> ShardDataset:
-    """Samples of a dataset directory, version (NAME/vN), NAME/LATEST or NAME, local or s3://."""
-    return ShardDataset(uri, shuffle_buffer, seed, decode, storage, shards)
+                 storage: Storage | None = None, shards: range | None = None, split: bool = True) -> ShardDataset:
+    """Samples of a dataset directory, version (NAME/vN), NAME/LATEST or NAME, local or s3://.
+    `split=False`: no dealing across ranks and workers, this reader gets every sample."""
+    return ShardDataset(uri, shuffle_buffer, seed, decode, storage, shards, split)
 
 
 def write_wids_index(storage: Storage, dataset_dir: str, layout: str, name: str) -> list[str]:

@@ -1,0 +1,120 @@
+"""Ray Train wiring around the loop: split the dataset, settle the tokenizer, run TorchTrainer, write metrics.
+
+Checkpoints go to OUTPUT/NAME/ (a path or s3://) through Ray Train's storage; rerunning the same
+name on the same output finds the run's checkpoint history there and resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from pipeline.shards.loader import ShardDataset
+from pipeline.storage import Storage, is_s3, join
+from pipeline.train.text import iter_captions, train_tokenizer
+from schemas.train import TrainConfig
+
+log = logging.getLogger(__name__)
+TOKENIZER = "tokenizer.json"
+METRICS = "metrics.json"
+
+
+@dataclass
+class TrainResult:
+    name: str
+    output: str  # OUTPUT/NAME
+    dataset: str  # the resolved dataset directory
+    checkpoint: str | None
+    metrics: dict
+
+
+def run_name(dataset_root: str, objective: str) -> str:
+    """A default run name from the dataset's last two path parts (NAME/vN) and the objective."""
+    parts = [p for p in re.split(r"[/:]+", dataset_root) if p][-2:]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts + [objective])).strip("-")
+
+
+def split_shards(n_shards: int, holdout: int) -> tuple[tuple[int, int], tuple[int, int], bool]:
+    """(train range, eval range, evaluated on training data): the last `holdout` shards are held
+    out; a dataset with too few shards is trained and evaluated on all of them (and says so)."""
+    if n_shards == 0:
+        raise ValueError("the dataset has no shards")
+    if holdout and n_shards > holdout:
+        return (0, n_shards - holdout), (n_shards - holdout, n_shards), False
+    return (0, n_shards), (0, n_shards), True
+
+
+def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, storage: Storage, output: str) -> dict:
+    """Where workers get their tokenizer: the pretrained model's or a given directory, else one trained
+    on the training shards' captions, kept in OUTPUT/NAME so that a resumed run reuses it."""
+    if cfg.objective == "mae":
+        return {"tokenizer_json": None, "tokenizer_path": None}
+    path = cfg.tokenizer or cfg.model_options().pretrained
+    if path:
+        return {"tokenizer_json": None, "tokenizer_path": path}
+    uri = join(output, TOKENIZER)
+    if storage.exists(uri):
+        return {"tokenizer_json": storage.read_bytes(uri).decode(), "tokenizer_path": None}
+    text = train_tokenizer(iter_captions(dataset), cfg.model_options().vocab_size)
+    storage.write_bytes(uri, text.encode())
+    return {"tokenizer_json": text, "tokenizer_path": None}
+
+
+def _ray_storage(output: str, storage: Storage):
+    """(storage_path, storage_filesystem) for Ray Train: S3 through pyarrow with our endpoint."""
+    if not is_s3(output):
+        return os.path.abspath(output), None
+    from pyarrow import fs
+
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    region = storage.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs = {"region": region}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs |= {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+    return output[len("s3://"):], fs.S3FileSystem(**kwargs)
+
+
+def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = None) -> TrainResult:
+    """Train on a dataset (directory, NAME/vN, NAME/LATEST or NAME) with Ray Train; Ray must be up."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import train_worker
+
+    storage = storage or Storage()
+    dataset = ShardDataset(dataset_uri, decode=False, storage=storage)
+    name = cfg.name or run_name(dataset.root, cfg.objective)
+    output = join(cfg.output, name)
+    train_range, eval_range, eval_on_train = split_shards(len(dataset.shards), cfg.data.holdout_shards)
+    if eval_on_train:
+        log.warning("%s has %d shard(s), not more than data.holdout_shards=%d: evaluating on the training shards",
+                    dataset.root, len(dataset.shards), cfg.data.holdout_shards)
+    loop_config = {
+        "train": cfg.model_dump(mode="json"), "dataset": dataset.root, "storage": storage,
+        "train_shards": train_range, "eval_shards": eval_range,
+        **settle_tokenizer(cfg, ShardDataset(dataset.root, decode=False, storage=storage, shards=range(*train_range)), storage, output),
+    }
+    storage_path, filesystem = _ray_storage(cfg.output, storage)
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    metrics |= {"dataset": dataset.root, "name": name, "objective": cfg.objective, "eval_on_train": eval_on_train,
+                "train_shards": list(train_range), "eval_shards": list(eval_range)}
+    checkpoint = None
+    if result.checkpoint is not None:
+        checkpoint = ("s3://" + result.checkpoint.path) if is_s3(cfg.output) else result.checkpoint.path
+    metrics["checkpoint"] = checkpoint
+    storage.write_bytes(join(output, METRICS), json.dumps(metrics, indent=1).encode())
+    return TrainResult(name, output, dataset.root, checkpoint, metrics)

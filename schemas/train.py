@@ -1,0 +1,121 @@
+"""The train config: the `train:` section of a run config, or a YAML file of its own for `localcap train`.
+
+Two objectives share one loop (pipeline/train/): `local_contrastive` (PS3-style: a low-res global view
+plus a fixed budget of selected high-res patches, contrasted with box and global captions) and `mae`
+(masked auto-encoding with transformers' ViT-MAE, no captions needed).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelOptions(_Section):
+    """Towers built from SigLIP's transformers blocks: tiny from these sizes, or loaded from `pretrained`."""
+
+    pretrained: str | None = Field(
+        None, description="Local SigLIP directory (SiglipModel + its tokenizer, e.g. a saved google/siglip-base-patch16-224): "
+        "both towers start from it and its sizes win over the ones below. None: random init from the sizes below.")
+    patch_size: int = Field(16, ge=2, description="Pixels per patch side, for both resolutions.")
+    low_res: int = Field(384, ge=16, description="Side of the low-res global view (square).")
+    high_res: int = Field(1536, ge=16, description="Side of the high-res image the selected patches come from (square).")
+    patch_budget: int = Field(1024, ge=1, description="High-res patches encoded per image (PS3's fixed budget).")
+    hidden_size: int = Field(768, ge=8)
+    layers: int = Field(12, ge=1)
+    heads: int = Field(12, ge=1)
+    mlp_size: int = Field(3072, ge=8)
+    text_hidden_size: int = Field(768, ge=8)
+    text_layers: int = Field(12, ge=1)
+    text_heads: int = Field(12, ge=1)
+    text_mlp_size: int = Field(3072, ge=8)
+    max_text_len: int = Field(64, ge=4, description="Captions are padded/truncated to this many tokens.")
+    vocab_size: int = Field(32000, ge=64, description="Size of the tokenizer trained on the dataset's captions (no `tokenizer`).")
+    embed_dim: int = Field(512, ge=8, description="Shared image-text space.")
+    low_res_context: bool = Field(True, description="High-res tokens attend to the low-res tokens of the same layer (PS3's low-res KV context).")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ModelOptions:
+        for side in ("low_res", "high_res"):
+            if getattr(self, side) % self.patch_size:
+                raise ValueError(f"{side} ({getattr(self, side)}) must be a multiple of patch_size ({self.patch_size})")
+        if self.hidden_size % self.heads or self.text_hidden_size % self.text_heads:
+            raise ValueError("hidden sizes must be multiples of their head counts")
+        return self
+
+
+TINY_MODEL = dict(patch_size=16, low_res=64, high_res=256, patch_budget=48, hidden_size=64, layers=2, heads=2, mlp_size=128,
+                  text_hidden_size=64, text_layers=2, text_heads=2, text_mlp_size=128, max_text_len=16, vocab_size=400, embed_dim=64)
+
+
+TINY_MAE = dict(image_size=64, decoder_hidden_size=64, decoder_layers=1, decoder_heads=2)
+
+
+class DataOptions(_Section):
+    global_caption_prob: float = Field(0.25, ge=0, le=1, description="Share of samples that pair the whole image with its global caption; the rest pick one random box.")
+    crop_scale: tuple[float, float] = Field((0.9, 1.0), description="Random resized crop: share of the image area kept (boxes move with it).")
+    shuffle_buffer: int = Field(256, ge=0, description="Samples mixed in memory per reader (0: stream order).")
+    holdout_shards: int = Field(1, ge=0, description="The dataset's last N shards are held out for evaluation and never trained on.")
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per train worker (decode and augment).")
+
+    @model_validator(mode="after")
+    def _scale(self) -> DataOptions:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("crop_scale must be 0 < min <= max <= 1")
+        return self
+
+
+class MaeOptions(_Section):
+    mask_ratio: float = Field(0.8, gt=0, lt=1, description="Share of patches hidden from the encoder.")
+    image_size: int = Field(224, ge=16, description="Side the image is resized to (the MAE sees one resolution).")
+    decoder_hidden_size: int = Field(512, ge=8)
+    decoder_layers: int = Field(8, ge=1)
+    decoder_heads: int = Field(16, ge=1)
+
+
+class EvalOptions(_Section):
+    max_images: int = Field(500, ge=1, description="Held-out images evaluated (every box of each is a region).")
+    batch_size: int = Field(32, ge=1)
+
+
+class TrainConfig(_Section):
+    objective: Literal["local_contrastive", "mae"] = Field("local_contrastive")
+    output: str = Field("train-output", min_length=1, description="Where runs keep checkpoints and metrics: OUTPUT/NAME/ (path or s3://).")
+    name: str | None = Field(None, description="Run name; rerunning a name resumes from its last checkpoint. Default: from the dataset and objective.")
+    preset: Literal["tiny", "base"] = Field(
+        "base", description="'tiny': the small test/demo sizes (overrides model sizes and patch budget); 'base': the sizes in `model`.")
+    model: ModelOptions = Field(default_factory=ModelOptions)
+    tokenizer: str | None = Field(None, description="Local tokenizer directory; None: the pretrained model's, else one trained on the dataset's captions.")
+    data: DataOptions = Field(default_factory=DataOptions)
+    mae: MaeOptions = Field(default_factory=MaeOptions)
+    eval: EvalOptions = Field(default_factory=EvalOptions)
+    steps: int = Field(10000, ge=1, description="Optimizer steps in all (a resumed run continues to this count).")
+    batch_size: int = Field(32, ge=1, description="Images per train worker per step.")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    selection_loss_weight: float = Field(1.0, ge=0, description="Weight of the BCE supervision of both selection scores by the box map.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (one more at the end).")
+    keep_checkpoints: int = Field(2, ge=1)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on GPU.")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    seed: int = Field(0)
+
+    def mae_options(self) -> MaeOptions:
+        """The MAE sizes this run uses: a small decoder under the tiny preset."""
+        if self.preset == "tiny":
+            return self.mae.model_copy(update=TINY_MAE)
+        return self.mae
+
+    def model_options(self) -> ModelOptions:
+        """The model sizes this run uses: the tiny preset's, or `model`."""
+        if self.preset == "tiny":
+            return self.model.model_copy(update=TINY_MODEL)
+        return self.model
