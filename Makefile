@@ -1,4 +1,4 @@
-# make demo: build a dataset from generated 2K-4K sample images; make test: the test suite.
+# make demo: build a dataset from generated 2K-4K sample images and train a tiny model on it; make test: the test suite.
 # Both create the virtualenv .venv in this checkout on first use.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(BIN)/localcap demo
+	$(BIN)/localcap demo --train
 
 test: install
 	$(BIN)/pytest
@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/caption.py
 	$(BIN)/python benchmarks/fetch.py
 	$(BIN)/python benchmarks/s3.py
+	$(BIN)/python benchmarks/train_cost.py
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -40,7 +40,9 @@ def _parse_sets(values: list[str]) -> dict:
     return out
 
 
-def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool) -> dict:
+def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool, train: bool = False) -> dict:
+    """build_dataset on a config (or end_to_end with `train`); the build's dataset.json content, with
+    the training result under "trained" when it ran."""
     try:
         cfg = load_config(config_path, _parse_sets(sets))
     except ConfigError as exc:
@@ -64,7 +66,23 @@ def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool)
         typer.echo(f"--run-id: {exc}", err=True)
         raise typer.Exit(2) from None
 
-    return build_dataset(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
+    if not train:
+        return build_dataset(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
+    from flows.train import end_to_end
+
+    both = end_to_end(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
+    return both["dataset"] | {"trained": both["train"]}
+
+
+def _echo_trained(result: dict) -> None:
+    m = result["metrics"]
+    typer.echo(f"trained {result['name']} ({m.get('objective')}): step {m.get('step')}, checkpoint {result['checkpoint']}")
+    recalls = {k: v for k, v in m.items() if k.endswith(("_r1", "_r5"))}
+    if recalls:
+        typer.echo("  held-out recall: " + ", ".join(f"{k} {v:.2f} (chance {m[k + '_chance']:.2f})" for k, v in sorted(recalls.items())))
+    if m.get("eval_loss") is not None:
+        typer.echo(f"  held-out MAE loss {m['eval_loss']:.4f}")
+    typer.echo(f"  metrics: {result['output']}/metrics.json")
 
 
 @app.command()
@@ -73,12 +91,47 @@ def run(
     run_id: str | None = typer.Option(None, "--run-id", help="Reuse a run id to resume it: finished partitions are skipped."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set ingest.min_side=512 (repeatable)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    train: bool = typer.Option(False, "--train", help="Then train on the new version (the config's `train:` section), "
+                               "as the Prefect flow `end_to_end`."),
 ):
-    """Build a dataset: ingest -> dedupe -> regions -> caption -> shard -> publish, as the Prefect flow `build_dataset`."""
-    dataset = _run(config, run_id, set_, progress)
+    """Build a dataset: ingest -> dedupe -> regions -> caption -> shard -> publish, as the Prefect flow
+    `build_dataset`; with --train, then train on it."""
+    dataset = _run(config, run_id, set_, progress, train)
     c = dataset["counts"]
     typer.echo(f"run {dataset['run_id']}: {c['samples']} samples in {c['shards']} shards -> {dataset['config']['shards']['output']}"
                f" ({c['rejected']} rejected)")
+    if dataset.get("trained"):
+        _echo_trained(dataset["trained"])
+
+
+@app.command("train")
+def train_command(
+    dataset: str = typer.Argument(..., help="Dataset to train on: a built folder, NAME/vN, NAME/LATEST or NAME (path or s3://)."),
+    config: Path | None = typer.Option(None, "--config", help="Train config YAML (the `train:` section's fields), or a run "
+                                       "config whose train/storage/ray sections are used."),
+    set_: list[str] = typer.Option([], "--set", help="Override a train field, e.g. --set steps=2000 --set num_workers=4 (repeatable)."),
+):
+    """Train a vision encoder on a dataset with Ray Train (PS3-style local contrastive, or MAE): checkpoints
+    to OUTPUT/NAME, held-out retrieval metrics at the end. Rerunning the same name resumes from its last checkpoint."""
+    from schemas.config import apply_overrides, parse_train_config, read_yaml
+
+    try:
+        data = read_yaml(config) if config else {}
+        run_config = "sources" in data or "shards" in data
+        train_data = apply_overrides(dict(data.get("train", {})) if run_config else data, _parse_sets(set_))
+        cfg = parse_train_config(train_data, str(config or "--set"))
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    from flows.train import train
+
+    try:
+        result = train(dataset, cfg.model_dump(mode="json"), data.get("storage") if run_config else None,
+                       data.get("ray") if run_config else None)
+    except FileNotFoundError as exc:
+        typer.echo(f"not a localcap dataset (no dataset.json?): {exc}", err=True)
+        raise typer.Exit(2) from None
+    _echo_trained(result)
 
 
 @app.command()
@@ -169,18 +222,19 @@ def _configs(paths: list[Path]):
 
 @app.command()
 def deploy(
-    configs: list[Path] = typer.Argument(..., help="Run configs; each becomes deployment build_dataset/<run.name>."),
+    configs: list[Path] = typer.Argument(..., help="Run configs; each becomes deployments build_dataset/, end_to_end/ and train/<run.name>."),
     pool: str | None = typer.Option(None, "--pool", help="Work pool (default: deploy.work_pool of each config)."),
 ):
-    """Register build_dataset deployments with the Prefect server at PREFECT_API_URL: parameters from
-    the config, schedule from deploy.cron, one run of a dataset at a time. Run them with
-    `prefect worker start --pool localcap`."""
+    """Register the build_dataset, end_to_end (build, publish, train) and train deployments of each config
+    with the Prefect server at PREFECT_API_URL: parameters from the config, deploy.cron on the flow
+    deploy.flow names, one run of each at a time. Run them with `prefect worker start --pool localcap`."""
     from flows.deploy import deploy as register
 
     loaded = _configs(configs)
-    for cfg, deployment_id in zip(loaded, register(loaded, pool)):
-        when = f"cron {cfg.deploy.cron} ({cfg.deploy.timezone})" if cfg.deploy.cron else "on demand"
-        typer.echo(f"deployed build_dataset/{cfg.run.name} ({deployment_id}), {when}, pool {pool or cfg.deploy.work_pool}")
+    for cfg, deployments in zip(loaded, register(loaded, pool)):
+        for flow_name, deployment_id in deployments.items():
+            when = f"cron {cfg.deploy.cron} ({cfg.deploy.timezone})" if cfg.deploy.cron and flow_name == cfg.deploy.flow else "on demand"
+            typer.echo(f"deployed {flow_name}/{cfg.run.name} ({deployment_id}), {when}, pool {pool or cfg.deploy.work_pool}")
 
 
 @app.command()
@@ -232,6 +286,7 @@ def demo(
     out: Path = typer.Option(DEMO_DIR, "--out", help="Folder for the demo images, work files and dataset."),
     images: int = typer.Option(6, "--images", help="How many 2K-4K demo scenes to generate."),
     config: Path = typer.Option(Path(__file__).with_name("demo.yaml"), "--config", help="Run config of the demo."),
+    train: bool = typer.Option(False, "--train", help="Then train the tiny model on the demo dataset (images to checkpoint)."),
 ):
     """Generate demo images, build a dataset from them with the real flow, and inspect it."""
     from pipeline.report import describe_dataset
@@ -248,9 +303,12 @@ def demo(
             typer.echo(f"building a tiny Qwen2-VL with random weights in {model_dir} (offline; its captions are noise)")
             build_tiny_qwen2vl(model_dir)
         sets.append(f"captioner.model={model_dir}")
-    dataset = _run(config, "demo", sets, progress=True)
+    sets.append(f"train.output={out / 'train'}")
+    dataset = _run(config, "demo", sets, progress=True, train=train)
     typer.echo("")
     typer.echo(describe_dataset(dataset["config"]["shards"]["output"]))
+    if dataset.get("trained"):
+        _echo_trained(dataset["trained"])
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,7 +1,10 @@
-"""Prefect deployments of build_dataset, one per run config: `localcap deploy` and `localcap serve`.
+"""Prefect deployments, three per run config: `localcap deploy` and `localcap serve`.
 
-`deploy` registers each config with the Prefect API (PREFECT_API_URL) as deployment
-`build_dataset/<run.name>`: its parameters are the config, its schedule `deploy.cron`, its work pool
+`deploy` registers each config with the Prefect API (PREFECT_API_URL) as deployments
+`build_dataset/<run.name>`, `end_to_end/<run.name>` (build, publish, train on the new version) and
+`train/<run.name>` (train on publish.to's LATEST, or shards.output). Their parameters come from the
+config; the schedule `deploy.cron` goes to the flow `deploy.flow` names (default build_dataset; the
+others run when triggered, e.g. `prefect deployment run end_to_end/NAME`); their work pool
 `deploy.work_pool` (a process pool, created if missing: start workers with `prefect worker start
 --pool localcap`), and a deployment concurrency limit (`deploy.concurrency`, default 1, extra runs
 wait in line) so two scheduled builds of one dataset never overlap. The code is loaded from this
@@ -19,23 +22,39 @@ from uuid import UUID
 from schemas.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRYPOINT = "flows/build.py:build_dataset"
+ENTRYPOINTS = {"build_dataset": "flows/build.py:build_dataset", "end_to_end": "flows/train.py:end_to_end",
+               "train": "flows/train.py:train"}
 
 
-def _options(cfg: RunConfig) -> dict:
+def _parameters(flow_name: str, cfg: RunConfig) -> dict:
+    config = cfg.model_dump(mode="json")
+    if flow_name == "train":
+        return {"dataset_uri": cfg.publish.to or cfg.shards.output, "train_config": config["train"],
+                "storage": config["storage"], "ray": config["ray"]}
+    return {"config": config, "progress": False}
+
+
+def _descriptions(cfg: RunConfig) -> dict:
+    data = cfg.publish.to or cfg.shards.output
+    return {"build_dataset": f"Build dataset {cfg.run.name} into {cfg.shards.output}",
+            "end_to_end": f"Build dataset {cfg.run.name}, publish it, then train on the new version",
+            "train": f"Train ({cfg.train.objective}) on {data}"}
+
+
+def _options(flow_name: str, cfg: RunConfig) -> dict:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     schedule = {}
-    if cfg.deploy.cron:
+    if cfg.deploy.cron and flow_name == cfg.deploy.flow:
         from prefect.schedules import Cron
 
         schedule = {"schedules": [Cron(cfg.deploy.cron, timezone=cfg.deploy.timezone)]}
     return {
         "name": cfg.run.name,
-        "parameters": {"config": cfg.model_dump(mode="json"), "progress": False},
+        "parameters": _parameters(flow_name, cfg),
         "concurrency_limit": ConcurrencyLimitConfig(limit=cfg.deploy.concurrency, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         "tags": ["localcap", cfg.run.name],
-        "description": f"Build dataset {cfg.run.name} into {cfg.shards.output}",
+        "description": _descriptions(cfg)[flow_name],
         **schedule,
     }
 
@@ -52,16 +71,18 @@ def ensure_process_pool(name: str) -> None:
             client.create_work_pool(WorkPoolCreate(name=name, type="process"))
 
 
-def deploy(configs: list[RunConfig], pool: str | None = None) -> list[UUID]:
-    """Register one build_dataset deployment per config; their ids."""
+def deploy(configs: list[RunConfig], pool: str | None = None) -> list[dict[str, UUID]]:
+    """Register the build_dataset, end_to_end and train deployments of each config; per config,
+    {flow name: deployment id}."""
     from prefect import Flow
 
     ids = []
     for cfg in configs:
         work_pool = pool or cfg.deploy.work_pool
         ensure_process_pool(work_pool)
-        flow = Flow.from_source(source=str(REPO), entrypoint=ENTRYPOINT)
-        ids.append(flow.deploy(work_pool_name=work_pool, build=False, push=False, print_next_steps=False, **_options(cfg)))
+        ids.append({name: Flow.from_source(source=str(REPO), entrypoint=entrypoint).deploy(
+            work_pool_name=work_pool, build=False, push=False, print_next_steps=False, **_options(name, cfg))
+            for name, entrypoint in ENTRYPOINTS.items()})
     return ids
 
 
@@ -70,5 +91,7 @@ def serve(configs: list[RunConfig]) -> None:
     from prefect import serve as prefect_serve
 
     from flows.build import build_dataset
+    from flows.train import end_to_end, train
 
-    prefect_serve(*(build_dataset.to_deployment(**_options(cfg)) for cfg in configs))
+    flows = {"build_dataset": build_dataset, "end_to_end": end_to_end, "train": train}
+    prefect_serve(*(flow.to_deployment(**_options(name, cfg)) for cfg in configs for name, flow in flows.items()))

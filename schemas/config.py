@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from schemas.train import TrainConfig
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -291,9 +293,11 @@ class PublishSection(_Section):
 
 
 class DeploySection(_Section):
-    """How `localcap deploy` registers this config as a Prefect deployment of build_dataset."""
+    """How `localcap deploy` registers this config as Prefect deployments (build_dataset, end_to_end, train)."""
 
     cron: str | None = Field(None, description="Schedule, e.g. '0 3 * * *' (None: run only when triggered).")
+    flow: Literal["build_dataset", "end_to_end", "train"] = Field(
+        "build_dataset", description="Which deployment the cron schedule runs (the others run when triggered).")
     timezone: str = Field("UTC", description="Time zone of the cron schedule.")
     work_pool: str = Field("localcap", description="Prefect work pool whose workers run it (created as a process pool if missing).")
     concurrency: int = Field(1, ge=1, description="Runs of this dataset's build at once; later ones wait (two scheduled builds never overlap).")
@@ -335,6 +339,7 @@ class RunConfig(_Section):
     storage: StorageSection = Field(default_factory=StorageSection)
     ray: RaySection = Field(default_factory=RaySection)
     prefect: PrefectSection = Field(default_factory=PrefectSection)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="What `localcap run --train` trains on the built version.")
 
     @model_validator(mode="after")
     def _output_outside_work(self) -> RunConfig:
@@ -367,8 +372,15 @@ def parse_config(data: dict, origin: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_errors(err, origin)) from None
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Read a YAML run config. Relative local paths in it stay relative to the working directory."""
+def parse_train_config(data: dict, origin: str = "<dict>") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def read_yaml(path: str | Path, overrides: dict | None = None) -> dict:
+    """A YAML mapping with dotted overrides applied (KEY.SUB=VALUE), errors as ConfigError."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -378,10 +390,20 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
+    return apply_overrides(data, overrides or {})
+
+
+def apply_overrides(data: dict, overrides: dict) -> dict:
+    """Set dotted keys (`ingest.min_side`) in a config mapping, creating sections as needed."""
+    for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return parse_config(data, str(path))
+    return data
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML run config. Relative local paths in it stay relative to the working directory."""
+    return parse_config(read_yaml(path, overrides), str(path))

@@ -106,6 +106,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on GPU.")
     cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=-1, description="Worker failures Ray Train recovers from (restarting from the last checkpoint); -1: no limit.")
     seed: int = Field(0)
 
     def mae_options(self) -> MaeOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,10 +24,17 @@ def localcap(*args: str, tmp_path: Path, timeout: int = 600) -> subprocess.Compl
 def test_help_explains_each_command(tmp_path):
     out = localcap("--help", tmp_path=tmp_path)
     assert out.returncode == 0
-    for command in ("run", "inspect", "demo"):
+    for command in ("run", "inspect", "demo", "train"):
         assert command in out.stdout
     run_help = localcap("run", "--help", tmp_path=tmp_path).stdout
-    assert "--run-id" in run_help and "resume" in run_help.lower()
+    assert "--run-id" in run_help and "resume" in run_help.lower() and "--train" in run_help
+    train_help = localcap("train", "--help", tmp_path=tmp_path).stdout
+    assert "DATASET" in train_help and "--config" in train_help and "resumes" in train_help
+
+
+def test_bad_train_config_names_the_field(tmp_path):
+    out = localcap("train", str(tmp_path), "--set", "model.high_res=1000", tmp_path=tmp_path, timeout=60)
+    assert out.returncode == 2 and "model" in out.stderr and "multiple of patch_size" in out.stderr
 
 
 def test_bad_config_fails_before_work_naming_the_field(tmp_path):
@@ -51,11 +59,17 @@ def test_inspect_of_a_non_dataset_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_builds_and_inspect_shows_it(tmp_path):
-    """Acceptance: the demo builds a dataset from generated 2K-4K images; `localcap inspect` shows it."""
+def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
+    """Acceptance: the demo builds a dataset from generated 2K-4K images and trains the tiny model on
+    it (`end_to_end`, as `localcap run CONFIG --train` does): images to a checkpoint in one command;
+    `localcap inspect` shows the dataset."""
     demo = tmp_path / "demo"
-    out = localcap("demo", "--out", str(demo), "--images", "4", tmp_path=tmp_path)
+    out = localcap("demo", "--out", str(demo), "--images", "4", "--train", tmp_path=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = json.loads((demo / "train" / "demo-dataset-local_contrastive" / "metrics.json").read_text())
+    assert metrics["step"] == 20 and metrics["eval_on_train"]  # 4 samples make one shard: nothing to hold out
+    assert (Path(metrics["checkpoint"]) / "state.pt").is_file()
+    assert f"checkpoint {metrics['checkpoint']}" in out.stdout
     manifest = pq.read_table(demo / "dataset" / "manifest.parquet").to_pylist()
     assert len(manifest) == 4 and all(min(m["width"], m["height"]) >= 1440 for m in manifest)
     assert max(max(m["width"], m["height"]) for m in manifest) >= 3840

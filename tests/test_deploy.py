@@ -49,6 +49,14 @@ def test_deploy_trigger_and_complete(prefect_harness, ray_local, tmp_path):
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
         assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
         assert deployment.parameters["config"]["shards"]["output"] == str(tmp_path / "ds")
+        # The retrain deployments come with it, on demand (the cron belongs to deploy.flow, build_dataset).
+        end_to_end = client.read_deployment_by_name("end_to_end/nightly-scenes")
+        train = client.read_deployment_by_name("train/nightly-scenes")
+        assert end_to_end.schedules == [] and train.schedules == []
+        assert end_to_end.parameters["config"] == deployment.parameters["config"]
+        assert train.parameters["dataset_uri"] == str(tmp_path / "ds")
+        assert train.parameters["train_config"]["objective"] == "local_contrastive"
+    assert "deployed end_to_end/nightly-scenes" in out.stdout and "deployed train/nightly-scenes" in out.stdout
 
     flow_run = run_deployment("build_dataset/nightly-scenes", timeout=0)  # triggered through the API
     env["PREFECT_HOME"] = str(tmp_path / "worker-home")

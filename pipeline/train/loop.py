@@ -39,14 +39,19 @@ class TrainStream(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed}/{worker.id if worker else 0}")
         for epoch in count():
             self.dataset.set_epoch(epoch)
+            made = 0
             for sample in self.dataset:
                 if cfg.objective == "mae":
-                    yield mae_example(sample, cfg.mae_options().image_size, cfg.data.crop_scale, rng)
-                    continue
-                example = contrastive_example(sample, opts.low_res, opts.high_res, opts.patch_size, cfg.data.global_caption_prob,
-                                              cfg.data.crop_scale, rng)
+                    example = mae_example(sample, cfg.mae_options().image_size, cfg.data.crop_scale, rng)
+                else:
+                    example = contrastive_example(sample, opts.low_res, opts.high_res, opts.patch_size,
+                                                  cfg.data.global_caption_prob, cfg.data.crop_scale, rng)
                 if example is not None:
+                    made += 1
                     yield example
+            if not made:  # an endless loop over nothing would hang this rank and, through DDP, all others
+                raise ValueError(f"no trainable sample in this reader's share of {self.dataset.root} "
+                                 f"({'no image' if cfg.objective == 'mae' else 'no captioned box or global caption'})")
 
 
 class Collate:
@@ -156,16 +161,12 @@ def train_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(loop_config.get("tokenizer_json"), loop_config.get("tokenizer_path"))
+    tokenizer = None if cfg.objective == "mae" else load_tokenizer(loop_config.get("tokenizer_json"), loop_config.get("tokenizer_path"))
     model = build_model(cfg, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, resumed_from = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=True)
-            with open(os.path.join(folder, "train.json")) as f:
-                history = json.load(f).get("history", [])
+    state, history = _resume_state(ray.train.get_checkpoint(), loop_config.get("found_checkpoint"))
+    if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = resumed_from = state["step"]
@@ -213,6 +214,30 @@ def train_worker(loop_config: dict) -> None:
         metrics |= evaluate(model, cfg, eval_set, tokenizer, device)
         print("eval: " + json.dumps(metrics), flush=True)
     _report(metrics, rank, model, optimizer, step, cfg, loop_config, history)
+
+
+def _load_checkpoint(checkpoint) -> tuple[dict, list]:
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=True)
+        with open(os.path.join(folder, "train.json")) as f:
+            history = json.load(f).get("history", [])
+    return state, history
+
+
+def _resume_state(from_ray, found) -> tuple[dict | None, list]:
+    """The newest loadable state: Ray Train's restored checkpoint, or the newer one the driver found
+    in the run folder (uploaded, but killed before Ray recorded it); (None, []) to start afresh."""
+    candidates = ([found[0]] if found else []) + ([from_ray] if from_ray else [])
+    best, history = None, []
+    for checkpoint in candidates:
+        try:
+            state, rows = _load_checkpoint(checkpoint)
+        except Exception as exc:  # a checkpoint cut short by the kill: try the other one
+            print(f"checkpoint {checkpoint} not loadable ({type(exc).__name__}: {exc}); skipped", flush=True)
+            continue
+        if best is None or state["step"] > best["step"]:
+            best, history = state, rows
+    return best, history
 
 
 def _mean_loss(rows: list[dict]) -> float | None:

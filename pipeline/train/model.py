@@ -41,11 +41,18 @@ def _siglip_towers(opts: ModelOptions, vocab_size: int, pad_id: int, eos_id: int
     return vision, text
 
 
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), row-major patches in the conv's weight order."""
+def gather_patches(images: torch.Tensor, index: torch.Tensor, patch: int) -> torch.Tensor:
+    """The pixels of the patches `index` (B, K; row-major over the patch grid) of images (B, C, H, W),
+    as (B, K, C*p*p) in the patch-embedding conv's weight order. Reads only those pixels: the cost
+    does not grow with the image."""
     b, c, h, w = images.shape
-    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+    rows, cols = index // (w // patch), index % (w // patch)
+    offsets = torch.arange(patch, device=images.device)
+    ys = (rows[..., None] * patch + offsets)[..., :, None]  # B, K, p, 1
+    xs = (cols[..., None] * patch + offsets)[..., None, :]  # B, K, 1, p
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    pixels = images[batch, :, ys, xs]  # B, K, p, p, C (advanced indices first, then the channel slice)
+    return pixels.permute(0, 1, 4, 2, 3).reshape(b, index.shape[1], c * patch * patch)
 
 
 def select_patches(score: torch.Tensor, box_map: torch.Tensor | None, budget: int) -> torch.Tensor:
@@ -119,7 +126,7 @@ class LocalContrastiveModel(nn.Module):
         """The selected high-res patches (B, K) through the tower; (B, K, D) post-norm."""
         emb = self.vision.embeddings
         conv = emb.patch_embedding
-        pixels = patchify(high, self.patch).gather(1, index[..., None].expand(-1, -1, conv.weight[0].numel()))
+        pixels = gather_patches(high, index, self.patch)
         x = pixels.to(conv.weight.dtype) @ conv.weight.flatten(1).t() + conv.bias
         x = x + self._positions(high.shape[-1])[index]
         for layer, ctx in zip(self.vision.encoder.layers, context):

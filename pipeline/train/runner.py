@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pipeline.shards.loader import ShardDataset
 from pipeline.storage import Storage, is_s3, join
+from pipeline.train.loop import STATE
 from pipeline.train.text import iter_captions, train_tokenizer
 from schemas.train import TrainConfig
 
@@ -63,6 +64,24 @@ def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, storage: Storage, 
     return {"tokenizer_json": text, "tokenizer_path": None}
 
 
+def latest_checkpoint(storage: Storage, run_dir: str) -> tuple[str, int] | None:
+    """(uri, step) of the newest whole checkpoint in OUTPUT/NAME, found by listing it. Ray Train
+    records a checkpoint in its run snapshot only after the upload; a kill in between would otherwise
+    lose the newest one (or, before the first snapshot, all of them)."""
+    best = None
+    for name in storage.list_dirs(run_dir):
+        uri = join(run_dir, name)
+        if not name.startswith("checkpoint_") or not storage.exists(join(uri, STATE)):
+            continue
+        try:
+            step = json.loads(storage.read_bytes(join(uri, "train.json")))["step"]
+        except (FileNotFoundError, ValueError, KeyError):
+            continue
+        if best is None or step > best[1]:
+            best = (uri, step)
+    return best
+
+
 def _ray_storage(output: str, storage: Storage):
     """(storage_path, storage_filesystem) for Ray Train: S3 through pyarrow with our endpoint."""
     if not is_s3(output):
@@ -99,6 +118,12 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
         **settle_tokenizer(cfg, ShardDataset(dataset.root, decode=False, storage=storage, shards=range(*train_range)), storage, output),
     }
     storage_path, filesystem = _ray_storage(cfg.output, storage)
+    found = latest_checkpoint(storage, output)
+    if found:
+        from ray.train import Checkpoint
+
+        path = found[0][len("s3://"):] if is_s3(found[0]) else found[0]
+        loop_config["found_checkpoint"] = (Checkpoint(path, filesystem), found[1])
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_worker,
@@ -106,7 +131,7 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})

@@ -1,0 +1,70 @@
+"""The `train` flow (Ray Train underneath) and `end_to_end` (build, publish, then train on the new version).
+
+`train` is one coarse Prefect task around pipeline.train.runner: Ray Train owns the workers, the
+checkpoints and the restarts; Prefect tracks the run and keeps its metrics as an artifact. Rerunning
+with the same run name resumes from the run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE as NO_CACHE
+
+from flows.build import build_dataset
+from pipeline.executor import init_ray
+from pipeline.storage import Storage
+from pipeline.train.runner import run_training
+from schemas.config import RaySection, StorageSection, parse_config, parse_train_config
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(dataset_uri: str, train_config: dict, storage: dict) -> dict:
+    section = StorageSection(**storage)
+    result = run_training(dataset_uri, parse_train_config(train_config), Storage(section.endpoint_url, section.region))
+    return asdict(result)
+
+
+def metrics_markdown(result: dict) -> str:
+    m = result["metrics"]
+    lines = [f"# localcap training `{result['name']}`", "",
+             f"Dataset `{result['dataset']}`, objective `{m.get('objective')}`: step {m.get('step')} "
+             f"({m.get('steps_this_run')} this run{', resumed from step %s' % m['resumed_from'] if m.get('resumed_from') else ''}).",
+             f"Loss {m.get('first_loss')} over the first steps, {m.get('last_loss')} over the last.",
+             f"Checkpoint: `{result['checkpoint']}`", ""]
+    recalls = sorted(k for k in m if "_r" in k and not k.endswith("_chance"))
+    if recalls:
+        lines += ["| held-out retrieval | recall | chance |", "|---|---|---|"]
+        lines += [f"| {k} | {m[k]:.3f} | {m.get(k + '_chance', float('nan')):.3f} |" for k in recalls]
+    if m.get("eval_loss") is not None:
+        lines += [f"Held-out MAE loss: {m['eval_loss']:.4f} on {m['eval_images']} images."]
+    if m.get("eval_on_train"):
+        lines += ["", "**Evaluated on training shards**: the dataset has too few shards to hold any out."]
+    return "\n".join(lines)
+
+
+@flow(name="train", log_prints=True)
+def train(dataset_uri: str, train_config: dict, storage: dict | None = None, ray: dict | None = None) -> dict:
+    """Train on a dataset (directory, NAME/vN, NAME/LATEST or NAME; path or s3://); returns the run's
+    name, output, checkpoint and metrics (also in OUTPUT/NAME/metrics.json)."""
+    cfg = parse_train_config(train_config)
+    logger = get_run_logger()
+    init_ray(RaySection(**(ray or {})))
+    logger.info("training %s on %s (%d worker(s), %s)", cfg.objective, dataset_uri, cfg.num_workers, "GPU" if cfg.use_gpu else "CPU")
+    result = train_task(dataset_uri, cfg.model_dump(mode="json"), storage or {})
+    create_markdown_artifact(metrics_markdown(result), key="localcap-train", description=f"localcap training {result['name']}")
+    logger.info("trained %s: checkpoint %s", result["name"], result["checkpoint"])
+    return result
+
+
+@flow(name="end_to_end", log_prints=True)
+def end_to_end(config: dict, run_id: str | None = None, progress: bool = True) -> dict:
+    """build_dataset, then train on what it made: the published version when publish.to is set
+    (NAME/vN, exactly the version just published), else the built folder."""
+    cfg = parse_config(config)
+    dataset = build_dataset(config, run_id=run_id, progress=progress)
+    uri = dataset["published"]["uri"] if dataset.get("published") else cfg.shards.output
+    trained = train(uri, cfg.train.model_dump(mode="json"), cfg.storage.model_dump(mode="json"), cfg.ray.model_dump(mode="json"))
+    return {"dataset": dataset, "train": trained}

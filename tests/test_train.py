@@ -1,0 +1,159 @@
+"""The train flow on shards the pipeline built: generated colour scenes captioned over the real
+OpenAI-compatible back end by a server that names the colours it is shown (the generator's knowledge
+standing in for a VLM), 2 Ray Train workers (DDP), Prefect's train flow, checkpoints, resume after a
+kill, MAE, and training from a version published on S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.colour_scenes import ColourCaptionServer, write_colour_scenes
+
+ROOT = Path(__file__).resolve().parents[1]
+N_IMAGES, PER_SHARD = 32, 4
+
+pytestmark = pytest.mark.slow
+
+TRAIN = {"preset": "tiny", "batch_size": 8, "lr": 0.002, "warmup_steps": 5, "num_workers": 2,
+         "data": {"loader_workers": 0, "holdout_shards": 2, "shuffle_buffer": 16}}
+
+
+@pytest.fixture(scope="module")
+def colour_dataset(ray_local, prefect_harness, tmp_path_factory) -> Path:
+    from flows.build import build_dataset
+
+    root = tmp_path_factory.mktemp("colours")
+    write_colour_scenes(root / "images", N_IMAGES)
+    server = ColourCaptionServer()
+    try:
+        dataset = build_dataset({
+            "run": {"name": "colours", "work_dir": str(root / "work")},
+            "sources": [{"uri": str(root / "images")}],
+            "ingest": {"min_side": 512, "partition_size": 8},
+            "captioner": {"backend": "openai", "model": "colour-namer", "device": "cpu",
+                          "openai": {"base_url": server.base_url, "api_key_env": "LOCALCAP_TEST_NO_KEY"}},
+            "shards": {"output": str(root / "dataset"), "max_samples": PER_SHARD},
+        }, run_id="colours", progress=False)
+    finally:
+        server.close()
+    assert dataset["counts"]["samples"] == N_IMAGES and dataset["counts"]["shards"] == N_IMAGES // PER_SHARD
+    return root / "dataset"
+
+
+def _train(dataset: str, output: Path, **fields) -> dict:
+    from flows.train import train
+
+    return train(dataset, {**TRAIN, "output": str(output), **fields})
+
+
+def test_contrastive_training_beats_chance_on_held_out_regions(colour_dataset, tmp_path):
+    """Acceptance: the tiny model, 2 Ray Train workers, a few dozen steps: held-out region<->caption
+    recall@1 well above chance."""
+    result = _train(str(colour_dataset), tmp_path / "train", name="colours", steps=80, checkpoint_every=40)
+    m = result["metrics"]
+    assert m["step"] == 80 and m["steps_this_run"] == 80 and not m["eval_on_train"]
+    assert m["eval_images"] == 2 * PER_SHARD and m["eval_regions"] >= 2 * PER_SHARD  # the held-out shards only
+    assert m["distinct_region_captions"] >= 5
+    for key in ("region_to_caption_r1", "caption_to_region_r1"):
+        assert m[key] >= m[key + "_chance"] + 0.3, (key, m)
+    assert m["last_loss"] < 0.6 * m["first_loss"]
+    ckpt = Path(result["checkpoint"])
+    assert (ckpt / "state.pt").is_file() and (ckpt / "tokenizer.json").is_file()
+    history = json.loads((ckpt / "train.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, 81))
+    first, last = history[:5], history[-5:]
+    assert sum(h["selection"] for h in last) < sum(h["selection"] for h in first)  # the selectors learn the boxes
+    saved = json.loads((tmp_path / "train" / "colours" / "metrics.json").read_text())
+    assert saved["region_to_caption_r1"] == m["region_to_caption_r1"] and saved["checkpoint"] == result["checkpoint"]
+
+
+def test_mae_loss_falls(colour_dataset, tmp_path):
+    result = _train(str(colour_dataset), tmp_path / "train", objective="mae", name="mae", steps=40, checkpoint_every=40,
+                    lr=0.003)
+    m = result["metrics"]
+    assert m["step"] == 40 and m["objective"] == "mae"
+    assert m["last_loss"] < 0.7 * m["first_loss"], m
+    assert m["eval_images"] == 2 * PER_SHARD and m["eval_loss"] < m["first_loss"]
+
+
+def test_train_from_a_version_published_on_s3_with_checkpoints_on_s3(colour_dataset, s3_endpoint, s3_bucket):
+    """The trainer streams NAME (its LATEST) from S3 and checkpoints to s3://; a rerun of the
+    finished run resumes at its last step and trains nothing more."""
+    import boto3
+
+    from pipeline.storage import Storage
+    from pipeline.versions import publish_version
+
+    storage = Storage(s3_endpoint)
+    publish_version(storage, colour_dataset, f"s3://{s3_bucket}/datasets/colours")
+    from flows.train import train
+
+    cfg = {**TRAIN, "objective": "mae", "num_workers": 1, "steps": 6, "checkpoint_every": 3, "output": f"s3://{s3_bucket}/train"}
+    first = train(f"s3://{s3_bucket}/datasets/colours", cfg, {"endpoint_url": s3_endpoint})
+    assert first["name"] == "colours-v1-mae" and first["dataset"].endswith("/colours/v1")
+    assert first["checkpoint"].startswith(f"s3://{s3_bucket}/train/colours-v1-mae/checkpoint_")
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+            .list_objects_v2(Bucket=s3_bucket, Prefix="train/")["Contents"]]
+    assert any(k.endswith("/state.pt") for k in keys) and "train/colours-v1-mae/metrics.json" in keys
+    again = train(f"s3://{s3_bucket}/datasets/colours", cfg, {"endpoint_url": s3_endpoint})
+    assert again["metrics"]["resumed_from"] == 6 and again["metrics"]["steps_this_run"] == 0
+
+
+def _localcap(args: list[str], home: Path, **kw) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
+    env["PREFECT_HOME"] = str(home)
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the CLI and everything it started (its local Ray included): a hard crash."""
+    parent = psutil.Process(proc.pid)
+    for p in parent.children(recursive=True) + [parent]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(30)
+
+
+def _last_checkpoint_step(run_dir: Path) -> int:
+    steps = [json.loads(f.read_text())["step"] for f in run_dir.glob("checkpoint_*/train.json")]
+    return max(steps, default=0)
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(colour_dataset, tmp_path):
+    """Acceptance: kill `localcap train` (SIGKILL, with its Ray) after a checkpoint; the same command
+    again continues the step counter from that checkpoint."""
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({**TRAIN, "num_workers": 1, "steps": 400, "checkpoint_every": 10, "name": "killed",
+                                   "output": str(tmp_path / "out")}))
+    run_dir = tmp_path / "out" / "killed"
+    proc = _localcap(["train", str(colour_dataset), "--config", str(cfg)], tmp_path / "prefect")
+    deadline = time.time() + 300
+    while _last_checkpoint_step(run_dir) < 10:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.5)
+    time.sleep(1.0)  # a moment for the checkpoint's files to finish landing; the kill may still cut a later one
+    _kill_tree(proc)
+    killed_at = _last_checkpoint_step(run_dir)
+    assert 10 <= killed_at < 400
+
+    rerun = _localcap(["train", str(colour_dataset), "--config", str(cfg), "--set", "steps=" + str(killed_at + 20)],
+                      tmp_path / "prefect")
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-4000:]
+    assert f"resumed from the checkpoint at step {killed_at}" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_from"] == killed_at and metrics["step"] == killed_at + 20 and metrics["steps_this_run"] == 20
+    assert "held-out recall" in out
