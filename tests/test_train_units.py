@@ -191,3 +191,16 @@ def test_latest_checkpoint_is_the_newest_whole_one(tmp_path):
     (tmp_path / "tokenizer_dir").mkdir()
     assert latest_checkpoint(Storage(), str(tmp_path)) == (str(tmp_path / "checkpoint_c"), 20)
     assert latest_checkpoint(Storage(), str(tmp_path / "missing")) is None
+
+
+def test_positions_at_selected_patches_equal_siglips_interpolated_table():
+    """Sampling the learned grid at the selected patches only gives SigLIP's own bicubic
+    interpolation of the whole table to the high-res grid (at a cost independent of that grid)."""
+    model = _tiny()
+    emb = model.vision.embeddings
+    weight = emb.position_embedding.weight
+    for side in (256, 512):
+        n = (side // 16) ** 2
+        full = emb.interpolate_pos_encoding(weight.new_empty(1, 1, weight.shape[1]).expand(1, n, -1), side, side)[0]
+        index = torch.randperm(n)[:40].reshape(2, 20)
+        assert torch.allclose(model.positions_at(index, side), full[index], atol=1e-5)

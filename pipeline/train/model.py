@@ -91,13 +91,17 @@ class LocalContrastiveModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(input_ids=input_ids).pooler_output), dim=-1)
 
-    def _positions(self, side: int) -> torch.Tensor:
-        """Position embeddings of a side x side image, interpolated from the learned grid; (N, D)."""
-        emb = self.vision.embeddings
-        n = (side // self.patch) ** 2
-        weight = emb.position_embedding.weight
-        dummy = weight.new_empty(1, 1, weight.shape[1]).expand(1, n, -1)  # only its shape is read
-        return emb.interpolate_pos_encoding(dummy, side, side)[0]
+    def positions_at(self, index: torch.Tensor, side: int) -> torch.Tensor:
+        """Position embeddings (B, K, D) of patches `index` of a side x side image: the learned grid
+        sampled bicubically at those patches' centres only (as interpolating the whole table to the
+        high-res grid would, without the cost growing with the grid)."""
+        weight = self.vision.embeddings.position_embedding.weight  # (n*n, D)
+        n, grid = math.isqrt(weight.shape[0]), side // self.patch
+        table = weight.t().reshape(1, -1, n, n)
+        centres = torch.stack([(index % grid).float(), (index // grid).float()], dim=-1)  # x, y in patches
+        points = ((centres + 0.5) / grid * 2 - 1).reshape(1, -1, 1, 2).to(table.dtype)
+        out = F.grid_sample(table, points, mode="bicubic", padding_mode="border", align_corners=False)  # 1, D, B*K, 1
+        return out[0, :, :, 0].t().reshape(*index.shape, -1)
 
     def encode_low(self, low: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Low-res tokens after the last layer (post-norm), and each layer's input (the KV context)."""
@@ -128,7 +132,7 @@ class LocalContrastiveModel(nn.Module):
         conv = emb.patch_embedding
         pixels = gather_patches(high, index, self.patch)
         x = pixels.to(conv.weight.dtype) @ conv.weight.flatten(1).t() + conv.bias
-        x = x + self._positions(high.shape[-1])[index]
+        x = x + self.positions_at(index, high.shape[-1])
         for layer, ctx in zip(self.vision.encoder.layers, context):
             x = self._context_layer(layer, x, ctx if self.opts.low_res_context else None)
         return self.vision.post_layernorm(x)
