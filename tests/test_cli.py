@@ -28,8 +28,8 @@ def test_help_explains_each_command(tmp_path):
         assert command in out.stdout
     run_help = localcap("run", "--help", tmp_path=tmp_path).stdout
     assert "--run-id" in run_help and "resume" in run_help.lower() and "--train" in run_help
-    train_help = localcap("train", "--help", tmp_path=tmp_path).stdout
-    assert "DATASET" in train_help and "--config" in train_help and "resumes" in train_help
+    train_help = " ".join(localcap("train", "--help", tmp_path=tmp_path).stdout.split())
+    assert "NAME/LATEST" in train_help and "--config" in train_help and "resumes from its last checkpoint" in train_help
 
 
 def test_bad_train_config_names_the_field(tmp_path):
@@ -70,6 +70,16 @@ def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
     assert metrics["step"] == 20 and metrics["eval_on_train"]  # 4 samples make one shard: nothing to hold out
     assert (Path(metrics["checkpoint"]) / "state.pt").is_file()
     assert f"checkpoint {metrics['checkpoint']}" in out.stdout
+
+    # The same through `localcap run CONFIG --train` on the demo set: the build resumes (run id demo,
+    # every partition done), then a fresh training run.
+    sets = [f"sources=[{{uri: '{demo / 'images'}'}}]", f"run.work_dir={demo / 'work'}", f"shards.output={demo / 'dataset'}",
+            f"captioner.model={demo / 'models' / 'tiny-qwen2vl'}", f"train.output={demo / 'train-again'}"]
+    again = localcap("run", str(ROOT / "flows" / "demo.yaml"), "--run-id", "demo", "--train", "--no-progress",
+                     *[arg for s in sets for arg in ("--set", s)], tmp_path=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "run demo: 4 samples in 1 shards" in again.stdout and "trained demo-dataset-local_contrastive" in again.stdout
+    assert (demo / "train-again" / "demo-dataset-local_contrastive" / "metrics.json").is_file()
     manifest = pq.read_table(demo / "dataset" / "manifest.parquet").to_pylist()
     assert len(manifest) == 4 and all(min(m["width"], m["height"]) >= 1440 for m in manifest)
     assert max(max(m["width"], m["height"]) for m in manifest) >= 3840

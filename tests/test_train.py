@@ -75,10 +75,19 @@ def test_contrastive_training_beats_chance_on_held_out_regions(colour_dataset, t
     saved = json.loads((tmp_path / "train" / "colours" / "metrics.json").read_text())
     assert saved["region_to_caption_r1"] == m["region_to_caption_r1"] and saved["checkpoint"] == result["checkpoint"]
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["localcap-train"])))
+    text = next(a.data for a in artifacts if "`colours`" in a.data)
+    assert f"| region_to_caption_r1 | {m['region_to_caption_r1']:.3f} | {m['region_to_caption_r1_chance']:.3f} |" in text
+
 
 def test_mae_loss_falls(colour_dataset, tmp_path):
+    # One DataLoader process per rank (spawned inside the Ray Train worker), as real runs use them.
     result = _train(str(colour_dataset), tmp_path / "train", objective="mae", name="mae", steps=40, checkpoint_every=40,
-                    lr=0.003)
+                    lr=0.003, data={**TRAIN["data"], "loader_workers": 1})
     m = result["metrics"]
     assert m["step"] == 40 and m["objective"] == "mae"
     assert m["last_loss"] < 0.7 * m["first_loss"], m
@@ -157,3 +166,43 @@ def test_killed_training_resumes_from_its_last_checkpoint(colour_dataset, tmp_pa
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["resumed_from"] == killed_at and metrics["step"] == killed_at + 20 and metrics["steps_this_run"] == 20
     assert "held-out recall" in out
+
+
+def _save_tiny_siglip(folder: Path, tokenizer_json: str) -> None:
+    """A tiny SiglipModel (random weights) and a tokenizer saved as a pretrained directory, offline."""
+    from transformers import SiglipConfig, SiglipModel
+
+    from pipeline.train.text import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_json)
+    config = SiglipConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 12, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 16})
+    SiglipModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_training_starts_from_a_pretrained_siglip_directory(colour_dataset, tmp_path):
+    """model.pretrained: both towers and the tokenizer come from a local SigLIP directory; its sizes
+    win over the config's, and its shorter text length caps max_text_len."""
+    from pipeline.shards.loader import ShardDataset
+    from pipeline.train.text import iter_captions, train_tokenizer
+
+    _save_tiny_siglip(tmp_path / "siglip", train_tokenizer(iter_captions(ShardDataset(str(colour_dataset), decode=False)), 200))
+    result = _train(str(colour_dataset), tmp_path / "train", name="pretrained", num_workers=1, steps=4, checkpoint_every=4,
+                    model={"pretrained": str(tmp_path / "siglip"), "low_res": 64, "high_res": 256, "patch_budget": 32,
+                           "max_text_len": 64})
+    assert result["metrics"]["step"] == 4 and result["metrics"]["eval_regions"] > 0
+    assert not (tmp_path / "train" / "pretrained" / "tokenizer.json").exists()  # the directory's own tokenizer
+    state = __import__("torch").load(Path(result["checkpoint"]) / "state.pt", weights_only=True)["model"]
+    assert state["vision.encoder.layers.0.self_attn.q_proj.weight"].shape == (32, 32)
+    assert state["text.embeddings.position_embedding.weight"].shape[0] == 12
+
+
+@pytest.mark.gpu
+def test_training_on_gpu_with_bf16(colour_dataset, tmp_path):
+    result = _train(str(colour_dataset), tmp_path / "train", name="gpu", num_workers=1, use_gpu=True, steps=20,
+                    checkpoint_every=20)
+    assert result["metrics"]["step"] == 20 and result["metrics"]["last_loss"] < result["metrics"]["first_loss"]

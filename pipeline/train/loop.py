@@ -144,7 +144,7 @@ def evaluate(model, cfg: TrainConfig, dataset: ShardDataset, tokenizer, device) 
     views = [eval_view(s, opts.low_res, opts.high_res, opts.patch_size) for s in samples]
 
     def encode_texts(texts: list[str]) -> torch.Tensor:
-        return torch.cat([model.encode_text(encode(tokenizer, texts[i:i + 256], opts.max_text_len).to(device)).float().cpu()
+        return torch.cat([model.encode_text(encode(tokenizer, texts[i:i + 256], model.max_text_len).to(device)).float().cpu()
                           for i in range(0, len(texts), 256)])
 
     return retrieval_metrics(model, views, encode_texts, cfg.eval.batch_size, device)
@@ -164,7 +164,7 @@ def train_worker(loop_config: dict) -> None:
     tokenizer = None if cfg.objective == "mae" else load_tokenizer(loop_config.get("tokenizer_json"), loop_config.get("tokenizer_path"))
     model = build_model(cfg, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history, resumed_from = 0, [], None
+    step, resumed_from = 0, None
     state, history = _resume_state(ray.train.get_checkpoint(), loop_config.get("found_checkpoint"))
     if state:
         model.load_state_dict(state["model"])
@@ -174,7 +174,7 @@ def train_worker(loop_config: dict) -> None:
             print(f"resumed from the checkpoint at step {step}", flush=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps), last_epoch=step - 1)
     if world > 1:
-        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        model = ray.train.torch.prepare_model(model)  # DDP; every parameter takes part in every step's loss
     else:
         model = model.to(device)
 
@@ -182,7 +182,7 @@ def train_worker(loop_config: dict) -> None:
                              shards=range(*loop_config["train_shards"]))
     loader = torch.utils.data.DataLoader(
         TrainStream(train_set, cfg, cfg.seed + 7919 * rank + step), batch_size=cfg.batch_size,
-        num_workers=cfg.data.loader_workers, collate_fn=Collate(tokenizer, cfg.model_options().max_text_len),
+        num_workers=cfg.data.loader_workers, collate_fn=Collate(tokenizer, getattr(_unwrap(model), "max_text_len", 0)),
         multiprocessing_context="spawn" if cfg.data.loader_workers else None, persistent_workers=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     batches = iter(loader)
@@ -200,7 +200,8 @@ def train_worker(loop_config: dict) -> None:
         step += 1
         images += len(batch["keys"]) * world
         parts |= {"step": step, "lr": scheduler.get_last_lr()[0], "images_per_s": images / (time.perf_counter() - started)}
-        history = (history + [{k: round(v, 5) if isinstance(v, float) else v for k, v in parts.items()}])[-2000:]
+        history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in parts.items()})
+        del history[:-2000]  # the checkpoint keeps the recent loss curve, not all of it
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             _report(parts | {"resumed_from": resumed_from}, rank, model, optimizer, step, cfg, loop_config, history)
         elif rank == 0 and (step % 10 == 0 or step == 1):

@@ -78,6 +78,10 @@ class LocalContrastiveModel(nn.Module):
         if getattr(vision, "head", None) is not None:  # SigLIP's attention-pool head: we pool by box instead
             del vision.head
         self.vision, self.text = vision, text
+        if vision.config.patch_size != opts.patch_size:  # the data's patch maps must match the tower's grid
+            raise ValueError(f"model.patch_size is {opts.patch_size} but {opts.pretrained} has patches of "
+                             f"{vision.config.patch_size} pixels: set model.patch_size to {vision.config.patch_size}")
+        self.max_text_len = min(opts.max_text_len, text.config.max_position_embeddings)
         width, text_width = vision.config.hidden_size, text.config.projection_size
         self.patch = vision.config.patch_size
         self.image_proj = nn.Linear(width, opts.embed_dim)
