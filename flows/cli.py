@@ -75,11 +75,13 @@ def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool,
 
 
 def _echo_trained(result: dict) -> None:
+    from pipeline.train.evaluate import recall_keys
+
     m = result["metrics"]
     typer.echo(f"trained {result['name']} ({m.get('objective')}): step {m.get('step')}, checkpoint {result['checkpoint']}")
-    recalls = {k: v for k, v in m.items() if k.endswith(("_r1", "_r5"))}
+    recalls = recall_keys(m)
     if recalls:
-        typer.echo("  held-out recall: " + ", ".join(f"{k} {v:.2f} (chance {m[k + '_chance']:.2f})" for k, v in sorted(recalls.items())))
+        typer.echo("  held-out recall: " + ", ".join(f"{k} {m[k]:.2f} (chance {m[k + '_chance']:.2f})" for k in recalls))
     if m.get("eval_loss") is not None:
         typer.echo(f"  held-out MAE loss {m['eval_loss']:.4f}")
     typer.echo(f"  metrics: {result['output']}/metrics.json")

@@ -16,6 +16,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from flows.build import build_dataset
 from pipeline.executor import init_ray
 from pipeline.storage import Storage
+from pipeline.train.evaluate import recall_keys
 from pipeline.train.runner import run_training
 from schemas.config import RaySection, StorageSection, parse_config, parse_train_config
 
@@ -34,10 +35,10 @@ def metrics_markdown(result: dict) -> str:
              f"({m.get('steps_this_run')} this run{', resumed from step %s' % m['resumed_from'] if m.get('resumed_from') else ''}).",
              f"Loss {m.get('first_loss')} over the first steps, {m.get('last_loss')} over the last.",
              f"Checkpoint: `{result['checkpoint']}`", ""]
-    recalls = sorted(k for k in m if "_r" in k and not k.endswith("_chance"))
+    recalls = recall_keys(m)
     if recalls:
         lines += ["| held-out retrieval | recall | chance |", "|---|---|---|"]
-        lines += [f"| {k} | {m[k]:.3f} | {m.get(k + '_chance', float('nan')):.3f} |" for k in recalls]
+        lines += [f"| {k} | {m[k]:.3f} | {m[k + '_chance']:.3f} |" for k in recalls]
     if m.get("eval_loss") is not None:
         lines += [f"Held-out MAE loss: {m['eval_loss']:.4f} on {m['eval_images']} images."]
     if m.get("eval_on_train"):

@@ -204,3 +204,11 @@ def test_positions_at_selected_patches_equal_siglips_interpolated_table():
         full = emb.interpolate_pos_encoding(weight.new_empty(1, 1, weight.shape[1]).expand(1, n, -1), side, side)[0]
         index = torch.randperm(n)[:40].reshape(2, 20)
         assert torch.allclose(model.positions_at(index, side), full[index], atol=1e-5)
+
+
+def test_recall_keys_are_the_recall_figures_only():
+    from pipeline.train.evaluate import recall_keys
+
+    metrics = {"steps_this_run": 20, "eval_regions": 31, "resumed_from": None, "region_to_caption_r1": 0.8,
+               "region_to_caption_r1_chance": 0.1, "caption_to_region_r5": 1.0, "caption_to_region_r5_chance": 0.5}
+    assert recall_keys(metrics) == ["caption_to_region_r5", "region_to_caption_r1"]

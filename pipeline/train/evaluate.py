@@ -7,10 +7,16 @@ the top k regions carries it. Every recall is reported beside its chance level.
 
 from __future__ import annotations
 
+import re
 from math import prod
 
 import numpy as np
 import torch
+
+
+def recall_keys(metrics: dict) -> list[str]:
+    """The recall figures among a run's metrics (`..._r1`, `..._r5`; each has a `_chance` twin), sorted."""
+    return sorted(k for k in metrics if re.search(r"_r\d+$", k))
 
 
 def chance_text(n_texts: int, k: int) -> float:
