@@ -126,6 +126,13 @@ class Storage:
     def __setstate__(self, state):
         self.__init__(**state)
 
+    def resolved_endpoint(self) -> str | None:
+        """The S3 endpoint in use: the configured one, else AWS_ENDPOINT_URL, else AWS's own."""
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    def resolved_region(self) -> str:
+        return self.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
     @property
     def s3(self):
         if self._client is None:
@@ -134,8 +141,8 @@ class Storage:
 
             self._client = boto3.session.Session().client(
                 "s3",
-                endpoint_url=self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
-                region_name=self.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                endpoint_url=self.resolved_endpoint(),
+                region_name=self.resolved_region(),
                 config=Config(retries={"max_attempts": 8, "mode": "adaptive"}),
             )
         return self._client

@@ -199,12 +199,16 @@ class ShardDataset(_Base):
     def _stream(self, folder: str, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         return read_tar_groups(self.storage, join(self.root, folder, name))
 
+    def text_tar(self, shard: str) -> tuple[str, str]:
+        """(folder, tar name) holding the sample JSONs of a shard (named by its first folder's tar)."""
+        return ("combined", shard) if self.layout == "combined" else ("text_box", shard.replace("image_", "text_box_", 1))
+
     def iter_shard(self, shard: str) -> Iterator[dict]:
         if self.layout == "combined":
             for key, group in self._stream("combined", shard):
                 yield _sample(key, next(group[e] for e in IMAGE_EXTS if e in group), group["json"], self.decode)
             return
-        texts = self._stream("text_box", shard.replace("image_", "text_box_", 1))
+        texts = self._stream(*self.text_tar(shard))
         position = 0
         for position, (key, group) in enumerate(self._stream("image", shard), start=1):
             text_key, text = next(texts, (None, None))

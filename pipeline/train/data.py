@@ -88,6 +88,12 @@ def to_tensor_array(img: Image.Image) -> np.ndarray:
     return (np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5) - 1.0
 
 
+def views(img: Image.Image, low_res: int, high_res: int, crop: Box | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (high-res, low-res) square arrays of an image, or of a crop of it."""
+    high = img.resize((high_res, high_res), Image.Resampling.BICUBIC, box=crop)
+    return to_tensor_array(high), to_tensor_array(high.resize((low_res, low_res), Image.Resampling.BICUBIC))
+
+
 def contrastive_example(sample: dict, low_res: int, high_res: int, patch: int, global_prob: float,
                         scale: tuple[float, float], rng: random.Random) -> dict | None:
     """The arrays of one local-contrastive example, or None when the sample has no usable caption."""
@@ -96,7 +102,6 @@ def contrastive_example(sample: dict, low_res: int, high_res: int, patch: int, g
         return None
     img, fx, fy = decode_reduced(sample["image"], high_res)
     crop = random_crop(img.width, img.height, scale, rng)
-    view = img.resize((high_res, high_res), Image.Resampling.BICUBIC, box=crop)
     grid = high_res // patch
     box_map = np.zeros((grid, grid), dtype=bool)
     is_global = target.box is None
@@ -108,10 +113,11 @@ def contrastive_example(sample: dict, low_res: int, high_res: int, patch: int, g
             target, is_global = Target(None, sample["global_caption"]), True
         else:
             box_map = box_patch_map(moved, high_res, patch)
+    high, low = views(img, low_res, high_res, crop)
     return {
         "key": sample["key"],
-        "high": to_tensor_array(view),
-        "low": to_tensor_array(view.resize((low_res, low_res), Image.Resampling.BICUBIC)),
+        "high": high,
+        "low": low,
         "box_map": box_map,
         "is_global": is_global,
         "text": target.text,
@@ -128,12 +134,12 @@ def eval_view(sample: dict, low_res: int, high_res: int, patch: int) -> dict:
     """A held-out sample as evaluated: the whole image without augmentation, the patch map of every
     captioned box, their captions and the global caption."""
     img, fx, fy = decode_reduced(sample["image"], high_res)
-    view = img.resize((high_res, high_res), Image.Resampling.BICUBIC)
+    high, low = views(img, low_res, high_res)
     sx, sy = fx * high_res / img.width, fy * high_res / img.height
     pairs = [(b, c) for b, c in zip(sample["boxes"], sample["captions"]) if c]
     return {
-        "high": to_tensor_array(view),
-        "low": to_tensor_array(view.resize((low_res, low_res), Image.Resampling.BICUBIC)),
+        "high": high,
+        "low": low,
         "maps": [box_patch_map((b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy), high_res, patch) for b, _ in pairs],
         "texts": [c for _, c in pairs],
         "global_text": sample["global_caption"] or None,

@@ -228,7 +228,7 @@ def _load_checkpoint(checkpoint) -> tuple[dict, list]:
 def _resume_state(from_ray, found) -> tuple[dict | None, list]:
     """The newest loadable state: Ray Train's restored checkpoint, or the newer one the driver found
     in the run folder (uploaded, but killed before Ray recorded it); (None, []) to start afresh."""
-    candidates = ([found[0]] if found else []) + ([from_ray] if from_ray else [])
+    candidates = [c for c in (found, from_ray) if c is not None]
     best, history = None, []
     for checkpoint in candidates:
         try:

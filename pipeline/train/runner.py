@@ -48,7 +48,7 @@ def split_shards(n_shards: int, holdout: int) -> tuple[tuple[int, int], tuple[in
     return (0, n_shards), (0, n_shards), True
 
 
-def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, storage: Storage, output: str) -> dict:
+def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, train_shards: list[str], storage: Storage, output: str) -> dict:
     """Where workers get their tokenizer: the pretrained model's or a given directory, else one trained
     on the training shards' captions, kept in OUTPUT/NAME so that a resumed run reuses it."""
     if cfg.objective == "mae":
@@ -59,7 +59,7 @@ def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, storage: Storage, 
     uri = join(output, TOKENIZER)
     if storage.exists(uri):
         return {"tokenizer_json": storage.read_bytes(uri).decode(), "tokenizer_path": None}
-    text = train_tokenizer(iter_captions(dataset), cfg.model_options().vocab_size)
+    text = train_tokenizer(iter_captions(dataset, train_shards), cfg.model_options().vocab_size)
     storage.write_bytes(uri, text.encode())
     return {"tokenizer_json": text, "tokenizer_path": None}
 
@@ -88,9 +88,8 @@ def _ray_storage(output: str, storage: Storage):
         return os.path.abspath(output), None
     from pyarrow import fs
 
-    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    region = storage.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    kwargs = {"region": region}
+    endpoint = storage.resolved_endpoint()
+    kwargs = {"region": storage.resolved_region()}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs |= {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
@@ -115,7 +114,7 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
     loop_config = {
         "train": cfg.model_dump(mode="json"), "dataset": dataset.root, "storage": storage,
         "train_shards": train_range, "eval_shards": eval_range,
-        **settle_tokenizer(cfg, ShardDataset(dataset.root, decode=False, storage=storage, shards=range(*train_range)), storage, output),
+        **settle_tokenizer(cfg, dataset, dataset.shards[slice(*train_range)], storage, output),
     }
     storage_path, filesystem = _ray_storage(cfg.output, storage)
     found = latest_checkpoint(storage, output)
@@ -123,7 +122,7 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
         from ray.train import Checkpoint
 
         path = found[0][len("s3://"):] if is_s3(found[0]) else found[0]
-        loop_config["found_checkpoint"] = (Checkpoint(path, filesystem), found[1])
+        loop_config["found_checkpoint"] = Checkpoint(path, filesystem)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_worker,

@@ -13,12 +13,10 @@ from pipeline.storage import join
 SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
 
 
-def iter_captions(dataset: ShardDataset) -> Iterator[str]:
-    """Every box caption and global caption of the dataset's shards (text tars only for paired)."""
-    folder = "combined" if dataset.layout == "combined" else "text_box"
-    for shard in dataset.shards:
-        name = shard if folder == "combined" else shard.replace("image_", "text_box_", 1)
-        for _key, group in read_tar_groups(dataset.storage, join(dataset.root, folder, name)):
+def iter_captions(dataset: ShardDataset, shards: list[str] | None = None) -> Iterator[str]:
+    """Every box caption and global caption of these shards (default: all; text tars only for paired)."""
+    for shard in dataset.shards if shards is None else shards:
+        for _key, group in read_tar_groups(dataset.storage, join(dataset.root, *dataset.text_tar(shard))):
             meta = json.loads(group["json"])
             yield from (t for t in meta.get("text", []) if t)
             if meta.get("global_text"):
