@@ -26,6 +26,24 @@ _REFUSAL = re.compile(
     r"^(?:i'?m\s+sorry|sorry,|i\s+(?:cannot|can't|can\s+not|am\s+unable|'m\s+unable|am\s+not\s+able)|as\s+an\s+ai|"
     r"i\s+do\s+not\s+have|i\s+don't\s+have|unable\s+to\s+(?:see|describe|view))", re.IGNORECASE)
 _SENTINEL = re.compile(r"^\s*(?:\[?error\]?|<error>|error:.*|n/?a|none|null|nan|undefined|<unk>|\[\s*\]|\{\s*\})\s*\.?\s*$", re.IGNORECASE)
+# Error markers a caption must never carry (trainers look for them: "[Error] No caption found!"): a
+# bracketed marker in any case, an upper-case one anywhere, or a sentence saying there is no caption.
+_ERROR_MARKER = re.compile(
+    r"[\[<]\s*(?:error|err|fail(?:ed|ure)?|exception|invalid|warning|no\s+caption|n/?a|null|none|unknown)\b[^\]>]*[\]>]"
+    r"|(?-i:\b(?:ERROR|FAILED|FAILURE|EXCEPTION|TRACEBACK|NO CAPTION)\b)"
+    r"|\bno\s+(?:caption|description)s?(?:\s+(?:was\s+|were\s+|is\s+)?(?:found|available|generated|provided|possible)\b|\s*[.!]*\s*$)"
+    r"|\b(?:caption|description)s?\s+(?:is\s+|are\s+)?(?:not\s+(?:available|found|generated|provided)|unavailable|missing|failed)\b",
+    re.IGNORECASE)
+# A sentence that only says something is absent ("There is no visible text in the image."): PS3's
+# loader deletes a last sentence that mentions visible text, and our prompts ask for no such statements.
+_ABSENCE = re.compile(
+    r"^(?:there\s+(?:is|are|appears?\s+to\s+be|seems?\s+to\s+be)\s+no\b"
+    r"|no\s+(?:\w+\s+){0,3}(?:is|are|can\s+be|could\s+be)\s+(?:visible|present|seen|shown|discernible|legible|readable)\b"
+    r"|(?:the\s+)?(?:image|picture|photo|crop|region|scene)\s+(?:contains|shows|has|features|includes|displays)\s+no\b"
+    r"|(?:the\s+)?(?:image|picture|photo|crop|region|scene)\s+(?:does|do)\s+not\s+(?:contain|show|have|include|feature|display)\b"
+    r"|(?:i\s+)?(?:can(?:not|'t)|could\s+not|couldn't)\s+(?:see|find|make\s+out|read)\b)",
+    re.IGNORECASE)
+_CONTRAST = re.compile(r"\b(?:but|while|whereas|although|though|however|except|apart\s+from|only)\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]*(?:\s|$))")
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Control characters and U+FFFD (a token sequence that ended inside a UTF-8 character; where it lands
@@ -58,6 +76,21 @@ def whole_sentences(text: str) -> str:
     return text.strip()
 
 
+def sentences(text: str) -> list[str]:
+    """The sentences of a text (a tail without an end mark counts as one)."""
+    out, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        out.append(text[start:m.end()].strip())
+        start = m.end()
+    tail = text[start:].strip()
+    return [s for s in out + ([tail] if tail else []) if s]
+
+
+def drop_absence_statements(text: str) -> str:
+    """The text without sentences that only state what is not there."""
+    return " ".join(s for s in sentences(text) if not (_ABSENCE.match(s) and not _CONTRAST.search(s)))
+
+
 def is_degenerate(text: str, n: int = 3, max_repeats: int = 3, min_unique_ratio: float = 0.3) -> bool:
     """Looping output: one word n-gram repeated more than max_repeats times, or too few distinct
     words in a long text."""
@@ -73,13 +106,13 @@ def clean_caption(text: str | None, min_words: int = 2) -> tuple[str | None, Cap
     text = normalise_text(text or "")
     if not text:
         return None, CaptionStatus.EMPTY
-    if _SENTINEL.match(text):
+    if _SENTINEL.match(text) or _ERROR_MARKER.search(text):
         return None, CaptionStatus.ERROR_SENTINEL
     if _REFUSAL.match(text):
         return None, CaptionStatus.REFUSAL
     if is_degenerate(text):
         return None, CaptionStatus.DEGENERATE
-    text = whole_sentences(strip_boilerplate(text))
+    text = strip_boilerplate(drop_absence_statements(whole_sentences(text)))
     if len(_WORD.findall(text)) < min_words:
         return None, CaptionStatus.EMPTY if not text else CaptionStatus.TOO_SHORT
     return text, None

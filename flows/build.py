@@ -7,7 +7,6 @@ deploy for a local run.
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from dataclasses import asdict
@@ -19,7 +18,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from pipeline.executor import StageReport, init_ray
 from pipeline.html_report import write_report
-from pipeline.regions import preflight
+from pipeline.preflight import check_cluster, check_run
 from pipeline.stages import (
     make_context,
     publish_dataset,
@@ -31,15 +30,34 @@ from pipeline.stages import (
 )
 from pipeline.storage import is_s3, join
 from pipeline.versions import publish_version
-from schemas.config import RunConfig, parse_config
+from schemas.config import RunConfig, check_run_id, parse_config
 
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+class StageFailed(RuntimeError):
+    """A stage failed for good: one line naming the stage and the error (the CLI prints it)."""
 
 
-def check_run_id(run_id: str) -> str:
-    if not RUN_ID.fullmatch(run_id):
-        raise ValueError(f"run id {run_id!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)")
-    return run_id
+# Failures no retry can fix: the task fails at once instead of repeating them prefect.retries times.
+PERMANENT = (ValueError, TypeError, KeyError, AttributeError, AssertionError, FileNotFoundError, NotADirectoryError,
+             IsADirectoryError, PermissionError, FileExistsError, NotImplementedError)
+
+
+def retryable(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry only what may be temporary (connections, lost workers, ...)."""
+    return not isinstance(state.data, PERMANENT)
+
+
+def run_stage_task(stage_task, opts: dict, *args):
+    """Call a stage's task with the run's retry options; a failure becomes StageFailed naming the stage."""
+    try:
+        return stage_task.with_options(**opts)(*args)
+    except Exception as exc:
+        cause = getattr(exc, "cause", None) or exc  # a Ray task error carries the original exception
+        raise StageFailed(f"stage {stage_task.name} failed: {type(cause).__name__}: {_first_line(cause)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if "Traceback" in text else (text.splitlines() or [""])[0]
 
 
 def new_run_id() -> str:
@@ -133,25 +151,26 @@ def build_dataset(config: dict, run_id: str | None = None, progress: bool = True
     logger = get_run_logger()
     ctx = make_context(cfg, run_id, progress)
     logger.info("run %s: work in %s, dataset to %s", run_id, ctx.run_dir, cfg.shards.output)
+    check_run(cfg)  # also for deployments, which skip the CLI: paths, buckets, weights
     init_ray(cfg.ray)
-    preflight(cfg.regions, ray_started=True)  # missing extras, weights or GPUs stop the run before any work
+    check_cluster(cfg)  # GPUs the captioner or SAM need: before any work
 
-    opts = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_s}
-    ingest_report, fingerprints = ingest_task.with_options(**opts)(ctx)
+    opts = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_s, "retry_condition_fn": retryable}
+    ingest_report, fingerprints = run_stage_task(ingest_task, opts, ctx)
     n_inputs = ingest_report.rows["inputs"]
     logger.info("ingest: %d inputs in %d partitions (%d skipped as done)", n_inputs, ingest_report.partitions, ingest_report.skipped)
-    dedupe_report = dedupe_task.with_options(**opts)(ctx, fingerprints)
-    regions_report, regions_fingerprints = regions_task.with_options(**opts)(ctx, fingerprints)
-    caption_report, caption_fingerprints = caption_task.with_options(**opts)(ctx, fingerprints, regions_fingerprints)
-    shard_report = shard_task.with_options(**opts)(ctx, fingerprints, regions_fingerprints, caption_fingerprints)
+    dedupe_report = run_stage_task(dedupe_task, opts, ctx, fingerprints)
+    regions_report, regions_fingerprints = run_stage_task(regions_task, opts, ctx, fingerprints)
+    caption_report, caption_fingerprints = run_stage_task(caption_task, opts, ctx, fingerprints, regions_fingerprints)
+    shard_report = run_stage_task(shard_task, opts, ctx, fingerprints, regions_fingerprints, caption_fingerprints)
     reports = [ingest_report, dedupe_report, regions_report, caption_report, shard_report]
-    dataset = publish_task.with_options(**opts)(ctx, n_inputs, reports)
+    dataset = run_stage_task(publish_task, opts, ctx, n_inputs, reports)
     try:
         dataset["report"] = report_task(ctx)
     except Exception as exc:  # the dataset is whole; a report that fails must not fail the build
         logger.warning("report not written: %s: %s", type(exc).__name__, exc)
     if cfg.publish.to:
-        dataset["published"] = version_task.with_options(**opts)(ctx)
+        dataset["published"] = run_stage_task(version_task, opts, ctx)
         logger.info("published %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])
     create_markdown_artifact(report_markdown(run_id, dataset, reports), key="localcap-build", description=f"localcap run {run_id}")
     c = dataset["counts"]

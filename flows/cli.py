@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from schemas.config import ConfigError, load_config
+from schemas.config import ConfigError, absolute_path, check_run_id, load_config, train_with_absolute_paths
 
 # Prefect's temporary server otherwise records a telemetry session on start-up, which can race its
 # own database migration on a fresh PREFECT_HOME ("database is locked").
@@ -45,32 +45,27 @@ def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool,
     the training result under "trained" when it ran."""
     try:
         cfg = load_config(config_path, _parse_sets(sets))
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    from pipeline.regions import ProposerUnavailable, preflight
-
-    try:
-        preflight(cfg.regions)
-    except ProposerUnavailable as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    from flows.build import (  # Prefect imports slowly: only after the config is good
-        build_dataset,
-        check_run_id,
-    )
-
-    try:
         run_id = run_id and check_run_id(run_id)
-    except ValueError as exc:
-        typer.echo(f"--run-id: {exc}", err=True)
+        from pipeline.preflight import check_run
+
+        check_run(cfg, train=train)  # before Ray and Prefect start: what a retry cannot fix
+    except ValueError as exc:  # ConfigError, PreflightError, a bad run id: each names its field
+        typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    from flows.build import StageFailed, build_dataset  # Prefect imports slowly: only after the checks pass
 
-    if not train:
-        return build_dataset(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
-    from flows.train import end_to_end
+    try:
+        if not train:
+            return build_dataset(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
+        from flows.train import end_to_end
 
-    both = end_to_end(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
+        both = end_to_end(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
+    except StageFailed as exc:
+        typer.echo(f"localcap: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # Ray or Prefect failed around the stages: still one line at the end
+        typer.echo(f"localcap: run failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}", err=True)
+        raise typer.Exit(1) from None
     return both["dataset"] | {"trained": both["train"]}
 
 
@@ -121,14 +116,14 @@ def train_command(
         data = read_yaml(config) if config else {}
         run_config = "sources" in data or "shards" in data
         train_data = apply_overrides(dict(data.get("train", {})) if run_config else data, _parse_sets(set_))
-        cfg = parse_train_config(train_data, str(config or "--set"))
+        cfg = train_with_absolute_paths(parse_train_config(train_data, str(config or "--set")), os.getcwd())
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     from flows.train import train
 
     try:
-        result = train(dataset, cfg.model_dump(mode="json"), data.get("storage") if run_config else None,
+        result = train(absolute_path(dataset, os.getcwd()), cfg.model_dump(mode="json"), data.get("storage") if run_config else None,
                        data.get("ray") if run_config else None)
     except FileNotFoundError as exc:
         typer.echo(f"not a localcap dataset (no dataset.json?): {exc}", err=True)

@@ -11,6 +11,7 @@ import logging
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
@@ -49,6 +50,8 @@ from pipeline.regions.stage import RegionsPayload, RegionsWorker, regions_partit
 from pipeline.shards.loader import write_wids_index
 from pipeline.shards.plan import assign_shards
 from pipeline.shards.stage import (
+    UNFIT_REJECTS,
+    SampleRules,
     ShardPayload,
     finalize_shards,
     plan_samples,
@@ -310,19 +313,28 @@ def _backend_errors(storage: Storage, uri: str, fp: str) -> int:
 # -- shards ------------------------------------------------------------------------------------
 def run_shards(ctx: RunContext, ingest_fingerprints: list[str], regions_fingerprints: list[str],
                caption_fingerprints: list[str]) -> StageReport:
-    cfg = ctx.config.shards
-    samples = plan_samples(ctx.storage, ctx.stage_dir("ingest"), len(ingest_fingerprints), duplicate_sources(ctx))
+    cfg, captioner = ctx.config.shards, ctx.config.captioner
+    rules = SampleRules(cfg, (ctx.config.dedupe.box_iou, ctx.config.dedupe.caption_similarity),
+                        need_global=captioner.backend != "none" and captioner.global_caption)
+    samples, unfit = plan_samples(ctx.storage, ctx.stage_dir("ingest"), len(ingest_fingerprints), duplicate_sources(ctx),
+                                  ctx.stage_dir("regions") if regions_fingerprints else None,
+                                  ctx.stage_dir("caption") if caption_fingerprints else None, rules)
+    # Rewritten by every run from the plan, so it always matches the shards below.
+    write_table(ctx.storage, join(ctx.stage_dir("shard"), UNFIT_REJECTS), unfit)
+    if unfit.num_rows:
+        log.info("shard: %d images left out that PS3's loader could not train on %s (shards.keep_empty writes them)",
+                 unfit.num_rows, dict(sorted(Counter(unfit["reason"].to_pylist()).items())))
     groups = assign_shards(samples, cfg.max_samples, cfg.max_bytes, combined=cfg.layout == "combined")
     fps = {i: (fp, regions_fingerprints[i] if regions_fingerprints else None, caption_fingerprints[i] if caption_fingerprints else None)
            for i, fp in enumerate(ingest_fingerprints)}
-    regions_dir = ctx.stage_dir("regions") if regions_fingerprints else None
-    captions_dir = ctx.stage_dir("caption") if caption_fingerprints else None
     jobs = []
     for i, group in enumerate(groups):
-        payload = ShardPayload(i, group, ctx.stage_dir("ingest"), regions_dir, captions_dir, cfg, ctx.storage,
-                               (ctx.config.dedupe.box_iou, ctx.config.dedupe.caption_similarity))
+        payload = ShardPayload(i, group, ctx.stage_dir("ingest"), cfg, ctx.storage)
         jobs.append(PartitionJob(i, shard_fingerprint(payload, fps), payload))
-    return run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress, marker="samples")
+    report = run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress, marker="samples")
+    if unfit.num_rows:
+        report.rows["rejects"] = unfit.num_rows
+    return report
 
 
 # -- the dataset files -------------------------------------------------------------------------
@@ -373,9 +385,34 @@ def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table) 
     }
 
 
-def run_timings(reports: list[StageReport], status: pa.Table) -> dict:
-    """What this run's work cost (differs between runs of the same data, unlike `statistics`)."""
-    out: dict = {"stage_seconds": {r.stage: r.seconds for r in reports}}
+def build_entry(run_id: str, reports: list[StageReport]) -> dict:
+    """One run's record: what each stage computed or skipped, and how long it took."""
+    return {"run_id": run_id, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
+            "computed": sum(r.computed for r in reports), "stages": [asdict(r) for r in reports]}
+
+
+def previous_builds(storage: Storage, run_dir: str) -> list[dict]:
+    """The build records of the earlier runs of this run id (its run.json), oldest first."""
+    uri = join(run_dir, "run.json")
+    if not storage.exists(uri):
+        return []
+    record = json.loads(storage.read_bytes(uri))
+    if "builds" in record:
+        return record["builds"]
+    return [{"run_id": record.get("run_id"), "finished_at": record.get("finished_at"), "argv": record.get("argv"),
+             "computed": sum(st.get("computed", 0) for st in record.get("stages", [])), "stages": record.get("stages", [])}]
+
+
+def run_timings(builds: list[dict], status: pa.Table) -> dict:
+    """What building the data cost: per stage, the seconds of every run that computed part of it
+    (a rerun that skips everything adds nothing), and the proposer's per-image times."""
+    seconds: dict[str, float] = {}
+    for entry in builds:
+        for st in entry["stages"]:
+            seconds.setdefault(st["stage"], 0.0)
+            if st.get("computed"):
+                seconds[st["stage"]] = round(seconds[st["stage"]] + st["seconds"], 3)
+    out: dict = {"stage_seconds": seconds, "runs": len(builds), "runs_that_computed": sum(1 for b in builds if b["computed"])}
     if status.num_rows:
         out["regions_ms_per_image"] = {c.removesuffix("_ms"): round(float(pc.mean(status[c]).as_py() or 0.0), 2)
                                        for c in ("decode_ms", "segment_ms", "score_ms")}
@@ -432,7 +469,8 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
     """manifest.parquet, sizes.json, then dataset.json last; run.json into the run directory."""
     manifest = finalize_shards(ctx.storage, ctx.run_dir, ctx.config.shards)
     write_wids_index(ctx.storage, ctx.config.shards.output, ctx.config.shards.layout, ctx.config.run.name)
-    counts = count_summary(n_inputs, manifest, collect_rejects(ctx))
+    rejects = collect_rejects(ctx)
+    counts = count_summary(n_inputs, manifest, rejects)
     regions, status = kept_region_tables(ctx, manifest)
     captions = read_tables(ctx.storage, ctx.stage_dir("caption"), "part", CAPTIONS) if ctx.config.captioner.backend != "none" else None
     if captions is not None:  # boxes whose caption was rejected are not in the shards
@@ -440,27 +478,33 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
         keys = pa.array(sorted({f"{u}/{r}" for u, r in zip(ok["uid"].to_pylist(), ok["region_id"].to_pylist())}), pa.string())
         region_keys = pc.binary_join_element_wise(regions["uid"], pc.cast(regions["region_id"], pa.string()), "/")
         regions = regions.filter(pc.is_in(region_keys, value_set=keys))
+    builds = previous_builds(ctx.storage, ctx.run_dir) + [build_entry(ctx.run_id, reports)]
+    built = [b for b in builds if b["computed"]] or builds
     dataset = {
         "name": ctx.config.run.name,
         "run_id": ctx.run_id,
         "layout": ctx.config.shards.layout,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": built[-1]["finished_at"],  # when the data last changed, not when a no-op rerun rewrote this file
+        "updated_at": builds[-1]["finished_at"],
         "counts": counts,
         "statistics": dataset_statistics(manifest, regions, status),
-        "timings": run_timings(reports, status),
+        "timings": run_timings(builds, status),
+        "builds": builds,
         "captions": caption_summary(ctx.config.captioner, captions, manifest) if captions is not None else None,
         "versions": package_versions(),
         "config": ctx.config.model_dump(mode="json"),
     }
+    write_table(ctx.storage, join(ctx.config.shards.output, "rejects.parquet"), rejects)
     ctx.storage.write_bytes(join(ctx.config.shards.output, "dataset.json"), json.dumps(dataset, indent=1).encode())
     indexed = append_to_index(ctx, manifest)  # after the dataset is whole: the index never names a half-written one
     run_record = {
         "run_id": ctx.run_id,
-        "finished_at": dataset["created_at"],
+        "finished_at": dataset["updated_at"],
         "config": dataset["config"],
         "versions": dataset["versions"],
         "argv": sys.argv,
-        "stages": [asdict(r) for r in reports],
+        "stages": [asdict(r) for r in reports],  # this run's; `builds` holds every run's
+        "builds": builds,
         "counts": counts,
         "index_rows_appended": indexed,
     }

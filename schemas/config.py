@@ -6,6 +6,8 @@ silently ignored. Later stages (regions, captions, near-duplicate search) add th
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -277,6 +279,11 @@ class ShardsSection(_Section):
     max_samples: int = Field(1000, ge=1, description="Start a new shard after this many samples.")
     max_bytes: int = Field(1 << 30, ge=1, description="Start a new shard before a tar would pass this many bytes.")
     sample_type: Literal["natural", "document"] = Field("natural", description="`type` written to each sample's JSON.")
+    keep_empty: bool = Field(
+        False,
+        description="Also write images PS3's loader cannot train on: no box with a caption, or (captioning on) no global "
+        "caption. Off: such images are rejects (no_boxes, no_global_caption), so inputs = samples + rejected still holds.",
+    )
 
 
 class PublishSection(_Section):
@@ -293,11 +300,22 @@ class DeploySection(_Section):
     """How `localcap deploy` registers this config as Prefect deployments (build_dataset, end_to_end, train)."""
 
     cron: str | None = Field(None, description="Schedule, e.g. '0 3 * * *' (None: run only when triggered).")
+    interval_s: float | None = Field(None, gt=0, description="Or a fixed interval between scheduled runs, in seconds (not with cron).")
     flow: Literal["build_dataset", "end_to_end", "train"] = Field(
         "build_dataset", description="Which deployment the cron schedule runs (the others run when triggered).")
     timezone: str = Field("UTC", description="Time zone of the cron schedule.")
     work_pool: str = Field("localcap", description="Prefect work pool whose workers run it (created as a process pool if missing).")
     concurrency: int = Field(1, ge=1, description="Runs of this dataset's build at once; later ones wait (two scheduled builds never overlap).")
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> "DeploySection":
+        if self.cron and self.interval_s:
+            raise ValueError("give deploy.cron or deploy.interval_s, not both")
+        return self
+
+    @property
+    def scheduled(self) -> bool:
+        return bool(self.cron or self.interval_s)
 
 
 class StorageSection(_Section):
@@ -344,7 +362,19 @@ class RunConfig(_Section):
             raise ValueError("shards.output must differ from run.work_dir")
         if self.publish.to and self.shards.output.startswith("s3://"):
             raise ValueError("publish.to needs shards.output to be a local folder: it is the staging area the version is uploaded from")
+        if self.regions.method == "none" and not self.shards.keep_empty:
+            raise ValueError("regions.method 'none' proposes no boxes, so every image would be rejected as no_boxes: PS3's "
+                             "loader cannot train on a sample without boxes. Set shards.keep_empty: true to write them anyway")
         return self
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"--run-id: run id {run_id!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder)")
+    return run_id
 
 
 class ConfigError(ValueError):
@@ -401,6 +431,52 @@ def apply_overrides(data: dict, overrides: dict) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Read a YAML run config. Relative local paths in it stay relative to the working directory."""
-    return parse_config(read_yaml(path, overrides), str(path))
+def absolute_path(value: str | None, base: str | Path) -> str | None:
+    """A local path made absolute against `base` (the caller's working directory); s3:// and other
+    URLs, and None, pass unchanged. Globs stay globs. Needed because Ray workers and Prefect
+    deployments run in working directories of their own."""
+    if value is None or "://" in value:
+        return value
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def absolute_model_path(value: str | None, base: str | Path) -> str | None:
+    """A model reference made absolute only when it is a local path (starts with '.', '/' or '~', or
+    names an existing folder under `base`); a Hugging Face id such as Qwen/Qwen2-VL-2B-Instruct stays."""
+    if value is None or "://" in value:
+        return value
+    if value.startswith((".", "/", "~")) or (Path(base) / value).exists():
+        return absolute_path(value, base)
+    return value
+
+
+def train_with_absolute_paths(cfg: TrainConfig, base: str | Path) -> TrainConfig:
+    model = cfg.model.model_copy(update={"pretrained": absolute_model_path(cfg.model.pretrained, base)})
+    return cfg.model_copy(update={"output": absolute_path(cfg.output, base), "tokenizer": absolute_model_path(cfg.tokenizer, base),
+                                  "model": model})
+
+
+def with_absolute_paths(cfg: RunConfig, base: str | Path) -> RunConfig:
+    """Every local path of a run config made absolute against `base`, once, when the config is loaded."""
+    def sub(section, **fields):
+        return section.model_copy(update=fields)
+
+    sources = [sub(s, uri=absolute_path(s.uri, base)) if isinstance(s, (FilesSource, UrlListSource)) else s for s in cfg.sources]
+    regions = sub(cfg.regions, sam=sub(cfg.regions.sam, model=absolute_model_path(cfg.regions.sam.model, base)))
+    return cfg.model_copy(update={
+        "run": sub(cfg.run, work_dir=absolute_path(cfg.run.work_dir, base)),
+        "sources": sources,
+        "regions": regions,
+        "captioner": sub(cfg.captioner, model=absolute_model_path(cfg.captioner.model, base)) if cfg.captioner.backend != "openai" else cfg.captioner,
+        "dedupe": sub(cfg.dedupe, index=absolute_path(cfg.dedupe.index, base)),
+        "shards": sub(cfg.shards, output=absolute_path(cfg.shards.output, base)),
+        "publish": sub(cfg.publish, to=absolute_path(cfg.publish.to, base)),
+        "train": train_with_absolute_paths(cfg.train, base),
+    })
+
+
+def load_config(path: str | Path, overrides: dict | None = None, base: str | Path | None = None) -> RunConfig:
+    """Read a YAML run config. Relative local paths in it (and in `overrides`) are made absolute
+    against `base`, the caller's working directory by default, before anything reaches Prefect or Ray."""
+    cfg = parse_config(read_yaml(path, overrides), str(path))
+    return with_absolute_paths(cfg, base or os.getcwd())

@@ -34,6 +34,11 @@ class RejectReason(str, Enum):
     BLOCKED_ADDRESS = "blocked_address"  # a private, loopback or link-local target (fetch.allow_private is off)
     BAD_URL = "bad_url"  # not http(s), or no host
     ROBOTS = "robots"  # the site's robots.txt disallows it for our user agent
+    # Content: decodable, but nothing a trainer can learn from.
+    BLANK = "blank"  # near-uniform after flattening alpha (measured on the ingest thumbnail)
+    # The shard stage: a sample PS3's loader cannot train on (shards.keep_empty writes them anyway).
+    NO_BOXES = "no_boxes"  # no box with a non-empty caption survived (regions found none, or every caption was rejected)
+    NO_GLOBAL_CAPTION = "no_global_caption"  # captioning is on but the image's global caption was rejected or failed
 
 
 class NoBoxReason(str, Enum):

@@ -67,3 +67,30 @@ def test_prompt_overrides_need_their_own_id():
     assert (custom.prompt_id, custom.local) == ("mine-v1", "Describe the crop.")
     with pytest.raises(ValueError, match="unknown captioner.prompt_id"):
         resolve_prompts("mine-v2", local="only one")
+
+
+@pytest.mark.parametrize("raw", [
+    "[Error] No caption found!", "[ERROR]", "<error> model timed out", "No caption", "No caption.", "caption not available",
+    "Caption unavailable.", "No description available.", "[ERR: timeout]", "ERROR: CUDA out of memory", "The FAILED request.",
+])
+def test_error_markers_trainers_look_for_are_rejected(raw):
+    assert clean_caption(raw) == (None, S.ERROR_SENTINEL)
+
+
+@pytest.mark.parametrize("raw, kept", [
+    ("A red sign on a brick wall. There is no visible text in the image.", "A red sign on a brick wall."),
+    ("A blue door. No people are visible.", "A blue door."),
+    ("The image contains no text. A green leaf with dew drops.", "A green leaf with dew drops."),
+    ("A wooden bench. I cannot see any writing.", "A wooden bench."),
+    # Absence with content beside it stays: it says what is there.
+    ("There is no text, but a red arrow points left.", "There is no text, but a red arrow points left."),
+    ("A sign that says no parking.", "A sign that says no parking."),
+    ("A red (warning) triangle on a pole.", "A red (warning) triangle on a pole."),
+    ("A crowd with no caption writers.", "A crowd with no caption writers."),
+])
+def test_sentences_that_only_state_absence_are_dropped(raw, kept):
+    assert clean_caption(raw) == (kept, None)
+
+
+def test_a_caption_that_only_states_absence_is_empty():
+    assert clean_caption("There is no visible text in the image.") == (None, S.EMPTY)

@@ -37,7 +37,7 @@ def test_edits_are_near_duplicates_and_small_differences_are_not(build, tmp_path
         other, _ = generate_scene(800 + s, 2400, 1600, n_objects=3, grain=4.0 * s, object_seed=900 + s)  # same layout
         (tmp_path / "img" / f"s{s}-other.jpg").write_bytes(encode(other, "JPEG", quality=90))
     cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "img")}],
-           "ingest": {"min_side": 512}, "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds")},
+           "ingest": {"min_side": 512}, "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True},
            "dedupe": {"distributed_min": 0}}  # the search as Ray tasks split by band set, as on a cluster
     dataset = build(cfg, run_id="near")
     assert dataset["counts"]["rejected_by_reason"] == {"duplicate_near": 3 * 5}
@@ -67,14 +67,14 @@ def test_a_second_run_skips_what_a_published_version_holds(build, tmp_path):
         (tmp_path / "img" / f"{s}.jpg").write_bytes(encode(generate_scene(850 + s, 1600, 1200, n_objects=2)[0], "JPEG", quality=90))
     base = {"sources": [{"uri": str(tmp_path / "img")}], "regions": {"method": "none"},
             "dedupe": {"index": str(tmp_path / "index")}}
-    first = build({**base, "run": {"work_dir": str(tmp_path / "w1")}, "shards": {"output": str(tmp_path / "v1")}}, run_id="v1")
+    first = build({**base, "run": {"work_dir": str(tmp_path / "w1")}, "shards": {"output": str(tmp_path / "v1"), "keep_empty": True}}, run_id="v1")
     assert first["counts"]["samples"] == 4 and (tmp_path / "index" / "hashes-v1.parquet").exists()
 
     # A re-encoded copy of one published image and one new image arrive with the old ones.
     again = generate_scene(850, 1600, 1200, n_objects=2)[0]
     (tmp_path / "img" / "0-reencoded.png").write_bytes(encode(again, "PNG"))
     (tmp_path / "img" / "new.jpg").write_bytes(encode(generate_scene(870, 1600, 1200, n_objects=2)[0]))
-    second = build({**base, "run": {"work_dir": str(tmp_path / "w2")}, "shards": {"output": str(tmp_path / "v2")}}, run_id="v2")
+    second = build({**base, "run": {"work_dir": str(tmp_path / "w2")}, "shards": {"output": str(tmp_path / "v2"), "keep_empty": True}}, run_id="v2")
     assert second["counts"]["samples"] == 1
     assert second["counts"]["rejected_by_reason"] == {"duplicate_published": 5}
     assert json.loads((tmp_path / "w2" / "v2" / "run.json").read_text())["index_rows_appended"] == 1

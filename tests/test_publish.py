@@ -131,7 +131,7 @@ def test_build_flow_publishes_the_next_version(build, s3, s3_bucket, tmp_path):
         (src / f"{i}.jpg").write_bytes(scene_jpeg(800 + i, 1300, 1100))
     name = f"s3://{s3_bucket}/built"
     cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(src)}], "regions": {"method": "none"},
-           "shards": {"output": str(tmp_path / "ds")}, "publish": {"to": name}}
+           "shards": {"output": str(tmp_path / "ds"), "keep_empty": True}, "publish": {"to": name}}
     dataset = build(cfg, run_id="pub-flow")
     assert dataset["published"]["uri"] == name + "/v1" and dataset["published"]["latest"] == "v1"
     assert [r["key"] for r in pq.read_table(tmp_path / "ds" / "manifest.parquet").to_pylist()] == \

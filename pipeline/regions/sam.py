@@ -11,8 +11,6 @@ the local cache, else the run stops before any work with a message that says so.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -37,23 +35,12 @@ def _imports():
 
 def weights_path(opts: SamOptions) -> str:
     """The local directory or cached Hub id of the weights; SamUnavailable when neither exists."""
-    model = opts.model
-    if os.path.isdir(model):
-        if not (Path(model) / "config.json").is_file():
-            raise SamUnavailable(f"regions.sam.model {model!r} is a directory without config.json: not a saved SAM model")
-        return model
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_like_path:
-        raise SamUnavailable(f"regions.sam.model {model!r}: no such directory")
-    from huggingface_hub import try_to_load_from_cache
+    from pipeline.preflight import PreflightError, local_weights
 
-    if not isinstance(try_to_load_from_cache(model, "config.json"), str):
-        raise SamUnavailable(
-            f"SAM weights {model!r} are not in the local Hugging Face cache and localcap never downloads them. "
-            f"Fetch them once (`huggingface-cli download {model}`) or point regions.sam.model at a saved model directory; "
-            "or use regions.masks: felzenszwalb (CPU)."
-        )
-    return model
+    try:
+        return local_weights(opts.model, "regions.sam.model", "; or use regions.masks: felzenszwalb (CPU)")
+    except PreflightError as exc:
+        raise SamUnavailable(str(exc)) from None
 
 
 def check_weights(opts: SamOptions) -> None:

@@ -15,6 +15,8 @@ class SampleRef:
     partition: int  # ingest partition holding the bytes
     row: int  # row within that partition
     n_bytes: int
+    text_json: bytes = b""  # the sample's text_box JSON, decided by the plan
+    boxes: int = 0
 
 
 def assign_shards(samples: list[SampleRef], max_samples: int, max_bytes: int, combined: bool) -> list[list[SampleRef]]:

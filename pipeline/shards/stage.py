@@ -29,46 +29,82 @@ from pipeline.shards.plan import SampleRef
 from pipeline.storage import Storage, join
 from schemas.config import ShardsSection
 from schemas.sample import TextBoxSample
-from schemas.tables import GLOBAL_REGION, MANIFEST, rows_to_table
+from schemas.tables import GLOBAL_REGION, MANIFEST, REJECTS, RejectReason, reject, rows_to_table
 
 STAGE = "shard"
 CODE_VERSION = code_version(layout_mod, plan_mod, writer, dedupe_regions, sys.modules[__name__])
-PLAN_COLUMNS = ["uid", "source_uri", "n_bytes"]
+UNFIT_REJECTS = "rejects-plan.parquet"  # in the shard stage folder: images the plan left out (not a partition)
+PLAN_COLUMNS = ["uid", "source_uri", "n_bytes", "width", "height"]
 
 
 @dataclass(frozen=True)
 class ShardPayload:
     index: int
-    samples: list[SampleRef]
+    samples: list[SampleRef]  # with their JSON: the shard only adds the image bytes
     ingest_dir: str
-    regions_dir: str | None  # None: the run proposes no boxes
-    captions_dir: str | None  # None: no captioner ran (box texts stay "")
     config: ShardsSection
     storage: Storage
+
+
+@dataclass(frozen=True)
+class SampleRules:
+    """What the plan needs besides the stage tables to decide each sample's JSON."""
+
+    config: ShardsSection
     box_dedupe: tuple[float, float] = (0.7, 0.9)  # (dedupe.box_iou, dedupe.caption_similarity)
+    need_global: bool = False  # captioning with global captions is on: a sample without one cannot train
 
 
-def plan_samples(storage: Storage, ingest_dir: str, n_partitions: int, excluded_uris: set[str]) -> list[SampleRef]:
-    """Kept images in ingest order (partition, then row), keyed by uid."""
-    refs = []
+def plan_samples(storage: Storage, ingest_dir: str, n_partitions: int, excluded_uris: set[str], regions_dir: str | None,
+                 captions_dir: str | None, rules: SampleRules) -> tuple[list[SampleRef], pa.Table]:
+    """(kept samples in ingest order (partition, then row) with their text_box JSON, rejects of the
+    images PS3's loader could not train on). Only the small tables are read, never image bytes."""
+    refs, rejects = [], []
     for p in range(n_partitions):
         t = read_table(storage, join(ingest_dir, part_name(p)), columns=PLAN_COLUMNS)
-        for row, (uid, uri, n) in enumerate(zip(t["uid"].to_pylist(), t["source_uri"].to_pylist(), t["n_bytes"].to_pylist())):
-            if uri not in excluded_uris:
-                refs.append(SampleRef(uid, p, row, n))
-    return refs
+        boxes = read_boxes(storage, join(regions_dir, part_name(p)) if regions_dir else None)
+        captions = read_captions(storage, captions_dir, p)
+        columns = (t[c].to_pylist() for c in PLAN_COLUMNS)
+        for row, (uid, uri, n, width, height) in enumerate(zip(*columns)):
+            if uri in excluded_uris:
+                continue
+            sample = build_sample(rules, boxes.get(uid, []), width, height, None if captions is None else captions.get(uid, {}))
+            unfit = None if rules.config.keep_empty else unfit_reason(sample, captions is not None, rules.need_global)
+            if unfit:
+                rejects.append(reject(uri, uid, STAGE, unfit, UNFIT_DETAIL[unfit]))
+            else:
+                refs.append(SampleRef(uid, p, row, n, sample.to_json_bytes(), len(sample.box)))
+    return refs, rows_to_table(rejects, REJECTS)
+
+
+UNFIT_DETAIL = {
+    RejectReason.NO_BOXES: "no box with a caption: PS3's loader would divide by zero merging its texts (shards.keep_empty writes it anyway)",
+    RejectReason.NO_GLOBAL_CAPTION: "no global caption: PS3's loader needs one whenever it draws the global view (shards.keep_empty writes it anyway)",
+}
+
+
+def unfit_reason(sample: TextBoxSample, captioned: bool, need_global: bool) -> RejectReason | None:
+    """Why PS3's loader could not train on this sample (None: it can). It draws either the global
+    caption or boxes with their texts, so it needs a box (with a caption, when captioning ran) and,
+    when captioning with global captions ran, a global caption."""
+    if not sample.box or (captioned and not any(t.strip() for t in sample.text)):
+        return RejectReason.NO_BOXES
+    if need_global and not (sample.global_text or "").strip():
+        return RejectReason.NO_GLOBAL_CAPTION
+    return None
 
 
 def shard_fingerprint(payload: ShardPayload, partition_fingerprints: dict[int, tuple]) -> str:
-    """Changes when the shard's plan, its config, or any input partition (images, boxes) changes."""
+    """Changes when the shard's plan (samples and their JSON), its config, or any input partition changes."""
     used = sorted({s.partition for s in payload.samples})
-    return fingerprint(STAGE, CODE_VERSION, payload.config, payload.box_dedupe, payload.index, [(s.key, s.partition, s.row) for s in payload.samples],
+    return fingerprint(STAGE, CODE_VERSION, payload.config, payload.index,
+                       [(s.key, s.partition, s.row, s.text_json.decode()) for s in payload.samples],
                        [partition_fingerprints[p] for p in used])
 
 
-def sample_json(config: ShardsSection, boxes: list[list[int]], width: int, height: int,
-                captions: dict[int, str] | None = None, box_dedupe: tuple[float, float] = (0.7, 0.9)) -> tuple[bytes, int]:
-    """(the text_box JSON of a sample, its number of boxes).
+def build_sample(rules: SampleRules, boxes: list[list[int]], width: int, height: int,
+                 captions: dict[int, str] | None = None) -> TextBoxSample:
+    """The text_box sample of an image.
 
     Without a captioner (captions None) every box is kept with text "" (PS3's format needs one text
     per box; "" says "not captioned" without inventing words). With one, a box whose caption was
@@ -78,11 +114,11 @@ def sample_json(config: ShardsSection, boxes: list[list[int]], width: int, heigh
     else:
         pairs = [(captions[i], b) for i, b in enumerate(boxes) if i in captions]
         texts, kept = [t for t, _ in pairs], [b for _, b in pairs]
-    keep = kept_boxes(kept, texts, *box_dedupe)  # boxes that repeat a kept box, by overlap or by caption, go
+    keep = kept_boxes(kept, texts, *rules.box_dedupe)  # boxes that repeat a kept box, by overlap or by caption, go
     texts, kept = [texts[i] for i in keep], [kept[i] for i in keep]
-    sample = TextBoxSample(text=texts, box=kept, global_text=(captions or {}).get(GLOBAL_REGION), type=config.sample_type)
+    sample = TextBoxSample(text=texts, box=kept, global_text=(captions or {}).get(GLOBAL_REGION), type=rules.config.sample_type)
     sample.check_inside(width, height)
-    return sample.to_json_bytes(), len(kept)
+    return sample
 
 
 def read_captions(storage: Storage, captions_dir: str | None, partition: int) -> dict[str, dict[int, str]] | None:
@@ -98,17 +134,12 @@ def read_captions(storage: Storage, captions_dir: str | None, partition: int) ->
 
 
 def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
+    """The shard's tars from the planned samples: image bytes from the ingest tables, JSON from the plan."""
     by_partition: dict[int, list[int]] = defaultdict(list)
     for s in payload.samples:
         by_partition[s.partition].append(s.row)
     rows: dict[tuple[int, int], dict] = {}
-    boxes: dict[str, list[list[int]]] = {}
-    captions: dict[str, dict[int, str]] | None = None if payload.captions_dir is None else {}
     for p, wanted in by_partition.items():
-        regions_uri = join(payload.regions_dir, part_name(p)) if payload.regions_dir else None
-        boxes.update(read_boxes(payload.storage, regions_uri))
-        if captions is not None:
-            captions.update(read_captions(payload.storage, payload.captions_dir, p))
         table = read_table(payload.storage, join(payload.ingest_dir, part_name(p)),
                            columns=["uid", "source_uri", "width", "height", "format", "image"])
         picked = table.take(pa.array(wanted))
@@ -123,12 +154,9 @@ def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
         rec = rows[(s.partition, s.row)]
         assert rec["uid"] == s.key, f"ingest partition {s.partition} changed under the shard plan"
         images.append((f"{s.key}.{IMAGE_EXT[rec['format']]}", rec["image"]))
-        image_captions = None if captions is None else captions.get(rec["uid"], {})
-        text_json, n_boxes = sample_json(cfg, boxes.get(rec["uid"], []), rec["width"], rec["height"], image_captions,
-                                         payload.box_dedupe)
-        texts.append((f"{s.key}.json", text_json))
+        texts.append((f"{s.key}.json", s.text_json))
         manifest.append({"key": s.key, "uid": rec["uid"], "shard": f"{first_folder}/{first_file}", "source": rec["source_uri"],
-                         "width": rec["width"], "height": rec["height"], "boxes": n_boxes})
+                         "width": rec["width"], "height": rec["height"], "boxes": s.boxes})
 
     if cfg.layout == "paired":
         members = {"image": images, "text_box": texts}

