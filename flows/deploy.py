@@ -3,23 +3,35 @@
 `deploy` registers each config with the Prefect API (PREFECT_API_URL) as deployments
 `build_dataset/<run.name>`, `end_to_end/<run.name>` (build, publish, train on the new version) and
 `train/<run.name>` (train on publish.to's LATEST, or shards.output). Their parameters come from the
-config; the schedule `deploy.cron` goes to the flow `deploy.flow` names (default build_dataset; the
-others run when triggered, e.g. `prefect deployment run end_to_end/NAME`); their work pool
+config; the schedule (`deploy.cron` + `deploy.timezone`, or every `deploy.interval_s` seconds) goes to
+the flow `deploy.flow` names (default build_dataset; the others run when triggered, e.g. `prefect
+deployment run end_to_end/NAME`, and a redeploy clears a schedule they had); their work pool
 `deploy.work_pool` (a process pool, created if missing: start workers with `prefect worker start
 --pool localcap`), and a deployment concurrency limit (`deploy.concurrency`, default 1, extra runs
 wait in line) so two scheduled builds of one dataset never overlap. The code is loaded from this
 checkout (`flow.from_source`), so workers on the same machine or a shared file system run it as is;
 for Docker or Kubernetes pools build an image with the package (infra/) and pass it to Prefect.
 
+A flow run of a deployment starts in the checkout (Prefect's pull step), not where `localcap deploy`
+ran, so every local path of the config is made absolute against the deploying process's working
+directory before it becomes a parameter (`load_config` already did that for configs the CLI read;
+doing it again here is a no-op for them and covers configs built in Python). The working directory
+of the run then does not matter.
+
+The server's scheduler needs SQLAlchemy < 2.1 (pyproject.toml): with 2.1 it fails on every loop
+and schedules create no runs, though the UI shows them active.
+
 `serve` runs the same deployments from one long-lived process, no work pool or worker needed.
 """
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
-from schemas.config import RunConfig
+from schemas.config import RunConfig, with_absolute_paths
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINTS = {"build_dataset": "flows/build.py:build_dataset", "end_to_end": "flows/train.py:end_to_end",
@@ -27,6 +39,7 @@ ENTRYPOINTS = {"build_dataset": "flows/build.py:build_dataset", "end_to_end": "f
 
 
 def _parameters(flow_name: str, cfg: RunConfig) -> dict:
+    cfg = with_absolute_paths(cfg, os.getcwd())  # idempotent: the run's own working directory must not matter
     config = cfg.model_dump(mode="json")
     if flow_name == "train":
         return {"dataset_uri": cfg.publish.to or cfg.shards.output, "train_config": config["train"],
@@ -44,31 +57,50 @@ def _descriptions(cfg: RunConfig) -> dict:
 def _options(flow_name: str, cfg: RunConfig) -> dict:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-    schedule = {}
-    if cfg.deploy.cron and flow_name == cfg.deploy.flow:
-        from prefect.schedules import Cron
-
-        schedule = {"schedules": [Cron(cfg.deploy.cron, timezone=cfg.deploy.timezone)]}
     return {
         "name": cfg.run.name,
         "parameters": _parameters(flow_name, cfg),
         "concurrency_limit": ConcurrencyLimitConfig(limit=cfg.deploy.concurrency, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         "tags": ["localcap", cfg.run.name],
         "description": _descriptions(cfg)[flow_name],
-        **schedule,
+        # Always passed, [] included: redeploying with another deploy.flow (or no schedule) removes the old one.
+        "schedules": _schedules(flow_name, cfg),
     }
+
+
+def _schedules(flow_name: str, cfg: RunConfig) -> list:
+    """The schedule of `deploy.flow`'s deployment (cron or interval); [] for the others."""
+    from prefect.schedules import Cron, Interval
+
+    d = cfg.deploy
+    if flow_name != d.flow or not d.scheduled:
+        return []
+    if d.cron:
+        return [Cron(d.cron, timezone=d.timezone)]
+    return [Interval(timedelta(seconds=d.interval_s), timezone=d.timezone)]
+
+
+def schedule_text(flow_name: str, cfg: RunConfig) -> str:
+    """How a deployment of this config runs, for the CLI: 'cron 0 3 * * * (UTC)', 'every 30 s', 'on demand'."""
+    d = cfg.deploy
+    if flow_name != d.flow or not d.scheduled:
+        return "on demand"
+    return f"cron {d.cron} ({d.timezone})" if d.cron else f"every {d.interval_s:g} s"
 
 
 def ensure_process_pool(name: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(name)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            except ObjectAlreadyExists:  # a worker started at the same time (`prefect worker start --type process`) made it
+                pass
 
 
 def deploy(configs: list[RunConfig], pool: str | None = None) -> list[dict[str, UUID]]:
@@ -81,7 +113,8 @@ def deploy(configs: list[RunConfig], pool: str | None = None) -> list[dict[str, 
         work_pool = pool or cfg.deploy.work_pool
         ensure_process_pool(work_pool)
         ids.append({name: Flow.from_source(source=str(REPO), entrypoint=entrypoint).deploy(
-            work_pool_name=work_pool, build=False, push=False, print_next_steps=False, **_options(name, cfg))
+            work_pool_name=work_pool, build=False, push=False, print_next_steps=False, ignore_warnings=True,
+            **_options(name, cfg))
             for name, entrypoint in ENTRYPOINTS.items()})
     return ids
 

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from pipeline.storage import first_wildcard, is_s3, split_s3
+from pipeline.storage import is_s3, split_s3
 from schemas.config import CaptionerSection, FilesSource, RunConfig, UrlListSource
 
 
@@ -28,7 +28,7 @@ def check_run(cfg: RunConfig, train: bool = False) -> None:
     buckets = BucketProbe(cfg.storage.endpoint_url, cfg.storage.region)
     for i, source in enumerate(cfg.sources):
         if isinstance(source, (FilesSource, UrlListSource)):
-            check_source(source.uri, f"sources.{i}.uri", buckets)
+            check_source(source, f"sources.{i}.uri", buckets)
     check_writable(cfg.run.work_dir, "run.work_dir", buckets)
     check_writable(cfg.shards.output, "shards.output", buckets)
     if cfg.publish.to:
@@ -58,23 +58,18 @@ def check_cluster(cfg: RunConfig) -> None:
 
 
 # -- sources and outputs -----------------------------------------------------------------------
-def check_source(uri: str, field: str, buckets: BucketProbe) -> None:
-    """The folder (or a glob's fixed part, or a list file) exists and can be read; s3: the bucket answers."""
-    if is_s3(uri):
-        buckets.check(uri, field)
-        return
-    cut = first_wildcard(uri)
-    root = Path(uri if cut < 0 else os.path.dirname(uri[:cut]) or ".")
-    if not root.exists():
-        raise PreflightError(f"{field}: {root} does not exist")
-    if not os.access(root, os.R_OK | (os.X_OK if root.is_dir() else 0)):
-        raise PreflightError(f"{field}: {root} cannot be read (permission denied)")
-    if root.is_dir():
-        try:
-            with os.scandir(root) as entries:
-                next(entries, None)
-        except OSError as exc:
-            raise PreflightError(f"{field}: {root} cannot be listed ({exc.strerror or exc})") from None
+def check_source(source, field: str, buckets: BucketProbe) -> None:
+    """The source's root (folder, a glob's fixed folder, list file) exists and can be read; for
+    s3://, its bucket answers (fast: one HEAD, no retries) before the prefix is listed."""
+    from pipeline.ingest.reader import SourceError, check_source_root
+    from pipeline.storage import Storage
+
+    if is_s3(source.uri):
+        buckets.check(source.uri, field)
+    try:
+        check_source_root(source, Storage(buckets.endpoint_url, buckets.region))
+    except SourceError as exc:
+        raise PreflightError(f"{field}: {exc}") from None
 
 
 def check_writable(uri: str, field: str, buckets: BucketProbe) -> None:

@@ -9,7 +9,7 @@ AWS_ENDPOINT_URL, so a local S3 endpoint (moto, MinIO) works without code change
 from __future__ import annotations
 
 import contextlib
-import glob
+import fnmatch
 import io
 import os
 import re
@@ -110,6 +110,24 @@ class FileEntry:
     uri: str
     size: int
     version: str = ""  # local mtime in ns, or the S3 ETag: a changed file gets a new fingerprint
+    error: str = ""  # set (only by list_files(..., unreadable=True)) for a folder or file that could not be read
+    is_dir: bool = False  # the entry is an unreadable folder: nothing under it was listed
+
+
+def _error_text(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def _may_hold(parts: tuple[str, ...], pats: list[str]) -> bool:
+    """Whether a folder at `parts` (below a glob's fixed folder) can hold a match of the glob's
+    remaining components `pats`; `**` matches any number of folders."""
+    if not pats:
+        return False
+    if pats[0] == "**":
+        return True
+    if not parts:
+        return True
+    return fnmatch.fnmatchcase(parts[0], pats[0]) and _may_hold(parts[1:], pats[1:])
 
 
 class Storage:
@@ -182,39 +200,77 @@ class Storage:
             return int(self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
         return Path(uri).stat().st_size
 
-    def list_files(self, pattern: str, extensions: list[str] | None = None) -> list[FileEntry]:
-        """Files under a folder / prefix, or matching a glob; sorted by URI, hidden files skipped."""
-        entries = self._list_s3(pattern) if is_s3(pattern) else self._list_local(pattern)
+    def list_files(self, pattern: str, extensions: list[str] | None = None, unreadable: bool = False) -> list[FileEntry]:
+        """Files under a folder / prefix, or matching a glob; sorted by URI, hidden files skipped.
+
+        A local root (the folder, or a glob's fixed part) that cannot be read raises its OSError (a
+        missing folder: FileNotFoundError; a glob whose fixed part is missing lists nothing). Below
+        it, a sub-folder that cannot be listed, or a file that cannot be stat'ed, is skipped, or,
+        with `unreadable=True`, returned as a FileEntry whose `error` says why (`is_dir` for a
+        folder: nothing under it was listed), so that the caller can account for it.
+        """
+        entries = self._list_s3(pattern) if is_s3(pattern) else self._list_local(pattern, unreadable)
         if extensions:
             wanted = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
-            entries = [e for e in entries if os.path.splitext(e.uri)[1].lower() in wanted]
+            entries = [e for e in entries if e.is_dir or os.path.splitext(e.uri)[1].lower() in wanted]
         return sorted(entries, key=lambda e: e.uri)
 
-    def _list_local(self, pattern: str) -> list[FileEntry]:
+    def _list_local(self, pattern: str, unreadable: bool = False) -> list[FileEntry]:
+        """Walks with os.scandir (glob and Path.rglob would silently skip unreadable folders).
+        Folder sources do not follow symlinked folders (as Path.rglob); globs do (as glob.glob)."""
         cut = first_wildcard(pattern)
         if cut >= 0:
-            root = Path(os.path.dirname(pattern[:cut]))
-            paths = [Path(p) for p in glob.glob(pattern, recursive=True)]
+            base = os.path.dirname(pattern[:cut])
+            rel_pattern = pattern[len(base):].lstrip("/")
+            root, matcher, pats, follow = str(Path(base or ".")), glob_regex(rel_pattern), rel_pattern.split("/"), True
+            if not os.path.isdir(root):
+                return []
         else:
-            root = Path(pattern)
-            if root.is_file():
-                paths = [root]
-            elif root.is_dir():
-                paths = [p for p in root.rglob("*")]
-            else:
+            root, matcher, pats, follow = str(Path(pattern)), None, None, False
+            if os.path.isfile(root):
+                st = os.stat(root)
+                return [FileEntry(root, st.st_size, str(st.st_mtime_ns))]
+            if not os.path.isdir(root):
                 raise FileNotFoundError(f"source not found: {pattern}")
-        out = []
-        for p in paths:
-            # Only names below the listed folder (or the glob's fixed part) make a file hidden.
+        out: list[FileEntry] = []
+        seen_dirs: set[tuple[int, int]] = set()  # (device, inode) of folders walked: symlink loops end
+        stack: list[tuple[str, tuple[str, ...]]] = [(root, ())]
+        while stack:
+            folder, rel = stack.pop()
             try:
-                below = p.relative_to(root).parts
-            except ValueError:
-                below = p.parts
-            if any(part.startswith(".") for part in below if part not in (".", "..")):
+                with os.scandir(folder) as it:
+                    found = list(it)
+                if follow:
+                    st = os.stat(folder)
+                    if (st.st_dev, st.st_ino) in seen_dirs:
+                        continue
+                    seen_dirs.add((st.st_dev, st.st_ino))
+            except OSError as exc:
+                if not rel:
+                    raise  # the root itself: the caller's error, not a reject
+                if unreadable:
+                    out.append(FileEntry(str(Path(folder)), 0, error=f"unreadable folder, nothing under it was listed: "
+                                         f"{_error_text(exc)}", is_dir=True))
                 continue
-            if p.is_file():
-                st = p.stat()
-                out.append(FileEntry(str(p), st.st_size, str(st.st_mtime_ns)))
+            for entry in found:
+                if entry.name.startswith("."):  # only names below the listed folder make a file hidden
+                    continue
+                sub = rel + (entry.name,)
+                path = str(Path(entry.path))
+                try:
+                    if entry.is_dir(follow_symlinks=follow):
+                        if pats is None or _may_hold(sub, pats):
+                            stack.append((entry.path, sub))
+                        continue
+                    if not entry.is_file() or (matcher is not None and not matcher.match("/".join(sub))):
+                        continue
+                    st = entry.stat()
+                except OSError as exc:  # e.g. a folder that can be read but not searched
+                    if not unreadable:
+                        raise
+                    out.append(FileEntry(path, 0, error=f"unreadable file: {_error_text(exc)}"))
+                    continue
+                out.append(FileEntry(path, st.st_size, str(st.st_mtime_ns)))
         return out
 
     def _list_s3(self, pattern: str) -> list[FileEntry]:

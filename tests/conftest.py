@@ -90,3 +90,50 @@ def tiny_vlm(tmp_path_factory):
     from captioners.tiny import build_tiny_qwen2vl
 
     return str(build_tiny_qwen2vl(tmp_path_factory.mktemp("models") / "tiny-qwen2vl"))
+
+
+# ==== PS3 conformance (issue 15, point 3) ====================================================== begin
+# After each test, every dataset folder under the session's basetemp that is new or changed since the
+# last check (dataset.json + image/ | text_box/ | combined/, judged by mtimes and sizes) is read by
+# tests/ps3_conformance.py the way PS3's loader reads it, for 50 seeds; any sample PS3 would crash on
+# or train on nothing with fails the test (in teardown). Plain Python: no Ray, no torch. Exempt:
+# datasets built with shards.keep_empty (only their pairing, decoding, types and box geometry are
+# judged), folders whose dataset.json lacks the build's config (made by hand in a test), tests marked
+# @pytest.mark.no_ps3_conformance (for datasets broken on purpose), and LOCALCAP_PS3_CONFORMANCE=0.
+
+_PS3_CHECKED: dict = {}  # dataset folder -> its signature when last seen
+# Tests that break a built dataset on purpose, until their files carry @pytest.mark.no_ps3_conformance.
+_PS3_OPT_OUT = {"tests/test_shards.py::test_iter_paired_detects_mismatch"}
+_ps3_previous_configure = globals().get("pytest_configure")
+
+
+def pytest_configure(config):
+    if _ps3_previous_configure is not None:
+        _ps3_previous_configure(config)
+    config.addinivalue_line("markers", "no_ps3_conformance: do not check the datasets this test builds against PS3's loader")
+
+
+@pytest.fixture(autouse=True)
+def _ps3_conformance(request, tmp_path_factory):
+    yield
+    if os.environ.get("LOCALCAP_PS3_CONFORMANCE", "1") == "0":
+        return
+    from tests.ps3_conformance import dataset_rules, dataset_signature, find_datasets, ps3_problems
+
+    skip = request.node.get_closest_marker("no_ps3_conformance") is not None or request.node.nodeid in _PS3_OPT_OUT
+    failures = []
+    for folder in find_datasets(tmp_path_factory.getbasetemp()):
+        signature = dataset_signature(folder)
+        if _PS3_CHECKED.get(folder) == signature:
+            continue
+        _PS3_CHECKED[folder] = signature
+        rules = dataset_rules(folder)
+        if skip or not rules.from_config:
+            continue
+        problems = ps3_problems(folder, seeds=range(50), rules=rules, max_problems=20)
+        if problems:
+            failures.append(f"{folder}:\n  " + "\n  ".join(problems))
+    if failures:
+        pytest.fail("datasets PS3's loader would crash on or train on nothing with (tests/ps3_conformance.py):\n"
+                    + "\n".join(failures), pytrace=False)
+# ==== PS3 conformance (issue 15, point 3) ======================================================== end

@@ -66,8 +66,13 @@ def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
     demo = tmp_path / "demo"
     out = localcap("demo", "--out", str(demo), "--images", "4", "--train", tmp_path=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    built = json.loads((demo / "dataset" / "dataset.json").read_text())
+    c = built["counts"]
+    # Only images PS3 can train on are samples: a box with an accepted caption and a global caption.
+    assert c["inputs"] == 6 == c["samples"] + c["rejected"] and c["samples"] >= 2
+    assert set(c["rejected_by_reason"]) <= {"not_an_image", "too_small", "no_boxes", "no_global_caption"}
     metrics = json.loads((demo / "train" / "demo-dataset-local_contrastive" / "metrics.json").read_text())
-    assert metrics["step"] == 20 and metrics["eval_on_train"]  # 4 samples make one shard: nothing to hold out
+    assert metrics["step"] == 20 and metrics["eval_on_train"] == (c["shards"] <= 1)
     assert (Path(metrics["checkpoint"]) / "state.pt").is_file()
     assert f"checkpoint {metrics['checkpoint']}" in out.stdout
 
@@ -78,14 +83,16 @@ def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
     again = localcap("run", str(ROOT / "flows" / "demo.yaml"), "--run-id", "demo", "--train", "--no-progress",
                      *[arg for s in sets for arg in ("--set", s)], tmp_path=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "run demo: 4 samples in 1 shards" in again.stdout and "trained demo-dataset-local_contrastive" in again.stdout
+    assert f"run demo: {c['samples']} samples in {c['shards']} shards" in again.stdout
+    assert "trained demo-dataset-local_contrastive" in again.stdout
     assert (demo / "train-again" / "demo-dataset-local_contrastive" / "metrics.json").is_file()
     manifest = pq.read_table(demo / "dataset" / "manifest.parquet").to_pylist()
-    assert len(manifest) == 4 and all(min(m["width"], m["height"]) >= 1440 for m in manifest)
-    assert max(max(m["width"], m["height"]) for m in manifest) >= 3840
+    assert len(manifest) == c["samples"] and all(min(m["width"], m["height"]) >= 1440 for m in manifest)
+    rerun = json.loads((demo / "dataset" / "dataset.json").read_text())
+    assert rerun["timings"]["stage_seconds"] == built["timings"]["stage_seconds"]  # the resumed build computed nothing
 
     shown = localcap("inspect", str(demo / "dataset"), tmp_path=tmp_path, timeout=120)
     assert shown.returncode == 0, shown.stderr
-    assert "4 in 1 shards, from 6 inputs" in shown.stdout
+    assert f"{c['samples']} in {c['shards']} shards, from 6 inputs" in shown.stdout
     assert "not_an_image" in shown.stdout and "too_small" in shown.stdout
-    assert "image_000000.tar (4)" in shown.stdout and '"type":"natural"' in shown.stdout
+    assert "image_000000.tar (" in shown.stdout and '"type":"natural"' in shown.stdout

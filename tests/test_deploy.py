@@ -1,49 +1,169 @@
-"""Deployments for data engineers: `localcap deploy` registers build_dataset with a real Prefect API
-(the test harness's server), a process worker picks up a run triggered through the API, and the run
-completes with the dataset written."""
+"""Deployments for data engineers, as the README's operations section runs them: a real Prefect server
+(`prefect server start`, its scheduler on), `localcap deploy` in its own process, a process worker
+(`prefect worker start`). One test triggers a build through the API; the other deploys a schedule and
+waits for the server's scheduler to create the run, with relative paths in the config."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from tests.images import scene_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# The server's scheduler, fast: look every second (default 60 s; the loop for just-updated
+# deployments, default 5 s, too), and keep one future run per deployment (defaults: at least 3 runs
+# and an hour ahead, at most 100), so that an interval of a few seconds yields a run at once and
+# not a queue of them behind the concurrency limit.
+FAST_SCHEDULER = {
+    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "1",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME": "PT1S",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without its Prefect settings (the test harness's), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_AUTH_MODE="disabled", **extra)
+    return env
+
+
+def _stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to the process group (a worker's flow runs and their Ray included), then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:  # something still tearing down is not what these tests are about
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(grace)
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+@dataclass
+class Server:
+    url: str  # PREFECT_API_URL
+    log: Path
+
+    def scheduler_error(self) -> str:
+        """The scheduler's failure (SQLAlchemy 2.1), which shows only in the server's log; '' when none."""
+        text = self.log.read_text(errors="replace")
+        return "" if SCHEDULER_FAILS not in text else text[max(0, text.index(SCHEDULER_FAILS) - 3000):][:4000]
+
+
+SCHEDULER_FAILS = "Can't evaluate bulk DML statement"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    """`prefect server start` on a free port with its own PREFECT_HOME (a fresh SQLite database) and a fast
+    scheduler, for this module's tests."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                                env=_env(home / "home", **FAST_SCHEDULER), cwd=home, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180  # the first start migrates the database: ~15 s on 2 idle cores
+        while True:
+            assert proc.poll() is None, "prefect server start exited:\n" + _tail(log)
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "prefect server did not answer:\n" + _tail(log)
+            time.sleep(0.5)
+        yield Server(url, log)
+    finally:
+        _stop(proc)
+
+
+@contextmanager
+def _client(url: str):
+    """A sync Prefect client of the server at `url` (this process's settings may name the test harness)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _start_worker(pool: str, url: str, tmp_path: Path) -> subprocess.Popen:
+    # Poll every 2 s (default 10 s; every second makes Prefect's SQLite server report "database is
+    # locked" twice as often). It runs each flow run in a subprocess of its own, in the checkout (the
+    # deployment's pull step), whatever its own working directory.
+    with open(tmp_path / "worker.log", "wb") as log:
+        return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+                                env=_env(tmp_path / "worker-home", PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="2"),
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _deploy(config_path: Path, url: str, home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`localcap deploy CONFIG` in its own process, as a data engineer runs it."""
+    return subprocess.run([str(BIN / "localcap"), "deploy", str(config_path)], env=_env(home, PREFECT_API_URL=url), cwd=cwd,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _wait_final(url: str, flow_run_id, deadline: float):
+    with _client(url) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if (state is not None and state.is_final()) or time.monotonic() > deadline:
+                return state
+            time.sleep(1)
+
+
+def _images(folder: Path, n: int = 2) -> None:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"{i}.jpg").write_bytes(scene_jpeg(1200 + i, 1300, 1100))
 
 
 @pytest.mark.slow
-def test_deploy_trigger_and_complete(prefect_harness, ray_local, tmp_path):
-    from prefect.client.orchestration import get_client
+def test_deploy_trigger_and_complete(server, tmp_path):
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(2):
-        (src / f"{i}.jpg").write_bytes(scene_jpeg(1200 + i, 1300, 1100))
-    config = {"run": {"name": "nightly-scenes", "work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(src)}],
-              "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds")},
-              "deploy": {"cron": "0 3 * * *", "work_pool": "localcap-test"}}
+    _images(tmp_path / "src")
+    config = {"run": {"name": "nightly-scenes", "work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "src")}],
+              "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True},
+              "ray": {"num_cpus": 1}, "deploy": {"cron": "0 3 * * *", "work_pool": "localcap-test"}}
     config_path = tmp_path / "nightly.yaml"
     config_path.write_text(yaml.safe_dump(config))
 
-    # The CLI in its own process (as a data engineer runs it), against the harness's API server.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "client-home"), RAY_AUTH_MODE="disabled")
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", str(config_path)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    out = _deploy(config_path, server.url, tmp_path / "client-home", cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "deployed build_dataset/nightly-scenes" in out.stdout and "cron 0 3 * * *" in out.stdout
 
-    with get_client(sync_client=True) as client:
+    with _client(server.url) as client:
         deployment = client.read_deployment_by_name("build_dataset/nightly-scenes")
         assert deployment.work_pool_name == "localcap-test"
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
@@ -58,27 +178,66 @@ def test_deploy_trigger_and_complete(prefect_harness, ray_local, tmp_path):
         assert train.parameters["train_config"]["objective"] == "local_contrastive"
     assert "deployed end_to_end/nightly-scenes" in out.stdout and "deployed train/nightly-scenes" in out.stdout
 
-    flow_run = run_deployment("build_dataset/nightly-scenes", timeout=0)  # triggered through the API
-    env["PREFECT_HOME"] = str(tmp_path / "worker-home")
-    log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", "localcap-test",
-                               "--type", "process"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server.url}):
+        flow_run = run_deployment("build_dataset/nightly-scenes", timeout=0)  # triggered through the API
+    worker = _start_worker("localcap-test", server.url, tmp_path)
     try:
-        deadline = time.monotonic() + 420
-        with get_client(sync_client=True) as client:
-            while time.monotonic() < deadline:
-                state = client.read_flow_run(flow_run.id).state
-                if state is not None and state.is_final():
-                    break
-                time.sleep(2)
+        state = _wait_final(server.url, flow_run.id, time.monotonic() + 420)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:  # a worker still tearing down is not what this test is about
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(20)
-        log.close()
-    assert state is not None and state.is_completed(), f"{state}\n" + (tmp_path / "worker.log").read_text()[-4000:]
+        _stop(worker)
+    assert state is not None and state.is_completed(), f"{state}\n" + _tail(tmp_path / "worker.log")
     assert (tmp_path / "ds" / "dataset.json").exists()
+
+
+@pytest.mark.slow
+def test_scheduled_build_runs(server, tmp_path):
+    """The issue: a schedule that never made a run (the scheduler failed on SQLAlchemy 2.1) and relative
+    paths that landed in the checkout. Here nothing triggers the run: the server's scheduler makes it
+    from deploy.interval_s, a worker runs it in the checkout, and the dataset is where the config's
+    relative path meant, beside the config's user."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    cwd = tmp_path / "engineer"  # where the data engineer runs `localcap deploy`
+    _images(cwd / "incoming")
+    config = {"run": {"name": "every-few-seconds", "work_dir": "./work"}, "sources": [{"uri": "./incoming"}],
+              "regions": {"method": "none"}, "captioner": {"backend": "none"},
+              "shards": {"output": "./out/dataset", "keep_empty": True}, "ray": {"num_cpus": 1},
+              "deploy": {"interval_s": 3, "work_pool": "localcap-scheduled"}}
+    (cwd / "nightly.yaml").write_text(yaml.safe_dump(config))
+
+    # The worker first (it makes the pool if the deploy has not yet: either may create it).
+    worker = _start_worker("localcap-scheduled", server.url, tmp_path)
+    try:
+        out = _deploy(Path("nightly.yaml"), server.url, tmp_path / "client-home", cwd=cwd)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "deployed build_dataset/every-few-seconds" in out.stdout
+        with _client(server.url) as client:
+            deployment = client.read_deployment_by_name("build_dataset/every-few-seconds")
+            assert [s.schedule.interval.total_seconds() for s in deployment.schedules] == [3.0]
+            assert [s.active for s in deployment.schedules] == [True]
+            params = deployment.parameters["config"]
+            # Absolute against the deployer's folder, not the worker's or the checkout's.
+            assert params["shards"]["output"] == str(cwd / "out" / "dataset")
+            assert params["sources"][0]["uri"] == str(cwd / "incoming") and params["run"]["work_dir"] == str(cwd / "work")
+
+            deadline = time.monotonic() + 420
+            runs = []
+            while not runs:  # made by the scheduler alone: nothing here creates a run
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+                assert not server.scheduler_error(), "the server's scheduler fails:\n" + server.scheduler_error()
+                assert time.monotonic() < deadline, "the scheduler made no run\n" + _tail(server.log)
+                time.sleep(1)
+            first = min(runs, key=lambda r: r.expected_start_time)
+            assert first.auto_scheduled and "auto-scheduled" in first.tags
+        state = _wait_final(server.url, first.id, deadline)
+        with _client(server.url) as client:
+            client.delete_deployment(deployment.id)  # and its scheduled runs: no more builds
+    finally:
+        _stop(worker)
+    assert state is not None and state.is_completed(), f"{state}\n" + _tail(tmp_path / "worker.log")
+    dataset = cwd / "out" / "dataset" / "dataset.json"
+    assert dataset.exists(), sorted(p.relative_to(cwd).as_posix() for p in cwd.rglob("*"))
+    assert (cwd / "work").is_dir()
+    assert not (REPO / "out").exists() and not (REPO / "work").exists() and not (REPO / "incoming").exists()

@@ -75,13 +75,65 @@ def test_16bit_scaled_not_clipped():
     assert lo < 30 and hi > 220  # the 0..65535 gradient maps onto 0..255, not a white clip
 
 
-def test_alpha_png_composited_on_white():
-    img = Image.new("RGBA", (1100, 1100), (255, 0, 0, 0))
+def _png(img: Image.Image) -> bytes:
     out = io.BytesIO()
     img.save(out, "PNG")
-    row = decode_validate(out.getvalue(), "a.png", LIMITS)
-    assert json.loads(row["meta"])["normalized"] == "mode RGBA"
-    assert Image.open(io.BytesIO(row["image"])).getpixel((5, 5)) == (255, 255, 255)
+    return out.getvalue()
+
+
+def test_alpha_png_composited_on_white():
+    img = Image.new("RGBA", (1100, 1100), (255, 0, 0, 0))
+    img.paste((200, 30, 30, 255), (300, 300, 800, 800))  # an opaque red square on a transparent ground
+    row = decode_validate(_png(img), "a.png", LIMITS)
+    meta = json.loads(row["meta"])
+    assert meta["normalized"] == "mode RGBA" and "alpha_background" not in meta
+    stored = Image.open(io.BytesIO(row["image"]))
+    assert stored.getpixel((5, 5)) == (255, 255, 255) and stored.getpixel((550, 550)) == (200, 30, 30)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_uniform_images_are_blank(fmt):
+    out = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (200, 180, 160)).save(out, fmt)
+    rej = decode_validate(out.getvalue(), "plain", LIMITS)
+    assert isinstance(rej, Rejection) and rej.reason is RejectReason.BLANK
+    assert rej.uid and "near-uniform" in rej.detail and "thumbnail" in rej.detail
+
+
+def test_blank_threshold_keeps_faint_content():
+    """A gentle gradient and a small dark square on a plain ground are content, fine noise is not."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    gradient = np.repeat(np.linspace(200, 190, 1600)[None, :, None], 1200, 0).repeat(3, 2).astype(np.uint8)
+    assert isinstance(decode_validate(_png(Image.fromarray(gradient)), "g", LIMITS), dict)
+    dot = Image.new("RGB", (1600, 1200), (240, 240, 240))
+    dot.paste((20, 20, 20), (780, 580, 820, 620))
+    assert isinstance(decode_validate(_png(dot), "d", LIMITS), dict)
+    noise = np.clip(128 + rng.normal(0, 3, (1200, 1600, 3)), 0, 255).astype(np.uint8)
+    assert decode_validate(_png(Image.fromarray(noise)), "n", LIMITS).reason is RejectReason.BLANK
+
+
+def test_picture_only_in_alpha_is_flattened_on_black_not_rejected():
+    """The wallpaper case: RGB uniformly white, the picture in the alpha channel. Over white it
+    would be a white page (what a trainer's convert("RGB") of the stored bytes would see), so it is
+    flattened over black, stored that way, and hashed and measured on exactly that."""
+    import numpy as np
+
+    alpha = np.zeros((1200, 1600), np.uint8)
+    alpha[300:900, 400:1200] = 255
+    rgba = np.dstack([np.full((1200, 1600, 3), 255, np.uint8), alpha])
+    row = decode_validate(_png(Image.fromarray(rgba, "RGBA")), "wallpaper.png", LIMITS)
+    assert isinstance(row, dict)
+    assert json.loads(row["meta"])["alpha_background"] == "black"
+    stored = Image.open(io.BytesIO(row["image"])).convert("RGB")
+    assert stored.getpixel((10, 10)) == (0, 0, 0) and stored.getpixel((800, 600)) == (255, 255, 255)
+    from dedupe.hashing import perceptual_hashes
+
+    assert (row["phash"], row["dhash"], row["fine_sig"]) == perceptual_hashes(stored)
+
+    clear = decode_validate(_png(Image.new("RGBA", (1600, 1200), (255, 0, 0, 0))), "clear.png", LIMITS)
+    assert clear.reason is RejectReason.BLANK and "on white and on black" in clear.detail
 
 
 def test_limits_come_from_config():

@@ -177,3 +177,13 @@ def test_no_box_images_are_rejects_and_a_noop_rerun_keeps_the_build_record(build
 
     kept = build({**cfg, "shards": {"output": str(tmp_path / "ds-all"), "keep_empty": True}}, run_id="rec")
     assert kept["counts"]["samples"] == 3 and kept["counts"]["rejected"] == 0
+
+
+@pytest.mark.parametrize("width, height, inside, outside", [
+    (3072, 1536, [1000, 500, 1300, 800], [0, 0, 300, 300]),  # wider than 4:3: PS3 always sees the centred 2048x1536
+    (1536, 3072, [500, 1000, 800, 1300], [0, 2800, 300, 3072]),
+    (1600, 1200, [100, 100, 400, 400], [0, 0, 150, 110]),  # in range: only the outer 10% band can be cut away
+])
+def test_boxes_ps3s_crop_can_cut_away_are_left_out(width, height, inside, outside):
+    sample = build_sample(RULES, [inside, outside], width, height, None)
+    assert sample.box == [inside]

@@ -128,7 +128,7 @@ def test_crawl_collects_exactly_the_largest_images(site):
 def test_crawl_through_the_build_flow(build, site, tmp_path):
     work = tmp_path / "work"
     cfg = {"run": {"work_dir": str(work)}, "sources": [{"type": "crawl", "start_urls": [site.base + "/"], "max_depth": 2}],
-           "fetch": FAST, "ingest": {"min_side": 64}, "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds")}}
+           "fetch": FAST, "ingest": {"min_side": 64}, "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True}}
     build(cfg, run_id="crawl")
     images, rejects = _tables(work, "crawl")
     assert {i["source_uri"].removeprefix(site.base) for i in images} == EXPECTED
@@ -174,7 +174,7 @@ def test_url_list_faults_and_per_url_resume(build, faults, tmp_path):
     work = tmp_path / "work"
     cfg = {"run": {"work_dir": str(work)}, "sources": [{"type": "urls", "uri": str(url_list)}],
            "fetch": {**FAST, "partition_size": 4}, "ingest": {"min_side": 64, "max_bytes": len(JPEG) + 1000},
-           "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds")}}
+           "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True}}
     build(cfg, run_id="urls")
 
     images, rejects = _tables(work, "urls")
@@ -209,7 +209,7 @@ def test_whole_run_keeps_to_the_per_host_rate(build, faults, tmp_path):
     url_list.write_text("".join(f"{faults.base}/rate/{i}.jpg\n" for i in range(24)))
     cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"type": "urls", "uri": str(url_list)}],
            "fetch": {**FAST, "per_host_rate": 8.0, "partition_size": 6}, "ingest": {"min_side": 64},
-           "regions": {"method": "none"}, "dedupe": {"exact": False, "near": False}, "shards": {"output": str(tmp_path / "ds")}}
+           "regions": {"method": "none"}, "dedupe": {"exact": False, "near": False}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True}}
     build(cfg, run_id="rate")
     times = sorted(t for p, t in faults.hits if p.startswith("/rate/"))
     assert len(times) == 24

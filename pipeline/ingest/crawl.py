@@ -13,6 +13,10 @@ Choices worth knowing:
   crawl (RFC 9309 §2.3.1.4). Crawl-delay slows that host's request rate further.
 - `<meta name="robots">` with nofollow stops link-following from that page; noai / noimageai
   opts its images out (recorded as `opted_out`).
+- A start URL that gives no page (refused, timed out, HTTP 4xx/5xx, not HTML, disallowed, or its
+  site's robots.txt unreachable) is emitted as a urls row with that reason as `skip_reason`, so it
+  ends as a reject naming the start URL, and is logged as a warning: a crawl never ends with
+  "0 samples, 0 rejected" and no word why. Other pages that fail are counted and logged (info).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from urllib.robotparser import RobotFileParser
 
 from tqdm import tqdm
 
-from pipeline.ingest.fetch import Fetcher
+from pipeline.ingest.fetch import Fetcher, FetchResult
 from schemas.config import CrawlSource, FetchSection
 from schemas.tables import RejectReason
 
@@ -160,6 +164,7 @@ class Robots:
     def __init__(self, fetcher: Fetcher, user_agent: str, enabled: bool):
         self.fetcher, self.user_agent, self.enabled = fetcher, user_agent, enabled
         self.rules: dict[str, RobotFileParser | None] = {}  # None: disallow everything
+        self.unreachable: dict[str, FetchResult] = {}  # why a site's rules are None
         self.locks: dict[str, asyncio.Lock] = {}
 
     async def allowed(self, url: str) -> bool:
@@ -172,6 +177,15 @@ class Robots:
                 self.rules[site] = await self._load(site)
         rules = self.rules[site]
         return rules is not None and rules.can_fetch(self.user_agent, url)
+
+    def why_not(self, url: str) -> tuple[RejectReason, str]:
+        """(reason, detail) for a URL `allowed` refused: the robots.txt fetch's own failure when the
+        file was unreachable (the site is down: connection_error, timeout, HTTP 5xx), else robots."""
+        site = site_of(url)
+        failed = self.unreachable.get(site)
+        if failed is not None and failed.reason is not None:
+            return failed.reason, f"{site}/robots.txt: {failed.detail}; the site is not crawled"
+        return RejectReason.ROBOTS, f"disallowed by {site}/robots.txt"
 
     async def _load(self, site: str) -> RobotFileParser | None:
         result = await self.fetcher.fetch(site + "/robots.txt", kind="text")
@@ -187,6 +201,7 @@ class Robots:
             parser.parse([])  # no robots.txt: everything allowed
             return parser
         log.warning("crawl: robots.txt of %s unreachable (%s); not crawling that site", site, result.detail)
+        self.unreachable[site] = result
         return None
 
 
@@ -196,6 +211,7 @@ class CrawlStats:
     pages: int = 0
     page_errors: int = 0
     pages_disallowed: int = 0
+    start_failures: int = 0  # start URLs that gave no page (each is a reject row)
     images: int = 0
     images_disallowed: int = 0
 
@@ -217,15 +233,23 @@ async def crawl(source: CrawlSource, cfg: FetchSection, max_bytes: int, emit: Ca
     async with Fetcher(cfg, max_bytes) as fetcher:
         robots = Robots(fetcher, cfg.user_agent, source.robots)
 
+        def start_failed(page: str, reason: RejectReason, detail: str) -> list[dict]:
+            """The row that makes a start URL which gave no page a reject, with a warning."""
+            stats.start_failures += 1
+            log.warning("crawl: start URL %s gave no page (%s: %s); nothing is crawled from it", page, reason.value, detail)
+            return [url_row(page, {"page_url": page, "found_by": "start_url", "depth": 0}, reason, f"start URL: {detail}")]
+
         async def visit(page: str, depth: int) -> tuple[list[dict], list[str]]:
             """(urls rows of the page's images, same-site links to follow)."""
             if not await robots.allowed(page):
                 stats.pages_disallowed += 1
-                return [], []
+                return (start_failed(page, *robots.why_not(page)) if depth == 0 else []), []
             result = await fetcher.fetch(page, kind="page")
             bar.update(1)
             if not result.ok:
                 stats.page_errors += 1
+                if depth == 0:
+                    return start_failed(page, result.reason or RejectReason.CONNECTION_ERROR, result.detail), []
                 log.info("crawl: page %s: %s %s", page, result.reason.value if result.reason else "", result.detail)
                 return [], []
             content = parse_page(result.data.decode("utf-8", "replace"), result.final_url or page)
@@ -252,7 +276,8 @@ async def crawl(source: CrawlSource, cfg: FetchSection, max_bytes: int, emit: Ca
                     if row["url"] not in seen_images:
                         seen_images.add(row["url"])
                         stats.images += row["skip_reason"] is None
-                        stats.images_disallowed += row["skip_reason"] == RejectReason.ROBOTS.value
+                        stats.images_disallowed += (row["skip_reason"] == RejectReason.ROBOTS.value
+                                                    and json.loads(row["meta"])["found_by"] != "start_url")
                         emit(row)
             level = [u for _, links in found for u in links]
         stats.pages = len(seen_pages) - stats.pages_disallowed

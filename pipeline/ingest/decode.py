@@ -9,6 +9,12 @@ Stored bytes: trainers decode shards with plain PIL `.convert("RGB")` and ignore
 pass through untouched only when that already yields the oriented 8-bit RGB image the boxes refer
 to. Otherwise (EXIF rotation, CMYK, 16-bit, alpha, TIFF/BMP, ...) a normalised encoding is stored
 (JPEG for lossy sources, PNG for lossless ones) and `meta.normalized` says why.
+
+Blank images: what the trainer would see (alpha flattened exactly as it is stored) is measured on
+the thumbnail the perceptual hashes use, so nothing is decoded twice; a near-uniform one is a
+`blank` reject (see BLANK_MAX_STD). Alpha is flattened over white, as a viewer shows it, unless
+that leaves nothing to see while black does not (a white picture drawn only in its alpha channel,
+e.g. some wallpapers and logos): then over black, and `meta.alpha_background` says so.
 """
 
 from __future__ import annotations
@@ -18,9 +24,14 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
 
-from dedupe.hashing import perceptual_hashes, sha256_hex, uid_from_sha256
+from dedupe.hashing import (
+    HASH_INPUT_SIDE,
+    perceptual_hashes,
+    sha256_hex,
+    uid_from_sha256,
+)
 from schemas.config import IngestSection
 from schemas.tables import RejectReason
 
@@ -33,6 +44,17 @@ PASSTHROUGH_MODES = {"RGB", "L", "P", "1"}
 LOSSY_FORMATS = {"JPEG", "MPO", "WEBP"}
 EXIF_ORIENTATION = 0x0112
 EXIF_KEEP = {0x010F: "make", 0x0110: "model", 0x0132: "datetime", 0x0131: "software"}
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+BLANK_MAX_STD = 2.0
+"""An image is `blank` when every RGB channel of its hash thumbnail (<= HASH_INPUT_SIDE = 256 px
+on the long side, alpha flattened as stored) has a standard deviation below this, in 0-255 levels
+(under 1 % contrast). Measured: a solid fill, PNG or JPEG, gives 0.0; per-pixel noise of sigma 3
+(PNG) or 10 (JPEG) on a flat grey, averaged by the downscale, 0.5 and 1.8: blank. A 10-level
+gradient across the image gives 2.9, a 200 -> 160 one 11.5, a 40 px dark square on a 1600x1200
+plain ground 5.9, and a patch covering 1 % of the image 100 levels off gives
+about 10: kept. Per channel, not on grey, so that two colours of equal luminance still count."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +94,13 @@ def _why_normalise(fmt: str, mode: str, info: dict, orientation: int, data: byte
     return None
 
 
-def to_rgb8(image: Image.Image) -> Image.Image:
-    """The 8-bit RGB picture a viewer would show: alpha over white, 16-bit scaled, CMYK converted."""
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ALPHA_MODES or "transparency" in image.info
+
+
+def to_rgb8(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """The 8-bit RGB picture a viewer would show: alpha over `background` (white unless decode
+    chose black, see the module docstring), 16-bit scaled, CMYK converted."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(image, dtype=np.int64)
@@ -84,24 +111,52 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         top = arr.max(initial=0)
         arr = arr / top * 255 if top > 255 else arr
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if has_alpha(image):
         rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        under = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(under, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def _normalised_bytes(data: bytes, source_format: str, quality: int) -> tuple[bytes, str]:
+def _normalised_bytes(data: bytes, source_format: str, quality: int,
+                      background: tuple[int, int, int] = WHITE) -> tuple[bytes, str]:
     with Image.open(io.BytesIO(data)) as full:
         full.load()
         oriented = ImageOps.exif_transpose(full)
-        rgb = to_rgb8(oriented)
+        rgb = to_rgb8(oriented, background)
     out = io.BytesIO()
     if source_format in LOSSY_FORMATS:
         rgb.save(out, "JPEG", quality=quality, optimize=True)
         return out.getvalue(), "JPEG"
     rgb.save(out, "PNG", compress_level=6)
     return out.getvalue(), "PNG"
+
+
+def hash_thumbnail(rgb: Image.Image) -> Image.Image:
+    """The <= HASH_INPUT_SIDE px copy perceptual_hashes would make itself (same resampling), so
+    the blank check and the hashes look at the same pixels and the shrink happens once."""
+    if max(rgb.size) <= HASH_INPUT_SIDE:
+        return rgb
+    small = rgb.copy()
+    small.thumbnail((HASH_INPUT_SIDE, HASH_INPUT_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return small
+
+
+def spread(rgb: Image.Image) -> float:
+    """The largest per-channel standard deviation of an RGB image, in 0-255 levels."""
+    return max(ImageStat.Stat(rgb).stddev)
+
+
+def _flattened_thumbnail(thumb: Image.Image) -> tuple[Image.Image, float, tuple[int, int, int]]:
+    """(hash thumbnail as stored, its spread, the alpha background chosen)."""
+    small = hash_thumbnail(to_rgb8(thumb))
+    level = spread(small)
+    if level < BLANK_MAX_STD and has_alpha(thumb):
+        dark = hash_thumbnail(to_rgb8(thumb, BLACK))
+        dark_level = spread(dark)
+        if dark_level >= BLANK_MAX_STD:
+            return dark, dark_level, BLACK
+    return small, level, WHITE
 
 
 def _decode_error(exc: BaseException, uid: str) -> Rejection:
@@ -154,7 +209,12 @@ def decode_validate(data: bytes, source_uri: str, limits: IngestSection) -> dict
                 image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
             image.load()
             thumb = ImageOps.exif_transpose(image) if orientation != 1 else image
-            phash, dhash, fine = perceptual_hashes(to_rgb8(thumb))
+            small, level, background = _flattened_thumbnail(thumb)
+            if level < BLANK_MAX_STD:
+                flattened = " (alpha flattened on white and on black)" if has_alpha(thumb) else ""
+                return Rejection(RejectReason.BLANK, f"near-uniform: largest channel standard deviation {level:.2f} < "
+                                 f"{BLANK_MAX_STD} levels on the {small.size[0]}x{small.size[1]} thumbnail{flattened}", uid)
+            phash, dhash, fine = perceptual_hashes(small)
         except Exception as exc:
             return _decode_error(exc, uid)
 
@@ -163,10 +223,12 @@ def decode_validate(data: bytes, source_uri: str, limits: IngestSection) -> dict
     stored, stored_format = data, PASSTHROUGH_FORMATS.get(fmt, fmt)
     if reason is not None:
         try:
-            stored, stored_format = _normalised_bytes(data, fmt, limits.reencode_quality)
+            stored, stored_format = _normalised_bytes(data, fmt, limits.reencode_quality, background)
         except Exception as exc:
             return _decode_error(exc, uid)
         meta.update(normalized=reason, source_format=fmt, source_mode=source_mode, source_n_bytes=len(data))
+        if background != WHITE:
+            meta["alpha_background"] = "black"
     return {
         "uid": uid,
         "sha256": sha,

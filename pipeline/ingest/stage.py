@@ -35,10 +35,13 @@ def reject_row(uri: str, stage: str, rejection: Rejection) -> dict:
 
 
 def ingest_entries(entries: list[FileEntry], limits: IngestSection, storage: Storage) -> tuple[pa.Table, pa.Table]:
-    """(images, rejects) for a list of files: every entry lands in exactly one of the two."""
+    """(images, rejects) for a list of files: every entry lands in exactly one of the two. An
+    entry the listing could not read (an unreadable sub-folder or file) is a read_error reject."""
     images, rejects = [], []
     for entry in entries:
-        if entry.size > limits.max_bytes:
+        if entry.error:
+            outcome = Rejection(RejectReason.READ_ERROR, entry.error)
+        elif entry.size > limits.max_bytes:
             outcome = Rejection(RejectReason.TOO_LARGE_FILE, f"{entry.size} bytes > ingest.max_bytes = {limits.max_bytes}")
         else:
             try:
@@ -71,7 +74,7 @@ URLS_CODE = code_version(decode, hashing, downloader, fetch, sys.modules[__name_
 
 
 def partition_fingerprint(entries: list[FileEntry], limits: IngestSection) -> str:
-    return fingerprint(STAGE, FILES_CODE, limits, [(e.uri, e.size, e.version) for e in entries])
+    return fingerprint(STAGE, FILES_CODE, limits, [(e.uri, e.size, e.version) + ((e.error,) if e.error else ()) for e in entries])
 
 
 def url_partition_fingerprint(urls_fingerprint: str, limits: IngestSection, cfg: FetchSection) -> str:

@@ -63,6 +63,7 @@ def plan_samples(storage: Storage, ingest_dir: str, n_partitions: int, excluded_
     for p in range(n_partitions):
         t = read_table(storage, join(ingest_dir, part_name(p)), columns=PLAN_COLUMNS)
         boxes = read_boxes(storage, join(regions_dir, part_name(p)) if regions_dir else None)
+        no_box_why = read_no_box_reasons(storage, join(regions_dir, part_name(p, "status")) if regions_dir else None)
         captions = read_captions(storage, captions_dir, p)
         columns = (t[c].to_pylist() for c in PLAN_COLUMNS)
         for row, (uid, uri, n, width, height) in enumerate(zip(*columns)):
@@ -71,7 +72,8 @@ def plan_samples(storage: Storage, ingest_dir: str, n_partitions: int, excluded_
             sample = build_sample(rules, boxes.get(uid, []), width, height, None if captions is None else captions.get(uid, {}))
             unfit = None if rules.config.keep_empty else unfit_reason(sample, captions is not None, rules.need_global)
             if unfit:
-                rejects.append(reject(uri, uid, STAGE, unfit, UNFIT_DETAIL[unfit]))
+                why = f"regions found none ({no_box_why[uid]}); " if unfit == RejectReason.NO_BOXES and uid in no_box_why else ""
+                rejects.append(reject(uri, uid, STAGE, unfit, why + UNFIT_DETAIL[unfit]))
             else:
                 refs.append(SampleRef(uid, p, row, n, sample.to_json_bytes(), len(sample.box)))
     return refs, rows_to_table(rejects, REJECTS)
@@ -81,6 +83,14 @@ UNFIT_DETAIL = {
     RejectReason.NO_BOXES: "no box with a caption: PS3's loader would divide by zero merging its texts (shards.keep_empty writes it anyway)",
     RejectReason.NO_GLOBAL_CAPTION: "no global caption: PS3's loader needs one whenever it draws the global view (shards.keep_empty writes it anyway)",
 }
+
+
+def read_no_box_reasons(storage: Storage, status_uri: str | None) -> dict[str, str]:
+    """uid -> why the regions stage found no box (too_small, too_plain, ...), from one status table."""
+    if status_uri is None or not storage.exists(status_uri):
+        return {}
+    t = read_table(storage, status_uri, columns=["uid", "reason"])
+    return {u: r for u, r in zip(t["uid"].to_pylist(), t["reason"].to_pylist()) if r}
 
 
 def unfit_reason(sample: TextBoxSample, captioned: bool, need_global: bool) -> RejectReason | None:
@@ -108,17 +118,39 @@ def build_sample(rules: SampleRules, boxes: list[list[int]], width: int, height:
 
     Without a captioner (captions None) every box is kept with text "" (PS3's format needs one text
     per box; "" says "not captioned" without inventing words). With one, a box whose caption was
-    rejected or failed is dropped with it, and `global_text` is the global caption when it passed."""
-    if captions is None:
-        texts, kept = [""] * len(boxes), boxes
-    else:
-        pairs = [(captions[i], b) for i, b in enumerate(boxes) if i in captions]
-        texts, kept = [t for t, _ in pairs], [b for _, b in pairs]
+    rejected or failed is dropped with it, and `global_text` is the global caption when it passed.
+    A box that PS3's crop can cut away entirely is dropped too (see always_cropped_in)."""
+    seen = always_cropped_in(width, height)
+    pairs = [("" if captions is None else captions[i], b) for i, b in enumerate(boxes)
+             if (captions is None or i in captions) and overlaps(b, seen)]
+    texts, kept = [t for t, _ in pairs], [b for _, b in pairs]
     keep = kept_boxes(kept, texts, *rules.box_dedupe)  # boxes that repeat a kept box, by overlap or by caption, go
     texts, kept = [texts[i] for i in keep], [kept[i] for i in keep]
     sample = TextBoxSample(text=texts, box=kept, global_text=(captions or {}).get(GLOBAL_REGION), type=rules.config.sample_type)
     sample.check_inside(width, height)
     return sample
+
+
+PS3_CROP_SCALE, PS3_CROP_RATIO = 0.9, 4 / 3  # PS3's RandomResizedCrop(scale=(0.9, 1)), torchvision's ratio (3/4, 4/3)
+
+
+def always_cropped_in(width: int, height: int) -> tuple[float, float, float, float]:
+    """The part of the image every crop of PS3's loader keeps. A crop within the ratio range keeps at
+    least 90% of each side, so the central part inside a 10% margin on every side is always in it;
+    an image wider (taller) than 4:3 (3:4) gets torchvision's fallback, a centred 4:3 crop of the full
+    height (width). A box outside this region can leave PS3 a selection map with nothing of the box."""
+    if width > height * PS3_CROP_RATIO:
+        w = height * PS3_CROP_RATIO
+        return ((width - w) / 2, 0.0, (width + w) / 2, float(height))
+    if height > width * PS3_CROP_RATIO:
+        h = width * PS3_CROP_RATIO
+        return (0.0, (height - h) / 2, float(width), (height + h) / 2)
+    mx, my = width * (1 - PS3_CROP_SCALE), height * (1 - PS3_CROP_SCALE)
+    return (mx, my, width - mx, height - my)
+
+
+def overlaps(box: list[int], region: tuple[float, float, float, float]) -> bool:
+    return min(box[2], region[2]) > max(box[0], region[0]) and min(box[3], region[3]) > max(box[1], region[1])
 
 
 def read_captions(storage: Storage, captions_dir: str | None, partition: int) -> dict[str, dict[int, str]] | None:
