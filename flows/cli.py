@@ -225,19 +225,19 @@ def deploy(
     """Register the build_dataset, end_to_end (build, publish, train) and train deployments of each config
     with the Prefect server at PREFECT_API_URL: parameters from the config, deploy.cron on the flow
     deploy.flow names, one run of each at a time. Run them with `prefect worker start --pool localcap`."""
-    from flows.deploy import deploy as register
+    from flows.deploy import deploy as register, schedule_text
 
     loaded = _configs(configs)
     for cfg, deployments in zip(loaded, register(loaded, pool)):
         for flow_name, deployment_id in deployments.items():
-            when = f"cron {cfg.deploy.cron} ({cfg.deploy.timezone})" if cfg.deploy.cron and flow_name == cfg.deploy.flow else "on demand"
+            when = schedule_text(flow_name, cfg)
             typer.echo(f"deployed {flow_name}/{cfg.run.name} ({deployment_id}), {when}, pool {pool or cfg.deploy.work_pool}")
 
 
 @app.command()
 def serve(configs: list[Path] = typer.Argument(..., help="Run configs to serve as deployments.")):
     """Serve build_dataset deployments of these configs from this one long-lived process (small set-ups:
-    no work pool or worker needed); schedules from deploy.cron. Stop with Ctrl-C."""
+    no work pool or worker needed); schedules from deploy.cron or deploy.interval_s. Stop with Ctrl-C."""
     from flows.deploy import serve as serve_deployments
 
     serve_deployments(_configs(configs))
