@@ -279,7 +279,7 @@ def card_html(key: str, thumb: str, width: int, height: int, sample: dict, sourc
         f'<rect class="box" data-box="{i + 1}" x="{x1}" y="{y1}" width="{x2 - x1}" height="{y2 - y1}" fill="none" '
         f'stroke="{COLORS[i % len(COLORS)]}" stroke-width="2" vector-effect="non-scaling-stroke"/>'
         f'<text x="{x1 + font / 4:.0f}" y="{y1 + font:.0f}" fill="{COLORS[i % len(COLORS)]}" '
-        f'font-size="{font:.0f}" font-weight="bold">{i + 1}</text>'
+        f'font-size="{font:.0f}" font-weight="bold" stroke="#000" stroke-width="{font / 10:.1f}" paint-order="stroke">{i + 1}</text>'
         for i, (x1, y1, x2, y2) in enumerate(boxes))
     captions = "".join(f'<li class="caption" style="border-color:{COLORS[i % len(COLORS)]}"><b>{i + 1}</b> '
                        f'{esc(t) if t else "<i>(no caption)</i>"}</li>' for i, t in enumerate(sample.get("text", [])))
@@ -332,7 +332,8 @@ CSS = """body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;co
 .overlay{position:absolute;inset:0;width:100%;height:100%}
 .captions{padding-left:0;list-style:none}.caption{border-left:4px solid;padding-left:6px;margin:4px 0;font-size:13px}
 .global{font-style:italic;font-size:13px}.source,.why{font-size:12px;color:#555;margin:4px 0;overflow-wrap:anywhere}.why{color:#b00}
-h3{margin:0;font-size:14px}small{color:#777;font-weight:normal}
+.meta{min-width:0}h3{margin:0;font-size:14px;overflow-wrap:anywhere}
+.box{filter:drop-shadow(0 0 1px #000) drop-shadow(0 0 1px #000)}small{color:#777;font-weight:normal}
 .cluster{display:flex;flex-wrap:wrap;gap:8px;background:#fff;border:1px solid #ddd;padding:8px;margin-bottom:12px}
 .cluster figure{margin:0;max-width:180px;font-size:12px;overflow-wrap:anywhere}.cluster img{max-width:180px;max-height:180px;display:block}
 .cluster .kept img{outline:3px solid #34c759}.cluster .dropped img{outline:3px solid #ff2d55;opacity:.85}

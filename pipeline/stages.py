@@ -419,9 +419,9 @@ def run_timings(builds: list[dict], status: pa.Table) -> dict:
     return out
 
 
-def caption_summary(cfg, captions: pa.Table, manifest: pa.Table) -> dict:
-    """Provenance and counts of the captions of the kept samples."""
-    captions = captions.filter(pc.is_in(captions["uid"], value_set=pa.array(sorted(set(manifest["uid"].to_pylist())), pa.string())))
+def caption_summary(cfg, captions: pa.Table) -> dict:
+    """Provenance and counts of the run's captions: every image that reached captioning, including
+    those the shard stage then left out for want of an accepted caption (their failures count)."""
     by_status: dict[str, int] = {}
     for item in pc.value_counts(captions["status"]).to_pylist() if captions.num_rows else []:
         by_status[item["values"]] = item["counts"]
@@ -490,7 +490,7 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
         "statistics": dataset_statistics(manifest, regions, status),
         "timings": run_timings(builds, status),
         "builds": builds,
-        "captions": caption_summary(ctx.config.captioner, captions, manifest) if captions is not None else None,
+        "captions": caption_summary(ctx.config.captioner, captions) if captions is not None else None,
         "versions": package_versions(),
         "config": ctx.config.model_dump(mode="json"),
     }

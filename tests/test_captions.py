@@ -50,7 +50,7 @@ def vllm_run(ray_local, prefect_harness, tiny_vlm, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-run")
     _images(root / "img", 3)
     cfg = {"run": {"work_dir": str(root / "work")}, "sources": [{"uri": str(root / "img")}],
-           "ingest": {"partition_size": 2}, "regions": {"k": 2}, "shards": {"output": str(root / "ds")},
+           "ingest": {"partition_size": 2}, "regions": {"k": 2}, "shards": {"output": str(root / "ds"), "keep_empty": True},
            "captioner": {"backend": "vllm", "model": tiny_vlm, **GREEDY, "vllm": VLLM_CPU}}
     dataset = build_dataset(cfg, run_id="v", progress=False)
     return root, cfg, dataset

@@ -79,7 +79,7 @@ def test_a_second_run_skips_what_a_published_version_holds(build, tmp_path):
     assert second["counts"]["rejected_by_reason"] == {"duplicate_published": 5}
     assert json.loads((tmp_path / "w2" / "v2" / "run.json").read_text())["index_rows_appended"] == 1
     # Rerunning the first run does not count its own contribution as published.
-    rerun = build({**base, "run": {"work_dir": str(tmp_path / "w1")}, "shards": {"output": str(tmp_path / "v1")}}, run_id="v1")
+    rerun = build({**base, "run": {"work_dir": str(tmp_path / "w1")}, "shards": {"output": str(tmp_path / "v1"), "keep_empty": True}}, run_id="v1")
     assert rerun["counts"]["samples"] == 4
     assert rerun["counts"]["rejected_by_reason"] == {"duplicate_near": 1, "duplicate_published": 1}  # the copy; new.jpg (v2's)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.preflight import PreflightError
+
 pytest.importorskip("transformers", reason="the `sam` extra is part of the test install")
 
 from pipeline.regions import ProposerUnavailable, preflight
@@ -91,7 +93,7 @@ def test_sam_on_cuda_without_gpus_stops_the_flow_before_ingest(tiny_sam, build, 
         pytest.skip("this Ray cluster has GPUs")
     cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path)}],
            "shards": {"output": str(tmp_path / "ds")}, "regions": _cfg(tiny_sam, device="cuda").model_dump(mode="json")}
-    with pytest.raises(ProposerUnavailable, match="has none"):
+    with pytest.raises(PreflightError, match="has none"):
         build(cfg, run_id="nogpu")
     assert not (tmp_path / "work").exists()
 
