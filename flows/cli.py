@@ -61,12 +61,19 @@ def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool,
 
         both = end_to_end(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
     except StageFailed as exc:
-        typer.echo(f"localcap: {exc}", err=True)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     except Exception as exc:  # Ray or Prefect failed around the stages: still one line at the end
-        typer.echo(f"localcap: run failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}", err=True)
-        raise typer.Exit(1) from None
+        _fail(f"run failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}")
     return both["dataset"] | {"trained": both["train"]}
+
+
+def _fail(message: str) -> None:
+    """End a failed run with one line: Prefect's temporary server would otherwise log its stop after it, at exit."""
+    import logging
+
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # the run is over; its temporary server logs here
+    typer.echo(f"localcap: {message}", err=True)
+    raise typer.Exit(1)
 
 
 def _echo_trained(result: dict) -> None:

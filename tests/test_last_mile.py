@@ -187,3 +187,20 @@ def test_no_box_images_are_rejects_and_a_noop_rerun_keeps_the_build_record(build
 def test_boxes_ps3s_crop_can_cut_away_are_left_out(width, height, inside, outside):
     sample = build_sample(RULES, [inside, outside], width, height, None)
     assert sample.box == [inside]
+
+
+@pytest.mark.slow
+def test_a_stage_that_fails_for_good_is_not_retried_and_ends_with_one_line(tmp_path):
+    """A corrupt file in the hash index fails the dedupe stage: no retry can fix it, so Prefect does
+    not retry, and the run's last line names the stage and the error."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(scene_jpeg(11, 1200, 1100))
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "hashes-old.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "run.yaml").write_text("sources: [{uri: imgs}]\nshards: {output: ds}\ndedupe: {index: index}\n"
+                                       "prefect: {retries: 2, retry_delay_s: 0}\n")
+    out = localcap("run", "run.yaml", "--no-progress", cwd=tmp_path, home=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("localcap: stage dedupe failed: ") and "Parquet" in last, last
+    assert "Retrying" not in out.stdout + out.stderr
