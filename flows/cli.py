@@ -297,7 +297,7 @@ def demo(
     from pipeline.synthetic import write_demo_images
 
     paths = write_demo_images(out / "images", n=images)
-    typer.echo(f"wrote {len(paths)} demo inputs to {out / 'images'} (two are meant to be rejected)")
+    typer.echo(f"wrote {len(paths)} demo inputs to {out / 'images'} (two are meant to be rejected at ingest)")
     sets = [f"sources=[{{uri: '{out / 'images'}'}}]", f"run.work_dir={out / 'work'}", f"shards.output={out / 'dataset'}"]
     model_dir = out / "models" / "tiny-qwen2vl"
     if load_config(config).captioner.backend != "none":

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.storage import is_s3, split_s3
+from pipeline.weights import WeightsMissing, local_weights
 from schemas.config import CaptionerSection, FilesSource, RunConfig, UrlListSource
 
 
@@ -144,23 +145,6 @@ class BucketProbe:
 
 
 # -- models and GPUs ---------------------------------------------------------------------------
-def local_weights(model: str, field: str, hint: str) -> str:
-    """`model` as a saved directory (with config.json) or a Hub id already in the local cache;
-    PreflightError otherwise: localcap never downloads weights."""
-    if os.path.isdir(model):
-        if not (Path(model) / "config.json").is_file():
-            raise PreflightError(f"{field} {model!r} is a directory without config.json: not a saved model")
-        return model
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise PreflightError(f"{field} {model!r}: no such directory")
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(model, "config.json"), str):
-        raise PreflightError(f"{field} {model!r} is neither a folder nor in the local Hugging Face cache, and localcap never "
-                             f"downloads weights: fetch them once (`huggingface-cli download {model}`) or give a saved model directory{hint}")
-    return model
-
-
 def local_gpus() -> int:
     """GPUs a local Ray would find (CUDA_VISIBLE_DEVICES, else nvidia-smi)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -179,7 +163,10 @@ def check_captioner(cfg: CaptionerSection, local_ray: bool) -> None:
     """Weights present for engines we load; GPUs present when the run starts its own local Ray."""
     if cfg.backend not in ("vllm", "transformers"):
         return
-    local_weights(cfg.model, "captioner.model", "")
+    try:
+        local_weights(cfg.model, "captioner.model", "")
+    except WeightsMissing as exc:
+        raise PreflightError(str(exc)) from None
     if cfg.device == "cuda" and local_ray:
         from captioners.placement import gpus_per_actor
 

@@ -35,11 +35,11 @@ def _imports():
 
 def weights_path(opts: SamOptions) -> str:
     """The local directory or cached Hub id of the weights; SamUnavailable when neither exists."""
-    from pipeline.preflight import PreflightError, local_weights
+    from pipeline.weights import WeightsMissing, local_weights
 
     try:
         return local_weights(opts.model, "regions.sam.model", "; or use regions.masks: felzenszwalb (CPU)")
-    except PreflightError as exc:
+    except WeightsMissing as exc:
         raise SamUnavailable(str(exc)) from None
 
 
