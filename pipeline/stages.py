@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -59,7 +58,7 @@ from pipeline.shards.stage import (
     write_shard,
 )
 from pipeline.storage import Storage, join
-from schemas.config import DedupeSection, RunConfig
+from schemas.config import DedupeSection, RunConfig, redact_secrets
 from schemas.tables import (
     CAPTIONS,
     GLOBAL_REGION,
@@ -387,7 +386,7 @@ def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table) 
 
 def build_entry(run_id: str, reports: list[StageReport]) -> dict:
     """One run's record: what each stage computed or skipped, and how long it took."""
-    return {"run_id": run_id, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
+    return {"run_id": run_id, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "computed": sum(r.computed for r in reports), "stages": [asdict(r) for r in reports]}
 
 
@@ -399,7 +398,7 @@ def previous_builds(storage: Storage, run_dir: str) -> list[dict]:
     record = json.loads(storage.read_bytes(uri))
     if "builds" in record:
         return record["builds"]
-    return [{"run_id": record.get("run_id"), "finished_at": record.get("finished_at"), "argv": record.get("argv"),
+    return [{"run_id": record.get("run_id"), "finished_at": record.get("finished_at"),
              "computed": sum(st.get("computed", 0) for st in record.get("stages", [])), "stages": record.get("stages", [])}]
 
 
@@ -492,7 +491,7 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
         "builds": builds,
         "captions": caption_summary(ctx.config.captioner, captions) if captions is not None else None,
         "versions": package_versions(),
-        "config": ctx.config.model_dump(mode="json"),
+        "config": redact_secrets(ctx.config.model_dump(mode="json")),  # no credential in records or published files
     }
     write_table(ctx.storage, join(ctx.config.shards.output, "rejects.parquet"), rejects)
     ctx.storage.write_bytes(join(ctx.config.shards.output, "dataset.json"), json.dumps(dataset, indent=1).encode())
@@ -502,7 +501,6 @@ def publish_dataset(ctx: RunContext, n_inputs: int, reports: list[StageReport]) 
         "finished_at": dataset["updated_at"],
         "config": dataset["config"],
         "versions": dataset["versions"],
-        "argv": sys.argv,
         "stages": [asdict(r) for r in reports],  # this run's; `builds` holds every run's
         "builds": builds,
         "counts": counts,

@@ -368,6 +368,24 @@ class RunConfig(_Section):
         return self
 
 
+SECRET_KEY = re.compile(r"secret|passw(or)?d|token|api_?key|credential|access_?key|private_?key|auth", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]+):[^/@\s]+@")
+
+
+def redact_secrets(data):
+    """A config dump safe to write into records and published files: values of keys that name a
+    credential become "***" (not the *_env keys, which hold an environment variable's name), and
+    passwords inside URLs (scheme://user:password@host) are cut."""
+    if isinstance(data, dict):
+        return {k: "***" if isinstance(k, str) and SECRET_KEY.search(k) and not k.endswith("_env") and v not in (None, "")
+                else redact_secrets(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact_secrets(v) for v in data]
+    if isinstance(data, str):
+        return URL_PASSWORD.sub(r"\1:***@", data)
+    return data
+
+
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 

@@ -195,3 +195,18 @@ def test_bad_input_folder_through_the_flow(build, tmp_path):
     assert sorted(m["source"].rsplit("/", 1)[1] for m in manifest) == accepted
     rotated = next(m for m in manifest if m["source"].endswith("rotated.jpg"))
     assert (rotated["width"], rotated["height"]) == (1200, 1600)
+
+
+@pytest.mark.parametrize("fmt, offset", [("PNG", 29), ("WEBP", 12)])
+def test_a_damaged_file_with_a_valid_signature_is_a_decode_error(fmt, offset):
+    """A PNG whose header chunk fails its CRC (or a WebP with a broken chunk) announces its format:
+    the reason is decode_error, and the detail does not contradict it."""
+    out = io.BytesIO()
+    Image.new("RGB", (1200, 1100), (10, 200, 30)).save(out, fmt)
+    data = bytearray(out.getvalue())
+    data[offset:offset + 4] = b"\xde\xad\xbe\xef"
+    got = decode_validate(bytes(data), "broken", LIMITS)
+    assert isinstance(got, Rejection) and got.reason == RejectReason.DECODE_ERROR, got
+    assert fmt in got.detail and "not an image" not in got.detail
+    text = decode_validate(b"plain text, not an image at all", "t.jpg", LIMITS)
+    assert text.reason == RejectReason.NOT_AN_IMAGE

@@ -158,7 +158,8 @@ def test_no_box_images_are_rejects_and_a_noop_rerun_keeps_the_build_record(build
     # Big enough for ingest, too small for a box (a fifth of 150 px is under regions.min_box_side).
     (tmp_path / "img" / "small.jpg").write_bytes(scene_jpeg(709, 200, 150))
     cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "img")}],
-           "ingest": {"partition_size": 2, "min_side": 100}, "shards": {"output": str(tmp_path / "ds")}}
+           "ingest": {"partition_size": 2, "min_side": 100}, "shards": {"output": str(tmp_path / "ds")},
+           "captioner": {"vllm": {"env": {"HF_TOKEN": "hf_do_not_record_me"}}}}
     first = build(cfg, run_id="rec")
     c = first["counts"]
     assert c["samples"] == 2 and c["rejected_by_reason"] == {"no_boxes": 1} and c["inputs"] == c["samples"] + c["rejected"]
@@ -172,8 +173,13 @@ def test_no_box_images_are_rejects_and_a_noop_rerun_keeps_the_build_record(build
     assert first["timings"]["stage_seconds"]["ingest"] > 0 and on_disk["created_at"] == first["created_at"]
     assert [b["computed"] for b in on_disk["builds"]] == [first["builds"][0]["computed"], 0]
     assert all(st["skipped"] == st["partitions"] for st in on_disk["builds"][1]["stages"])
-    run = json.loads((tmp_path / "work" / "rec" / "run.json").read_text())
+    run_text = (tmp_path / "work" / "rec" / "run.json").read_text()
+    run = json.loads(run_text)
     assert len(run["builds"]) == 2
+    # Records and published files hold the config with credentials redacted, and no raw command line.
+    for text in (run_text, (tmp_path / "ds" / "dataset.json").read_text()):
+        assert "hf_do_not_record_me" not in text and '"argv"' not in text
+    assert run["config"]["captioner"]["vllm"]["env"]["HF_TOKEN"] == "***"
 
     kept = build({**cfg, "shards": {"output": str(tmp_path / "ds-all"), "keep_empty": True}}, run_id="rec")
     assert kept["counts"]["samples"] == 3 and kept["counts"]["rejected"] == 0
@@ -204,3 +210,13 @@ def test_a_stage_that_fails_for_good_is_not_retried_and_ends_with_one_line(tmp_p
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("localcap: stage dedupe failed: ") and "Parquet" in last, last
     assert "Retrying" not in out.stdout + out.stderr
+
+
+def test_redact_secrets_keeps_names_and_cuts_values():
+    from schemas.config import redact_secrets
+
+    data = {"openai": {"api_key_env": "OPENAI_API_KEY", "base_url": "http://bob:hunter2@h:8000/v1"},
+            "env": {"HF_TOKEN": "hf_x", "AWS_SECRET_ACCESS_KEY": "abc", "VLLM_CPU_KVCACHE_SPACE": "1"}, "engine_args": {"api_key": None}}
+    assert redact_secrets(data) == {"openai": {"api_key_env": "OPENAI_API_KEY", "base_url": "http://bob:***@h:8000/v1"},
+                                    "env": {"HF_TOKEN": "***", "AWS_SECRET_ACCESS_KEY": "***", "VLLM_CPU_KVCACHE_SPACE": "1"},
+                                    "engine_args": {"api_key": None}}

@@ -159,6 +159,19 @@ def _flattened_thumbnail(thumb: Image.Image) -> tuple[Image.Image, float, tuple[
     return small, level, WHITE
 
 
+SIGNATURES = {  # magic bytes -> format: bytes that start like an image but do not open are damaged, not "not an image"
+    b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP",
+    b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+}
+
+
+def signature_format(data: bytes) -> str | None:
+    """The image format the first bytes announce, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in SIGNATURES.items() if data.startswith(magic)), None)
+
+
 def _decode_error(exc: BaseException, uid: str) -> Rejection:
     text = f"{type(exc).__name__}: {exc}"
     if "truncated" in text.lower() or isinstance(exc, EOFError):
@@ -175,6 +188,9 @@ def decode_validate(data: bytes, source_uri: str, limits: IngestSection) -> dict
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        announced = signature_format(data)
+        if announced:  # e.g. a PNG whose header chunk fails its CRC
+            return Rejection(RejectReason.DECODE_ERROR, f"starts like a {announced} but cannot be opened: damaged header", uid)
         return Rejection(RejectReason.NOT_AN_IMAGE, f"no image format recognises the first bytes {data[:8]!r}", uid)
     except Exception as exc:  # a header that parses as an image format but is broken
         return _decode_error(exc, uid)
