@@ -150,7 +150,7 @@ def inspect(
     try:
         storage = _storage()
         typer.echo(describe_dataset(resolve(storage, dataset), storage, n_samples=samples))
-    except FileNotFoundError as exc:
+    except (ValueError, FileNotFoundError) as exc:  # also BadMetadata: a dataset's files are untrusted
         typer.echo(f"not a localcap dataset (no dataset.json?): {exc}", err=True)
         raise typer.Exit(2) from None
 
@@ -191,6 +191,9 @@ def versions(name: str = typer.Argument(..., help="Dataset name: s3://bucket/pre
         typer.echo(f"{name}: no published version", err=True)
         raise typer.Exit(1)
     for v in rows:
+        if v.broken:
+            typer.echo(f"{v.version:<6}{'*' if v.latest else ' '} BROKEN: {v.broken}  {v.uri}")
+            continue
         typer.echo(f"{v.version:<6}{'*' if v.latest else ' '} {v.samples:>8} samples {v.shards:>6} shards  "
                    f"built {v.created_at}  published {v.published_at or '?'}  {v.uri}")
 
@@ -209,9 +212,12 @@ def pull(
     try:
         selection = parse_shards(shards)
         r = pull_version(_storage(), uri, dest, selection, workers, progress)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # also BadMetadata: a refused version
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:  # a download that failed its checks or the network: rerun to resume
+        typer.echo(f"pull failed: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"pulled {r.version_uri} -> {dest}: {r.downloaded} files downloaded, {r.skipped} already there "
                f"({r.bytes / 2**20:.1f} MiB)")
 

@@ -13,8 +13,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -175,15 +176,26 @@ def run_stage(
     progress: bool = True,
     marker: str = "rows",
     pool: ActorPool | None = None,
+    outputs: list[str] | tuple[str, ...] = (),
 ) -> StageReport:
     """Compute every job whose `STAGE/part-NNNNN.parquet` is missing, stamped differently, or
     marked `redo`.
 
     `marker` names the rows of the part files in the report (e.g. "images" for ingest). With a
     `pool`, partitions go to its actors (`work` is then unused); otherwise each is a Ray task.
+    `outputs` are folders outside the run folder that the partitions write into (the shard tars'
+    shards.output).
+
+    First, what an earlier attempt of this run id left when it was killed goes: temporaries
+    (Storage.atomic_path's) anywhere in the run folder and in `outputs` (on S3: incomplete multipart
+    uploads under them). Nothing of this run writes there while a stage starts (stages run one at a
+    time, and a run id is run by one process at a time).
     """
     start = time.perf_counter()
     stage_dir = join(run_dir, stage)
+    removed = sum(storage.remove_temporaries(folder, recursive=True) for folder in (run_dir, *outputs))
+    if removed:
+        log.info("%s: removed %d temporary file(s) / incomplete upload(s) an interrupted attempt left", stage, removed)
     existing = set(storage.list_prefix(stage_dir))
     for name in sorted(existing):
         # Partitions of an earlier attempt with more inputs or shards would be read as this run's.

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 
 from pipeline.partitions import read_table
 from pipeline.shards.layout import folders
+from pipeline.shards.metadata import (
+    BadMetadata,
+    check_member,
+    check_path,
+    parse_dataset_json,
+    parse_sizes,
+)
 from pipeline.storage import Storage, is_s3, join
 
 
 def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: int = 1) -> str:
     storage = storage or Storage()
-    info = json.loads(storage.read_bytes(join(dataset, "dataset.json")))
+    # dataset.json and sizes.json may come from anywhere (a published version): parsed and checked.
+    info = parse_dataset_json(storage.read_bytes(join(dataset, "dataset.json")), join(dataset, "dataset.json"))
     manifest = read_table(storage, join(dataset, "manifest.parquet"))
-    counts, stats = info["counts"], info["statistics"]
+    counts, stats = info["counts"], info.get("statistics") or {}
     out = [
         f"dataset   {dataset}",
-        f"name      {info['name']}  (run {info['run_id']}, layout {info['layout']}, created {info['created_at']})",
-        f"samples   {counts['samples']} in {counts['shards']} shards, from {counts['inputs']} inputs",
-        f"rejected  {counts['rejected']}" + "".join(f"\n  {k:<20} {v}" for k, v in counts["rejected_by_reason"].items()),
+        (f"name      {info.get('name', '?')}  (run {info.get('run_id', '?')}, layout {info['layout']}, "
+         f"created {info.get('created_at', '?')})"),
+        f"samples   {counts['samples']} in {counts['shards']} shards, from {counts.get('inputs', '?')} inputs",
+        f"rejected  {counts.get('rejected', '?')}" + "".join(f"\n  {k:<20} {v}" for k, v in counts.get("rejected_by_reason", {}).items()),
     ]
     if stats.get("width"):
         out.append(f"size      width {stats['width']['min']}-{stats['width']['max']}, height {stats['height']['min']}-{stats['height']['max']}, "
@@ -34,7 +42,8 @@ def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: in
         if rejected:
             out.append("          not used: " + ", ".join(f"{k} {v}" for k, v in rejected.items()))
     for folder in folders(info["layout"]):
-        sizes = json.loads(storage.read_bytes(join(dataset, folder, "sizes.json")))
+        sizes_uri = join(dataset, folder, "sizes.json")
+        sizes = parse_sizes(storage.read_bytes(sizes_uri), sizes_uri, folder)
         out.append(f"{folder + '/':<10}" + ", ".join(f"{k} ({v})" for k, v in sizes.items()))
     rows = manifest.slice(0, n_samples).to_pylist()
     for row in rows:
@@ -61,11 +70,17 @@ def box_lines(stats: dict, timings: dict) -> list[str]:
 
 def _sample_json(storage: Storage, dataset: str, layout: str, row: dict) -> str:
     shard = row["shard"]
-    uri = join(dataset, shard.replace("image/image_", "text_box/text_box_") if layout == "paired" else shard)
+    text_tar = shard.replace("image/image_", "text_box/text_box_") if isinstance(shard, str) and layout == "paired" else shard
+    try:  # a manifest row names a tar of the dataset, nothing else
+        if not str(check_path(text_tar)).endswith(".tar"):
+            raise BadMetadata(f"{text_tar!r} is not a tar")
+    except BadMetadata as exc:
+        raise BadMetadata(f"{join(dataset, 'manifest.parquet')}: shard {exc}") from None
+    uri = join(dataset, text_tar)
     # Local tars are read member by member; an S3 tar is fetched whole.
     source = {"fileobj": io.BytesIO(storage.read_bytes(uri))} if is_s3(uri) else {"name": uri}
     with tarfile.open(mode="r:", **source) as tar:
         for member in tar:
-            if member.name == f"{row['key']}.json":
+            if check_member(member, uri) and member.name == f"{row['key']}.json":
                 return tar.extractfile(member).read().decode()
     return "(json missing)"

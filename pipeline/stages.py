@@ -330,7 +330,8 @@ def run_shards(ctx: RunContext, ingest_fingerprints: list[str], regions_fingerpr
     for i, group in enumerate(groups):
         payload = ShardPayload(i, group, ctx.stage_dir("ingest"), cfg, ctx.storage)
         jobs.append(PartitionJob(i, shard_fingerprint(payload, fps), payload))
-    report = run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress, marker="samples")
+    report = run_stage("shard", ctx.run_dir, jobs, write_shard, ctx.storage, progress=ctx.progress, marker="samples",
+                       outputs=[cfg.output])  # a killed run's half-written tars go before new ones are written
     if unfit.num_rows:
         report.rows["rejects"] = unfit.num_rows
     return report

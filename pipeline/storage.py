@@ -9,17 +9,42 @@ AWS_ENDPOINT_URL, so a local S3 endpoint (moto, MinIO) works without code change
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
+import hashlib
 import io
 import os
 import re
+import secrets
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 _WILDCARDS = "*?["
+
+# A writer's temporary file: `.NAME.localcap-tmp-XXXXXXXX.part` beside the NAME it becomes. The
+# recogniser also takes the older `.NAME.XXXXXXXX.part` (tempfile.mkstemp's) that earlier versions left.
+TEMP_TAG = "localcap-tmp-"
+_TEMP_RE = re.compile(r"\.(?P<target>.+)\.(?:" + re.escape(TEMP_TAG) + r")?[a-z0-9_]{8}\.part\Z")
+
+
+def temp_name(name: str) -> str:
+    """A fresh temporary name for a file that will become `name` (a bare file name, no folder)."""
+    return f".{name}.{TEMP_TAG}{secrets.token_hex(4)}.part"
+
+
+def temp_target(name: str) -> str | None:
+    """The file name a temporary made by temp_name (or an older mkstemp one) was to become; None
+    when `name` is not such a temporary."""
+    m = _TEMP_RE.match(name)
+    return m.group("target") if m else None
+
+
+def is_temp_name(name: str) -> bool:
+    return temp_target(name) is not None
 
 
 def is_s3(uri: str) -> bool:
@@ -329,12 +354,25 @@ class Storage:
         with self.atomic_path(uri) as tmp:
             Path(tmp).write_bytes(data)
 
+    @staticmethod
+    def _new_temp(folder: str | Path, name: str) -> str:
+        """Create (O_EXCL, mode 0600) and return a temp_name(name) file in `folder`."""
+        while True:
+            path = os.path.join(folder, temp_name(name))
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                return path
+            except FileExistsError:
+                continue
+
     @contextlib.contextmanager
     def atomic_path(self, uri: str) -> Iterator[str]:
-        """Yield a local file path to fill; on success it becomes `uri` whole, on error nothing does."""
+        """Yield a local file path to fill; on success it becomes `uri` whole, on error nothing does.
+
+        Locally the file is a temp_name() beside the target (a crash can leave it: remove_temporaries
+        takes it away); for S3 it is in the system's temporary folder, then uploaded."""
         if is_s3(uri):
-            fd, tmp = tempfile.mkstemp(prefix="localcap-", suffix=".part")
-            os.close(fd)
+            tmp = self._new_temp(tempfile.gettempdir(), uri.rsplit("/", 1)[-1] or "object")
             try:
                 yield tmp
                 bucket, key = split_s3(uri)
@@ -345,8 +383,7 @@ class Storage:
             return
         target = Path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        os.close(fd)
+        tmp = self._new_temp(target.parent, target.name)
         try:
             yield tmp
             os.chmod(tmp, 0o644)
@@ -396,3 +433,108 @@ class Storage:
         else:
             with contextlib.suppress(FileNotFoundError):
                 Path(uri).unlink()
+
+    # -- conditional replace (LATEST) ----------------------------------------------------------
+    def read_tagged(self, uri: str) -> tuple[bytes | None, str | None]:
+        """(content, tag) of `uri`, or (None, None) when it is missing. The tag is the S3 ETag
+        (local: the sha256 of the content); replace_if(uri, data, tag) succeeds only while it holds."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                got = self.s3.get_object(Bucket=bucket, Key=key)
+            except self.s3.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None, None
+                raise
+            return got["Body"].read(), got["ETag"].strip('"')
+        try:
+            data = Path(uri).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if(self, uri: str, data: bytes, tag: str | None) -> bool:
+        """Write `data` to `uri` only if it still has the tag read_tagged gave (None: only if it is
+        still missing); True if written, False if someone changed it in between (read it again).
+
+        S3: a conditional PUT (If-Match: ETag, or If-None-Match: *), atomic on the server on AWS S3
+        and MinIO; a store that ignores these headers makes it a plain PUT. Local: compare and
+        rename under an exclusive flock of the folder, which also removes this name's stale temporaries."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            cond = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+            try:
+                self.s3.put_object(Bucket=bucket, Key=key, Body=data, **cond)
+                return True
+            except self.s3.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409", "NoSuchKey", "404"):
+                    return False  # changed, racing, or deleted since it was read
+                raise
+        import fcntl
+
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            for name in os.listdir(target.parent):  # only one writer of this name holds the lock
+                if temp_target(name) == target.name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(target.parent / name)
+            if self.read_tagged(uri)[1] != tag:
+                return False
+            with self.atomic_path(uri) as tmp:
+                Path(tmp).write_bytes(data)
+            return True
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- crash leftovers -----------------------------------------------------------------------
+    def list_uploads(self, uri: str) -> list[tuple[str, str]]:
+        """(key, upload id) of the incomplete S3 multipart uploads under a folder / prefix."""
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        out = []
+        for page in self.s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+            out += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+        return out
+
+    def abort_uploads(self, uri: str) -> int:
+        """Abort every incomplete S3 multipart upload under a folder / prefix (their parts are
+        stored, and billed, until then); the number aborted."""
+        bucket, _ = split_s3(uri)
+        n = 0
+        for key, upload_id in self.list_uploads(uri):
+            try:
+                self.s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+                n += 1
+            except self.s3.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("NoSuchUpload", "404"):
+                    raise
+        return n
+
+    def remove_temporaries(self, uri: str, recursive: bool = False) -> int:
+        """Remove what crashed writers left under a folder: local temporaries (temp_name's pattern;
+        with `recursive`, in its sub-folders too, hidden ones skipped); under an s3:// prefix, the
+        incomplete multipart uploads (always recursive). Only for a folder no live writer is writing
+        to (the same run id's earlier attempts). Returns how many were removed."""
+        if is_s3(uri):
+            return self.abort_uploads(uri)
+        root = Path(uri)
+        if not root.is_dir():
+            return 0
+        n = 0
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+            for name in names:
+                if is_temp_name(name):
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                        n += 1
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        if exc.errno not in (errno.EACCES, errno.EPERM):
+                            raise
+        return n

@@ -13,7 +13,12 @@ Publishing uploads shards first (boto3's transfer manager: multipart, bounded co
 each object's ETag against the one computed locally, then files.json, dataset.json and LATEST. A
 publish that dies leaves a claim and some objects but no dataset.json: readers do not see it, LATEST
 does not move, and rerunning the same publish finds its own claim (same content id) and uploads only
-what is missing.
+what is missing. A publish that fails aborts the multipart uploads it left under NAME/vN/; one that
+was killed leaves them (and, to a local NAME, temporary files): the rerun of the same publish aborts
+/ removes them before uploading.
+
+LATEST only ever moves forward: it is replaced with a conditional write (If-Match on the ETag read,
+If-None-Match: * when absent), re-read and retried when another publisher moved it in between.
 """
 
 from __future__ import annotations
@@ -75,22 +80,47 @@ class VersionInfo:
     created_at: str
     published_at: str | None
     latest: bool
+    broken: str | None = None  # why its dataset.json / files.json cannot be read (counts are then 0)
+
+
+def _count(info: dict, key: str) -> int:
+    value = info["counts"][key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"counts.{key} is {value!r}, not a count")
+    return value
+
+
+def _read_version(storage: Storage, uri: str, version: str, latest: bool) -> VersionInfo:
+    """One complete version's listing; a dataset.json or files.json that is not the JSON a publish
+    writes gives a VersionInfo whose `broken` says why, instead of an exception."""
+    what = DATASET
+    try:
+        info = json.loads(storage.read_bytes(join(uri, DATASET)))
+        samples, shards, created_at = _count(info, "samples"), _count(info, "shards"), info["created_at"]
+        if not isinstance(created_at, str):
+            raise TypeError(f"created_at is {created_at!r}, not a time")
+        what = FILES
+        files = json.loads(storage.read_bytes(join(uri, FILES))) if storage.exists(join(uri, FILES)) else {}
+        published_at = files.get("published_at")
+        if not isinstance(published_at, (str, type(None))):
+            raise TypeError(f"published_at is {published_at!r}, not a time")
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:200]
+        return VersionInfo(version, uri, 0, 0, "", None, latest, broken=f"{what}: {type(exc).__name__}: {detail}")
+    return VersionInfo(version, uri, samples, shards, created_at, published_at, latest)
 
 
 def list_versions(storage: Storage, name_uri: str) -> list[VersionInfo]:
-    """Published (complete) versions, oldest first; a version without dataset.json is not listed."""
+    """Published (complete) versions, oldest first; a version without dataset.json is not listed,
+    one whose dataset.json (or files.json) cannot be read is listed with `broken` set."""
     name_uri = name_uri.rstrip("/")
-    latest = storage.read_bytes(join(name_uri, LATEST)).decode().strip() if storage.exists(join(name_uri, LATEST)) else None
-    numbers = sorted(n for n in (version_number(c) for c in storage.list_prefix(join(name_uri, CLAIMS))) if n is not None)
+    pointer = join(name_uri, LATEST)
+    latest = storage.read_bytes(pointer).decode(errors="replace").strip() if storage.exists(pointer) else None
     out = []
-    for n in numbers:
+    for n in _claimed(storage, name_uri):
         uri = join(name_uri, version_name(n))
-        if not storage.exists(join(uri, DATASET)):
-            continue
-        info = json.loads(storage.read_bytes(join(uri, DATASET)))
-        files = json.loads(storage.read_bytes(join(uri, FILES))) if storage.exists(join(uri, FILES)) else {}
-        out.append(VersionInfo(version_name(n), uri, info["counts"]["samples"], info["counts"]["shards"], info["created_at"],
-                               files.get("published_at"), version_name(n) == latest))
+        if storage.exists(join(uri, DATASET)):
+            out.append(_read_version(storage, uri, version_name(n), version_name(n) == latest))
     return out
 
 
@@ -236,14 +266,34 @@ def publish_version(storage: Storage, dataset_dir: str | Path, name_uri: str, co
             after_upload(f.path)
         return f, f.size
 
+    # What a killed earlier publish of this version left: incomplete multipart uploads (S3), or
+    # temporary files (a local NAME). Its claim is this content's, so nobody else uploads here.
+    stale = storage.remove_temporaries(version_uri, recursive=True)
+    if stale:
+        log.info("publish: removed %d incomplete upload(s) / temporary file(s) an interrupted publish left in %s",
+                 stale, version_uri)
     try:
         for group in (shards, rest):  # descriptors only once every tar is in
-            with ThreadPoolExecutor(concurrency) as pool:
+            pool = ThreadPoolExecutor(concurrency)
+            try:
                 for f, size in pool.map(put, group):
                     files.append(f)
                     uploaded += size > 0
                     skipped += size == 0
                     sent += size
+            finally:
+                # On a failure the uploads not yet started are dropped; the running ones end first.
+                pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        # boto3 aborts a multipart upload whose own part failed; this takes whatever else is left
+        # (a transfer cut short by the failure of another file), so no parts stay stored and billed.
+        try:
+            aborted = storage.remove_temporaries(version_uri, recursive=True)
+            if aborted:
+                log.info("publish: aborted %d incomplete upload(s) under %s", aborted, version_uri)
+        except (OSError, *_s3_errors()) as exc:  # the publish's own error is the one to report
+            log.warning("publish: could not abort the incomplete uploads under %s: %s", version_uri, exc)
+        raise
     finally:
         bar.close()
     published_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -256,13 +306,35 @@ def publish_version(storage: Storage, dataset_dir: str | Path, name_uri: str, co
     return PublishResult(version_name(n), version_uri, uploaded, skipped, sent, resumed, latest)
 
 
-def move_latest(storage: Storage, name_uri: str, n: int) -> str:
-    """Point LATEST at vN unless it already names a newer version; returns what it names. (Two
-    publishers finishing at the same instant can both pass the check; the older one may then write
-    last, until the next publish moves LATEST forward again.)"""
+def _s3_errors() -> tuple[type[Exception], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return BotoCoreError, ClientError
+
+
+def move_latest(storage: Storage, name_uri: str, n: int, attempts: int = 100) -> str:
+    """Point LATEST at vN, or at a newer complete version, unless it already names a newer one;
+    returns what it names. LATEST only ever moves forward: the write is conditional on LATEST being
+    what was read (If-Match: its ETag; If-None-Match: * when there is none; locally a compare under
+    a lock), and when another publisher moved it in between, it is read again and compared again.
+    So two publishers finishing together end with LATEST at the higher version, whichever writes
+    last. A newer version that is complete (its dataset.json is there) but not yet named, because
+    its publisher died just before this step or is about to take it, is taken instead of vN."""
     pointer = join(name_uri, LATEST)
-    current = storage.read_bytes(pointer).decode().strip() if storage.exists(pointer) else None
-    if current is not None and (version_number(current) or 0) >= n:
-        return current
-    storage.write_bytes(pointer, version_name(n).encode())
-    return version_name(n)
+    for _ in range(attempts):
+        data, tag = storage.read_tagged(pointer)
+        current = data.decode(errors="replace").strip() if data is not None else None
+        current_n = version_number(current) if current else None
+        if current_n is not None and current_n >= n:
+            return current
+        newer = [m for m in _claimed(storage, name_uri) if m > n and storage.exists(join(name_uri, version_name(m), DATASET))]
+        target = max([n, *newer])
+        if storage.replace_if(pointer, version_name(target).encode(), tag):
+            return version_name(target)
+        time.sleep(0.05)  # another publisher moved it in between: read it again
+    raise RuntimeError(f"{pointer}: could not move it to {version_name(n)} in {attempts} attempts (it kept changing)")
+
+
+def _claimed(storage: Storage, name_uri: str) -> list[int]:
+    """Version numbers claimed under a dataset name, ascending."""
+    return sorted(n for n in (version_number(c) for c in storage.list_prefix(join(name_uri, CLAIMS))) if n is not None)

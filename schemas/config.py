@@ -109,7 +109,19 @@ class FetchSection(_Section):
     connect_timeout_s: float = Field(10.0, gt=0, description="Per attempt, to open the connection.")
     timeout_s: float = Field(60.0, gt=0, description="Per attempt, for the whole response, body included.")
     max_redirects: int = Field(5, ge=0, description="Redirect hops followed; loops are detected.")
-    allow_private: bool = Field(False, description="Allow private, loopback and link-local addresses (tests, intranets).")
+    allow_private: bool = Field(
+        False,
+        description="Allow every non-global address (private 10/8, 172.16/12, 192.168/16, fc00::/7, carrier-grade NAT "
+        "100.64/10, the other special-purpose ranges), loopback included: intranets. Link-local (169.254/16, the cloud "
+        "metadata service, fe80::/10), multicast and unspecified addresses are refused always.",
+    )
+    allow_loopback: bool = Field(
+        False, description="Allow loopback addresses only (127/8, ::1): local test servers, without opening the rest.")
+    max_bytes_in_flight: int = Field(
+        512 * 2**20, ge=2**20,
+        description="Per ingest worker, body bytes read or waiting to be decoded at once: a body's Content-Length "
+        "(else ingest.max_bytes) is reserved before it is read. A body larger than this is read alone.",
+    )
     honour_opt_out: bool = Field(True, description="Reject images served with X-Robots-Tag: noai or noimageai.")
     user_agent: str = Field("localcap/0.1 (+https://github.com/localcap/localcap)", description="Sent with every request; robots.txt rules are matched against it.")
     partition_size: int = Field(

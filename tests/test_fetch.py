@@ -103,7 +103,7 @@ def server():
     s.close()
 
 
-OPTS = FetchSection(allow_private=True, retries=2, backoff_s=0.05, timeout_s=1.5, connect_timeout_s=1.0, per_host_rate=50.0)
+OPTS = FetchSection(allow_loopback=True, retries=2, backoff_s=0.05, timeout_s=1.5, connect_timeout_s=1.0, per_host_rate=50.0)
 MAX_BYTES = len(JPEG) + 1000
 
 
@@ -135,7 +135,7 @@ def test_retry_after_is_honoured(server):
 
 
 def test_no_host_sees_more_than_its_rate(server):
-    opts = FetchSection(allow_private=True, per_host_rate=20.0, concurrency=32, per_host_concurrency=16)
+    opts = FetchSection(allow_loopback=True, per_host_rate=20.0, concurrency=32, per_host_concurrency=16)
     results = fetch_urls([f"{server.base}/rate/{i}.jpg" for i in range(30)], opts)
     assert all(r.ok for r in results)
     times = sorted(t for p, t in server.hits if p.startswith("/rate/"))

@@ -18,7 +18,7 @@ from schemas.tables import IMAGES, REJECTS
 from tests.http_server import QuietHandler, serve
 from tests.test_fetch import FaultServer
 
-FAST = {"allow_private": True, "retries": 2, "backoff_s": 0.05, "timeout_s": 1.5, "connect_timeout_s": 1.0,
+FAST = {"allow_loopback": True, "retries": 2, "backoff_s": 0.05, "timeout_s": 1.5, "connect_timeout_s": 1.0,
         "per_host_rate": 100.0}
 
 

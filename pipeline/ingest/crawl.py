@@ -9,8 +9,10 @@ Choices worth knowing:
 - One image per <img> and per <picture>: the largest candidate among its srcset(s) and src (by
   `w` descriptor, else `x` density). A <picture>'s sources are usually one picture in several
   sizes or formats; taking each would only feed near duplicates to dedupe.
-- robots.txt: 4xx means "no rules"; an unreachable or 5xx robots.txt means "disallow all" for the
-  crawl (RFC 9309 §2.3.1.4). Crawl-delay slows that host's request rate further.
+- robots.txt is parsed by protego (RFC 9309: `*` and `$` in paths, the longest match wins, Allow
+  wins a tie, the most specific user-agent group applies), for pages and images alike. 4xx means
+  "no rules"; an unreachable or 5xx robots.txt means "disallow all" for the crawl (RFC 9309
+  §2.3.1.4). Crawl-delay slows that host's request rate further.
 - `<meta name="robots">` with nofollow stops link-following from that page; noai / noimageai
   opts its images out (recorded as `opted_out`).
 - A start URL that gives no page (refused, timed out, HTTP 4xx/5xx, not HTML, disallowed, or its
@@ -28,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from urllib.parse import urldefrag, urljoin, urlsplit
-from urllib.robotparser import RobotFileParser
 
+from protego import Protego
 from tqdm import tqdm
 
 from pipeline.ingest.fetch import Fetcher, FetchResult
@@ -163,7 +165,7 @@ class Robots:
 
     def __init__(self, fetcher: Fetcher, user_agent: str, enabled: bool):
         self.fetcher, self.user_agent, self.enabled = fetcher, user_agent, enabled
-        self.rules: dict[str, RobotFileParser | None] = {}  # None: disallow everything
+        self.rules: dict[str, Protego | None] = {}  # None: disallow everything
         self.unreachable: dict[str, FetchResult] = {}  # why a site's rules are None
         self.locks: dict[str, asyncio.Lock] = {}
 
@@ -176,7 +178,7 @@ class Robots:
             if site not in self.rules:
                 self.rules[site] = await self._load(site)
         rules = self.rules[site]
-        return rules is not None and rules.can_fetch(self.user_agent, url)
+        return rules is not None and rules.can_fetch(url, self.user_agent)
 
     def why_not(self, url: str) -> tuple[RejectReason, str]:
         """(reason, detail) for a URL `allowed` refused: the robots.txt fetch's own failure when the
@@ -187,19 +189,17 @@ class Robots:
             return failed.reason, f"{site}/robots.txt: {failed.detail}; the site is not crawled"
         return RejectReason.ROBOTS, f"disallowed by {site}/robots.txt"
 
-    async def _load(self, site: str) -> RobotFileParser | None:
+    async def _load(self, site: str) -> Protego | None:
         result = await self.fetcher.fetch(site + "/robots.txt", kind="text")
-        parser = RobotFileParser(site + "/robots.txt")
         if result.ok:
-            parser.parse(result.data.decode("utf-8", "replace").splitlines())
+            parser = Protego.parse(result.data.decode("utf-8", "replace"))
             delay = parser.crawl_delay(self.user_agent)
             if delay:
                 gate = self.fetcher.gate(urlsplit(site).netloc)
                 gate.interval = max(gate.interval, float(delay))
             return parser
         if result.reason == RejectReason.HTTP_STATUS and result.status is not None and 400 <= result.status < 500:
-            parser.parse([])  # no robots.txt: everything allowed
-            return parser
+            return Protego.parse("")  # no robots.txt: everything allowed
         log.warning("crawl: robots.txt of %s unreachable (%s); not crawling that site", site, result.detail)
         self.unreachable[site] = result
         return None

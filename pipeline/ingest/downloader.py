@@ -1,7 +1,9 @@
 """Fetch one partition of URLs and decode-validate what arrives (img2dataset's "downloader" role).
 
 Fetching is async (the shared Fetcher); each body is decode-validated in a worker thread as soon
-as it arrives (PIL releases the GIL while decoding), so the network and the CPU overlap. Every URL
+as it arrives (PIL releases the GIL while decoding), so the network and the CPU overlap. A body
+counts against fetch.max_bytes_in_flight from before it is read until it is decoded (`held`), so
+bodies waiting for the decoder cannot pile up past the worker's budget. Every URL
 row ends as an images row or a rejects row; a reject says whether a later run should retry it.
 """
 
@@ -44,8 +46,8 @@ async def _fetch_rows(rows: list[dict], cfg: FetchSection, limits: IngestSection
             async def one(row: dict):
                 if row["skip_reason"]:
                     return None, reject(row["url"], None, STAGE, RejectReason(row["skip_reason"]), row["skip_detail"] or "")
-                result = await fetcher.fetch(row["url"])
-                return await loop.run_in_executor(decoder, _image_or_reject, row, result, limits)
+                async with fetcher.held(row["url"]) as result:
+                    return await loop.run_in_executor(decoder, _image_or_reject, row, result, limits)
 
             return await asyncio.gather(*(one(r) for r in rows))
 

@@ -168,7 +168,7 @@ def discover_urls(sources: list, fetch: FetchSection, max_bytes: int, storage: S
     if not web:
         return [], 0
     lists = {i: _list_files(s, storage) for i, s in enumerate(web) if isinstance(s, UrlListSource)}
-    discovery = fetch.model_dump(include={"partition_size", "user_agent", "allow_private", "honour_opt_out"})
+    discovery = fetch.model_dump(include={"partition_size", "user_agent", "allow_private", "allow_loopback", "honour_opt_out"})
     what = fingerprint([s.model_dump(mode="json") for s in web], discovery,
                        {i: [(f.uri, f.size, f.version) + ((f.error,) if f.error else ()) for f in files] for i, files in lists.items()})
     done_uri = join(folder, DONE)

@@ -13,20 +13,34 @@ Shuffling: the shard order is shuffled per epoch (`set_epoch`), then samples pas
 `write_wids_index(dataset_dir)` writes the JSON indexes that webdataset's `wids` (indexed, random
 access) reads: `wids-image.json` + `wids-text_box.json` for the paired layout (one index per tar
 stream; sample i of both is the same key), `wids.json` for the combined one.
+
+Untrusted input (pipeline/shards/metadata.py): dataset.json and sizes.json are parsed and checked
+(a negative or non-integer count is an error); a tar member that is a link or a device is refused;
+and at the end of each shard the samples streamed are checked against sizes.json: a shard holding
+fewer or more samples than declared raises `ShardCountMismatch` (or, with
+`on_count_mismatch="warn"`, warns and goes on), so that a truncated shard is never read silently.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import queue
 import random
 import tarfile
 import threading
+import warnings
 from collections.abc import Iterator
 
 from pipeline.shards.layout import folders
+from pipeline.shards.metadata import (
+    BadMetadata,
+    check_member,
+    parse_dataset_json,
+    parse_sizes,
+)
 from pipeline.shards.reader import PairingError
 from pipeline.storage import Storage, join
 from pipeline.versions import DATASET, resolve
@@ -34,6 +48,12 @@ from schemas.sample import validate_sample_json
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 READ_SIZE = 4 << 20
+ON_COUNT_MISMATCH = ("raise", "warn")
+log = logging.getLogger("localcap")
+
+
+class ShardCountMismatch(BadMetadata):
+    """A shard's tar holds fewer or more samples than its sizes.json declares (e.g. it was cut short)."""
 
 try:  # torch is optional: without it the dataset is a plain iterable
     from torch.utils.data import IterableDataset as _Base
@@ -95,12 +115,13 @@ class ReadAhead(io.RawIOBase):
         super().close()
 
 
-def _tar_members(stream) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) of each file member, in order, from a non-seekable stream."""
+def _tar_members(stream, uri: str = "tar") -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of each file member, in order, from a non-seekable stream; directories
+    are skipped, links and devices refused (BadMetadata)."""
     # A large buffer: tarfile's default 10 KB reads cost a Python round trip each on an HTTP body.
     with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_SIZE) as tar:
         for member in tar:
-            if not member.isfile():
+            if not check_member(member, uri):
                 continue
             base = member.name.rsplit("/", 1)[-1]
             key, _, ext = base.partition(".")
@@ -123,7 +144,7 @@ def _grouped(members: Iterator[tuple[str, str, bytes]]) -> Iterator[tuple[str, d
 def read_tar_groups(storage: Storage, uri: str, buffer_size: int = READ_SIZE) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of a tar's samples, in order: one streamed GET (or file read), read ahead."""
     with ReadAhead(storage.open_read(uri)) as stream:
-        yield from _grouped(_tar_members(io.BufferedReader(stream, buffer_size)))
+        yield from _grouped(_tar_members(io.BufferedReader(stream, buffer_size), uri))
 
 
 def _sample(key: str, image: bytes, text_json: bytes, decode: bool) -> dict:
@@ -150,15 +171,20 @@ def _node() -> tuple[int, int]:
 
 class ShardDataset(_Base):
     def __init__(self, uri: str, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True,
-                 storage: Storage | None = None, shards: range | None = None, split: bool = True):
+                 storage: Storage | None = None, shards: range | None = None, split: bool = True,
+                 on_count_mismatch: str = "raise"):
+        if on_count_mismatch not in ON_COUNT_MISMATCH:
+            raise ValueError(f"on_count_mismatch must be one of {ON_COUNT_MISMATCH}, got {on_count_mismatch!r}")
+        self.on_count_mismatch = on_count_mismatch
         self.storage = storage or Storage()
         self.root = resolve(self.storage, uri)
-        info = json.loads(self.storage.read_bytes(join(self.root, DATASET)))
+        info = parse_dataset_json(self.storage.read_bytes(join(self.root, DATASET)), join(self.root, DATASET))
         self.layout = info["layout"]
         self.samples = info["counts"]["samples"]
         first = folders(self.layout)[0]
-        sizes = json.loads(self.storage.read_bytes(join(self.root, first, "sizes.json")))
-        self.shards = sorted(sizes)
+        sizes_uri = join(self.root, first, "sizes.json")
+        self.sizes = parse_sizes(self.storage.read_bytes(sizes_uri), sizes_uri, first)  # tar name -> samples
+        self.shards = sorted(self.sizes)
         if shards is not None:
             self.shards = [s for i, s in enumerate(self.shards) if i in shards]
         self.shuffle_buffer, self.seed, self.decode = shuffle_buffer, seed, decode
@@ -204,6 +230,26 @@ class ShardDataset(_Base):
         return ("combined", shard) if self.layout == "combined" else ("text_box", shard.replace("image_", "text_box_", 1))
 
     def iter_shard(self, shard: str) -> Iterator[dict]:
+        """A shard's samples; at its end, their number checked against sizes.json."""
+        streamed = 0
+        for sample in self._iter_shard(shard):
+            streamed += 1
+            yield sample
+        self._check_count(shard, streamed)
+
+    def _check_count(self, shard: str, streamed: int) -> None:
+        declared = self.sizes.get(shard)
+        if declared is None or declared == streamed:
+            return
+        folder = folders(self.layout)[0]
+        message = (f"{join(self.root, folder, shard)}: streamed {streamed} samples, {folder}/sizes.json declares {declared} "
+                   f"({'truncated' if streamed < declared else 'more than declared'})")
+        if self.on_count_mismatch == "raise":
+            raise ShardCountMismatch(message)
+        log.warning("%s", message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _iter_shard(self, shard: str) -> Iterator[dict]:
         if self.layout == "combined":
             for key, group in self._stream("combined", shard):
                 yield _sample(key, next(group[e] for e in IMAGE_EXTS if e in group), group["json"], self.decode)
@@ -236,17 +282,21 @@ class ShardDataset(_Base):
 
 
 def open_dataset(uri: str, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True,
-                 storage: Storage | None = None, shards: range | None = None, split: bool = True) -> ShardDataset:
+                 storage: Storage | None = None, shards: range | None = None, split: bool = True,
+                 on_count_mismatch: str = "raise") -> ShardDataset:
     """Samples of a dataset directory, version (NAME/vN), NAME/LATEST or NAME, local or s3://.
-    `split=False`: no dealing across ranks and workers, this reader gets every sample."""
-    return ShardDataset(uri, shuffle_buffer, seed, decode, storage, shards, split)
+    `split=False`: no dealing across ranks and workers, this reader gets every sample.
+    `on_count_mismatch`: "raise" (ShardCountMismatch) or "warn" when a shard streams fewer or more
+    samples than its sizes.json declares."""
+    return ShardDataset(uri, shuffle_buffer, seed, decode, storage, shards, split, on_count_mismatch)
 
 
 def write_wids_index(storage: Storage, dataset_dir: str, layout: str, name: str) -> list[str]:
     """The wids shard indexes of a dataset directory (URLs relative to it); their file names."""
     written = []
     for folder in folders(layout):
-        sizes = json.loads(storage.read_bytes(join(dataset_dir, folder, "sizes.json")))
+        sizes_uri = join(dataset_dir, folder, "sizes.json")
+        sizes = parse_sizes(storage.read_bytes(sizes_uri), sizes_uri, folder)
         index = {
             "__kind__": "wids-shard-index-v1",
             "wids_version": 1,

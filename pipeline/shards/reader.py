@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import webdataset as wds
 
+from pipeline.shards.metadata import parse_sizes
 from pipeline.storage import Storage, join
 from schemas.sample import TextBoxSample, validate_sample_json
 
@@ -19,7 +19,8 @@ class PairingError(RuntimeError):
 
 def shard_urls(dataset: str, folder: str, storage: Storage | None = None) -> list[str]:
     storage = storage or Storage()
-    sizes = json.loads(storage.read_bytes(join(dataset, folder, "sizes.json")))
+    uri = join(dataset, folder, "sizes.json")
+    sizes = parse_sizes(storage.read_bytes(uri), uri, folder)  # plain tar names of the folder, counts >= 0
     return [join(dataset, folder, name) for name in sorted(sizes)]
 
 

@@ -1,0 +1,309 @@
+"""Issue 17, points 3 and 4 (and part of 1): what a crash leaves (temporary files, incomplete S3
+multipart uploads) is removed by the next run of the same run id / the rerun of the same publish;
+LATEST never moves backwards when two publishers' final steps interleave; a version whose
+dataset.json is broken does not break `localcap versions`. Real processes are SIGKILLed, against a
+real S3 HTTP endpoint (moto's server)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import versions
+from pipeline.executor import PartitionJob, run_stage
+from pipeline.storage import Storage, is_temp_name, join, temp_name, temp_target
+from pipeline.versions import list_versions, move_latest, publish_version, resolve
+
+pytestmark = pytest.mark.no_ps3_conformance  # the datasets here are made by hand: tars of random bytes
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 2**20
+
+
+def _temporaries(*roots: Path) -> list[str]:
+    return sorted(str(p) for root in roots if root.exists() for p in root.rglob("*") if is_temp_name(p.name))
+
+
+def _uploads(client, bucket: str) -> list[str]:
+    return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def _fake_dataset(root: Path, tag: str, tar_sizes: tuple[int, ...] = (1000,)) -> Path:
+    """A built dataset's shape (tars, sizes.json, dataset.json) with random bytes for tars."""
+    for i, size in enumerate(tar_sizes):
+        (root / "image").mkdir(parents=True, exist_ok=True)
+        (root / "image" / f"image_{i:06d}.tar").write_bytes(os.urandom(size))
+    (root / "image" / "sizes.json").write_text(json.dumps({f"image_{i:06d}.tar": 1 for i in range(len(tar_sizes))}))
+    (root / "dataset.json").write_text(json.dumps({"run_id": tag, "created_at": "2026-01-01T00:00:00Z",
+                                                   "counts": {"samples": len(tar_sizes), "shards": len(tar_sizes)}}))
+    return root
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    return Storage(endpoint_url=s3_endpoint)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# -- temporary names -------------------------------------------------------------------------------
+def test_temporary_names_are_recognised():
+    name = temp_name("image_000000.tar")
+    assert name.startswith(".image_000000.tar.") and name.endswith(".part") and temp_target(name) == "image_000000.tar"
+    assert temp_target(temp_name("part-00003.parquet")) == "part-00003.parquet"
+    assert temp_target(".part-00000.parquet.k2_x9abc.part") == "part-00000.parquet"  # tempfile.mkstemp's, older versions
+    for not_temp in ("image_000000.tar", "image_000000.tar.part", ".hidden", "part-00000.parquet", ".x.part", "_plan.json"):
+        assert not is_temp_name(not_temp), not_temp  # pull's resumable `NAME.part` files are not ours to remove
+
+
+def test_atomic_writes_use_recognised_names(tmp_path):
+    seen = []
+    with Storage().atomic_path(str(tmp_path / "a.bin")) as tmp:
+        seen.append(Path(tmp).name)
+        Path(tmp).write_bytes(b"x")
+    assert temp_target(seen[0]) == "a.bin" and (tmp_path / "a.bin").read_bytes() == b"x"
+    assert _temporaries(tmp_path) == []
+
+
+# -- SIGKILL during shard writing ----------------------------------------------------------------------
+_KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    import pyarrow as pa
+    from pipeline.storage import Storage
+    from pipeline.partitions import _write_parquet
+    s = Storage()
+    work, out = sys.argv[1], sys.argv[2]
+    # As write_shard and write_table do: the tar and the partition go to temporaries first.
+    with s.atomic_path(out + "/image/image_000000.tar") as tar, s.atomic_path(work + "/shard/part-00000.parquet") as part:
+        open(tar, "wb").write(b"half a tar" * 1000)
+        _write_parquet(pa.table({"key": ["a"]}), part)
+        with s.atomic_path(out + "/manifest.parquet") as manifest:
+            print("writing", flush=True)
+            time.sleep(600)
+""")
+
+SCHEMA = pa.schema([("key", pa.string())])
+
+
+def _write_tar(payload):
+    """A shard-like partition: a tar into the output folder (atomically), then the part marker."""
+    out, index = payload
+    with Storage().atomic_path(f"{out}/image/image_{index:06d}.tar") as tmp:
+        Path(tmp).write_bytes(b"tar %d" % index)
+    return {"part": pa.table({"key": [f"k{index}"]}, schema=SCHEMA)}
+
+
+def test_sigkill_during_shard_writing_then_rerun_leaves_no_temporary(ray_local, tmp_path):
+    run_dir, out = tmp_path / "work" / "r1", tmp_path / "ds"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(run_dir), str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == b"writing"
+    finally:
+        _kill(proc)
+    left = _temporaries(run_dir, out)
+    assert len(left) == 3 and {temp_target(Path(p).name) for p in left} == {"image_000000.tar", "part-00000.parquet", "manifest.parquet"}
+    assert not (out / "image" / "image_000000.tar").exists()
+    # An older checkout's mkstemp leftover is recognised too.
+    (run_dir / ".run.json.ab_c1234.part").write_bytes(b"{")
+
+    jobs = [PartitionJob(i, f"fp{i}", (str(out), i)) for i in range(2)]
+    report = run_stage("shard", str(run_dir), jobs, _write_tar, Storage(), progress=False, outputs=[str(out)])
+    assert report.computed == 2
+    assert _temporaries(run_dir, out) == []
+    assert sorted(p.name for p in (out / "image").iterdir()) == ["image_000000.tar", "image_000001.tar"]
+    # A rerun with everything done still takes leftovers away.
+    (out / "image" / temp_name("image_000001.tar")).write_bytes(b"x")
+    assert run_stage("shard", str(run_dir), jobs, _write_tar, Storage(), progress=False, outputs=[str(out)]).skipped == 2
+    assert _temporaries(run_dir, out) == []
+
+
+def test_s3_folders_lose_their_incomplete_uploads(s3, s3_bucket):
+    client = s3.s3
+    for key in ("work/r1/shard/part-00000.parquet", "ds/image/image_000000.tar", "elsewhere/x.tar"):
+        up = client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+        client.upload_part(Bucket=s3_bucket, Key=key, UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100)
+    assert s3.remove_temporaries(f"s3://{s3_bucket}/work/r1") == 1
+    assert s3.remove_temporaries(f"s3://{s3_bucket}/ds", recursive=True) == 1
+    assert _uploads(client, s3_bucket) == ["elsewhere/x.tar"]  # another prefix's upload is not touched
+
+
+# -- SIGKILL during a multipart publish ------------------------------------------------------------------
+_KILLED_PUBLISH = textwrap.dedent("""
+    import sys, time
+    from pipeline.storage import Storage
+    from pipeline.versions import publish_version
+    s = Storage(endpoint_url=sys.argv[1])
+    # Slow parts, so that the kill lands while uploads are incomplete.
+    s.s3.meta.events.register("before-call.s3.UploadPart", lambda **kw: time.sleep(0.4))
+    publish_version(s, sys.argv[2], sys.argv[3], concurrency=2, part_size=5 * 2**20, progress=False)
+    print("finished", flush=True)
+""")
+
+
+def test_sigkill_during_multipart_publish_then_rerun_leaves_no_incomplete_upload(s3, s3_bucket, tmp_path):
+    ds = _fake_dataset(tmp_path / "ds", "big", tar_sizes=(16 * MiB, 16 * MiB + 7))
+    name = f"s3://{s3_bucket}/scenes"
+    client = s3.s3
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISH, s3.endpoint_url, str(ds), name], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            ups = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+            if any(client.list_parts(Bucket=s3_bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts") for u in ups):
+                break
+            time.sleep(0.02)
+        alive = proc.poll() is None
+    finally:
+        _kill(proc)
+    assert alive, proc.stdout.read().decode()[-3000:]
+    assert _uploads(client, s3_bucket), "the kill left no incomplete upload: nothing tested"
+    assert list_versions(s3, name) == []
+
+    done = publish_version(s3, ds, name, concurrency=2, part_size=5 * MiB, progress=False)
+    assert (done.version, done.resumed, done.latest) == ("v1", True, "v1")
+    assert _uploads(client, s3_bucket) == []
+    assert _temporaries(ds) == []
+    for tar in ("image_000000.tar", "image_000001.tar"):
+        assert s3.read_bytes(f"{name}/v1/image/{tar}") == (ds / "image" / tar).read_bytes()
+
+
+def test_a_failed_publish_aborts_its_multipart_uploads(s3, s3_bucket, tmp_path):
+    """A part fails, and boto3's own abort of that upload fails too: the publish aborts it itself."""
+    ds = _fake_dataset(tmp_path / "ds", "fails", tar_sizes=(11 * MiB,))
+    name = f"s3://{s3_bucket}/failing"
+    storage = Storage(endpoint_url=s3.endpoint_url)
+    calls = {"UploadPart": 0, "AbortMultipartUpload": 0}
+
+    class Broken(Exception):
+        pass
+
+    def hook(model, **_):
+        calls[model.name] += 1
+        if (model.name, calls[model.name]) in {("UploadPart", 2), ("AbortMultipartUpload", 1)}:
+            raise Broken(model.name)
+
+    storage.s3.meta.events.register("before-call.s3.UploadPart", hook)
+    storage.s3.meta.events.register("before-call.s3.AbortMultipartUpload", hook)
+    with pytest.raises(Broken):
+        publish_version(storage, ds, name, concurrency=1, part_size=5 * MiB, progress=False)
+    assert calls["AbortMultipartUpload"] >= 2  # boto3's (failed), then the publish's
+    assert _uploads(s3.s3, s3_bucket) == []
+    assert list_versions(s3, name) == []
+
+
+def test_a_resumed_publish_to_a_local_name_removes_its_temporaries(tmp_path):
+    ds = _fake_dataset(tmp_path / "ds", "local")
+    name = tmp_path / "published"
+    stale = [name / "v1" / "image" / temp_name("image_000000.tar"), name / "v1" / temp_name("files.json")]
+    versions.claim_version(Storage(), str(name), versions.content_id(ds, versions.dataset_paths(ds)))
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    (name / temp_name("LATEST")).write_bytes(b"v")
+    done = publish_version(Storage(), ds, str(name), progress=False)
+    assert (done.version, done.resumed, done.latest) == ("v1", True, "v1")
+    assert _temporaries(name) == []
+
+
+# -- LATEST never moves backwards -----------------------------------------------------------------------
+class _Interleaved(Storage):
+    """A publisher whose LATEST write is held back until `meanwhile()` has run: it read LATEST (and
+    found no newer complete version) before another publisher finished, and writes after it."""
+
+    def __init__(self, meanwhile, **kw):
+        super().__init__(**kw)
+        self.meanwhile, self.held = meanwhile, 0
+
+    def replace_if(self, uri, data, tag):
+        if uri.endswith("/LATEST") and not self.held:
+            self.held += 1
+            self.meanwhile()
+        return super().replace_if(uri, data, tag)
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_interleaved_final_steps_end_at_the_highest_version(where, request, tmp_path):
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        name, kw = f"s3://{request.getfixturevalue('s3_bucket')}/raced", {"endpoint_url": endpoint}
+    else:
+        name, kw = str(tmp_path / "raced"), {}
+    plain = Storage(**kw)
+    builds = {v: _fake_dataset(tmp_path / f"build-{v}", v) for v in ("a", "b", "c")}
+    assert publish_version(plain, builds["a"], name, progress=False).version == "v1"
+    # v2 and v3 are claimed; v2's publisher reaches its LATEST step first, then stalls there while
+    # v3's publisher finishes entirely; then v2's write happens.
+    v2_storage = _Interleaved(lambda: results.append(publish_version(plain, builds["c"], name, progress=False)), **kw)
+    results: list = []
+    v2 = publish_version(v2_storage, builds["b"], name, progress=False)
+    [v3] = results
+    assert (v2.version, v3.version) == ("v2", "v3") and v2_storage.held == 1
+    assert v3.latest == "v3" and v2.latest == "v3"  # v2 found LATEST moved past it: it did not write
+    assert plain.read_bytes(join(name, "LATEST")) == b"v3"
+    assert [v.version for v in list_versions(plain, name)] == ["v1", "v2", "v3"]
+    assert resolve(plain, name) == join(name, "v3")
+
+
+def test_final_steps_in_reverse_order_keep_latest_at_the_higher_version(s3, s3_bucket, tmp_path, monkeypatch):
+    name = f"s3://{s3_bucket}/reversed"
+    final_steps = []
+    monkeypatch.setattr(versions, "move_latest", lambda storage, name_uri, n: final_steps.append(n) or "?")
+    for tag in ("a", "b", "c"):
+        publish_version(s3, _fake_dataset(tmp_path / tag, tag), name, progress=False)
+    monkeypatch.undo()
+    assert final_steps == [1, 2, 3] and not s3.exists(join(name, "LATEST"))
+    assert move_latest(s3, name, 1) == "v3"  # v2 and v3 are complete: LATEST goes to the highest
+    assert move_latest(s3, name, 3) == "v3"
+    assert move_latest(s3, name, 2) == "v3"
+    assert s3.read_bytes(join(name, "LATEST")) == b"v3"
+
+
+def test_a_stale_conditional_write_is_refused(s3, s3_bucket, tmp_path):
+    for storage, uri in ((s3, f"s3://{s3_bucket}/x/LATEST"), (Storage(), str(tmp_path / "x" / "LATEST"))):
+        assert storage.read_tagged(uri) == (None, None)
+        assert storage.replace_if(uri, b"v1", None)
+        assert not storage.replace_if(uri, b"v9", None)  # it exists now
+        data, tag = storage.read_tagged(uri)
+        assert data == b"v1" and storage.replace_if(uri, b"v2", tag)
+        assert not storage.replace_if(uri, b"v1", tag)  # read before v2 was written: refused
+        assert storage.read_bytes(uri) == b"v2"
+
+
+# -- versions listing with a broken dataset.json -----------------------------------------------------------
+def test_versions_listing_marks_a_broken_dataset_json(s3, s3_bucket, tmp_path):
+    name = f"s3://{s3_bucket}/listed"
+    for tag in ("a", "b", "c", "d"):
+        publish_version(s3, _fake_dataset(tmp_path / tag, tag), name, progress=False)
+    s3.write_bytes(join(name, "v2", "dataset.json"), b"{not json")
+    s3.write_bytes(join(name, "v3", "dataset.json"), json.dumps({"created_at": "t", "counts": {"samples": "seven", "shards": 1}}).encode())
+    s3.write_bytes(join(name, "v4", "files.json"), b"[1, 2]")
+    listed = list_versions(s3, name)
+    assert [v.version for v in listed] == ["v1", "v2", "v3", "v4"]
+    assert listed[0].broken is None and (listed[0].samples, listed[0].shards) == (1, 1)
+    assert listed[1].broken.startswith("dataset.json: JSONDecodeError")
+    assert listed[2].broken.startswith("dataset.json: TypeError") and "seven" in listed[2].broken
+    assert listed[3].broken.startswith("files.json: AttributeError") and listed[3].latest
+
+    from flows.cli import app
+
+    out = CliRunner().invoke(app, ["versions", name])
+    assert out.exit_code == 0, out.output
+    assert "v1" in out.output and "v4" in out.output
