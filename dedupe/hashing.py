@@ -31,15 +31,20 @@ FINE_GRID = 16  # fine signature: 16 x 16 block means of the grey image
 FINE_SCALE = 16  # z-scores are stored as int8 in steps of 1/16 (range +-8 standard deviations)
 
 
+def hash_input(image: Image.Image) -> Image.Image:
+    """The <= HASH_INPUT_SIDE px copy the hashes look at (the image itself when it is that small)."""
+    if max(image.size) <= HASH_INPUT_SIDE:
+        return image
+    small = image.copy()
+    small.thumbnail((HASH_INPUT_SIDE, HASH_INPUT_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return small
+
+
 def perceptual_hashes(image: Image.Image) -> tuple[int, int, bytes]:
     """(phash, dhash, fine signature) from an already oriented image of any size. The 64-bit hashes
     find candidates; the fine signature confirms them: two photos that differ only in a small
     detail share their global hashes but not the block means where the detail is."""
-    small = image
-    if max(small.size) > HASH_INPUT_SIDE:
-        small = small.copy()
-        small.thumbnail((HASH_INPUT_SIDE, HASH_INPUT_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    gray = small.convert("L")
+    gray = hash_input(image).convert("L")
     return _to_uint64(imagehash.phash(gray)), _to_uint64(imagehash.dhash(gray)), fine_signature(gray)
 
 

@@ -52,12 +52,14 @@ def run_stage_task(stage_task, opts: dict, *args):
         return stage_task.with_options(**opts)(*args)
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc  # a Ray task error carries the original exception
-        raise StageFailed(f"stage {stage_task.name} failed: {type(cause).__name__}: {_first_line(cause)}") from exc
+        raise StageFailed(f"stage {stage_task.name} failed: {error_line(cause)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """`Type: message` on one line: a message's first line, or a carried traceback's last (Ray's)."""
     text = str(exc).strip()
-    return text.splitlines()[-1] if "Traceback" in text else (text.splitlines() or [""])[0]
+    lines = text.splitlines() or [""]
+    return f"{type(exc).__name__}: {lines[-1] if 'Traceback' in text else lines[0]}"
 
 
 def new_run_id() -> str:

@@ -52,7 +52,7 @@ def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool,
     except ValueError as exc:  # ConfigError, PreflightError, a bad run id: each names its field
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    from flows.build import StageFailed, build_dataset  # Prefect imports slowly: only after the checks pass
+    from flows.build import StageFailed, build_dataset, error_line  # Prefect imports slowly: only after the checks pass
 
     try:
         if not train:
@@ -63,7 +63,7 @@ def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool,
     except StageFailed as exc:
         _fail(str(exc))
     except Exception as exc:  # Ray or Prefect failed around the stages: still one line at the end
-        _fail(f"run failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}")
+        _fail(f"run failed: {error_line(exc)}")
     return both["dataset"] | {"trained": both["train"]}
 
 

@@ -19,7 +19,8 @@ from pipeline.regions.boxes import (
 from pipeline.regions.proposers import make_proposer, propose_safely
 from pipeline.regions.salient import label_weights, stack_weights
 from pipeline.regions.tiles import pyramid_tiles
-from pipeline.shards.stage import always_cropped_in, overlaps
+from dedupe.regions import iou
+from pipeline.shards.stage import always_cropped_in
 from pipeline.storage import Storage
 from pipeline.synthetic import encode, generate_document, generate_scene
 from schemas.config import RegionsSection
@@ -205,7 +206,7 @@ def test_stage_writes_boxes_to_tables_and_shards(regions_run):
         # Boxes PS3's crop could cut away entirely are left out (the 3072x1536 scene: outside its central 4:3).
         seen = always_cropped_in(row["width"], row["height"])
         proposed = by_uid.get(row["uid"], [])
-        assert sample.box == [b for b in proposed if overlaps(b, seen)] and len(sample.box) == row["boxes"]
+        assert sample.box == [b for b in proposed if iou(b, seen) > 0] and len(sample.box) == row["boxes"]
         dropped += len(proposed) - len(sample.box)
         assert sample.text == [""] * len(sample.box)
         sample.check_inside(row["width"], row["height"])

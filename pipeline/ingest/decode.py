@@ -26,12 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
 
-from dedupe.hashing import (
-    HASH_INPUT_SIDE,
-    perceptual_hashes,
-    sha256_hex,
-    uid_from_sha256,
-)
+from dedupe.hashing import hash_input, perceptual_hashes, sha256_hex, uid_from_sha256
 from schemas.config import IngestSection
 from schemas.tables import RejectReason
 
@@ -48,7 +43,7 @@ ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 BLANK_MAX_STD = 2.0
-"""An image is `blank` when every RGB channel of its hash thumbnail (<= HASH_INPUT_SIDE = 256 px
+"""An image is `blank` when every RGB channel of its hash thumbnail (dedupe.hashing.hash_input: <= 256 px
 on the long side, alpha flattened as stored) has a standard deviation below this, in 0-255 levels
 (under 1 % contrast). Measured: a solid fill, PNG or JPEG, gives 0.0; per-pixel noise of sigma 3
 (PNG) or 10 (JPEG) on a flat grey, averaged by the downscale, 0.5 and 1.8: blank. A 10-level
@@ -132,16 +127,6 @@ def _normalised_bytes(data: bytes, source_format: str, quality: int,
     return out.getvalue(), "PNG"
 
 
-def hash_thumbnail(rgb: Image.Image) -> Image.Image:
-    """The <= HASH_INPUT_SIDE px copy perceptual_hashes would make itself (same resampling), so
-    the blank check and the hashes look at the same pixels and the shrink happens once."""
-    if max(rgb.size) <= HASH_INPUT_SIDE:
-        return rgb
-    small = rgb.copy()
-    small.thumbnail((HASH_INPUT_SIDE, HASH_INPUT_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return small
-
-
 def spread(rgb: Image.Image) -> float:
     """The largest per-channel standard deviation of an RGB image, in 0-255 levels."""
     return max(ImageStat.Stat(rgb).stddev)
@@ -149,10 +134,10 @@ def spread(rgb: Image.Image) -> float:
 
 def _flattened_thumbnail(thumb: Image.Image) -> tuple[Image.Image, float, tuple[int, int, int]]:
     """(hash thumbnail as stored, its spread, the alpha background chosen)."""
-    small = hash_thumbnail(to_rgb8(thumb))
+    small = hash_input(to_rgb8(thumb))
     level = spread(small)
     if level < BLANK_MAX_STD and has_alpha(thumb):
-        dark = hash_thumbnail(to_rgb8(thumb, BLACK))
+        dark = hash_input(to_rgb8(thumb, BLACK))
         dark_level = spread(dark)
         if dark_level >= BLANK_MAX_STD:
             return dark, dark_level, BLACK

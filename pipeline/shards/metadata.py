@@ -19,9 +19,9 @@ import re
 import tarfile
 from pathlib import Path, PurePosixPath
 
-LAYOUTS = ("paired", "combined")
-# Folder -> the stem of its tars (layout.shard_files): image/image_000003.tar, combined/shard_000003.tar.
-TAR_PREFIX = {"image": "image", "text_box": "text_box", "combined": "shard"}
+from pipeline.shards.layout import LAYOUT_FOLDERS, TAR_STEM, tar_name_pattern
+
+LAYOUTS = tuple(LAYOUT_FOLDERS)
 TOP_LEVEL = frozenset({"dataset.json", "files.json", "manifest.parquet", "rejects.parquet",
                        "wids.json", "wids-image.json", "wids-text_box.json"})
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -53,10 +53,6 @@ def _json(raw: bytes | str, uri: str):
         raise _fail(uri, f"not JSON ({str(exc).splitlines()[0]})") from None
 
 
-def tar_name_pattern(folder: str) -> re.Pattern:
-    return re.compile(rf"{re.escape(TAR_PREFIX[folder])}_\d{{6,}}\.tar")
-
-
 def check_path(path) -> str:
     """`path` if it names a file of a dataset version (relative, "/"-separated); else BadMetadata."""
     if not isinstance(path, str) or not path:
@@ -70,7 +66,7 @@ def check_path(path) -> str:
         raise BadMetadata(f"file path {path!r} has an empty, '.' or '..' part")
     if len(parts) == 1 and path in TOP_LEVEL:
         return path
-    if len(parts) == 2 and parts[0] in TAR_PREFIX and (parts[1] == "sizes.json" or tar_name_pattern(parts[0]).fullmatch(parts[1])):
+    if len(parts) == 2 and parts[0] in TAR_STEM and (parts[1] == "sizes.json" or tar_name_pattern(parts[0]).fullmatch(parts[1])):
         return path
     raise BadMetadata(f"file path {path!r} is not a file of a dataset version (tars, sizes.json, manifest, wids indexes, dataset.json)")
 
@@ -122,10 +118,10 @@ def parse_sizes(raw: bytes | str, uri: str, folder: str | None = None) -> dict[s
     if not isinstance(sizes, dict):
         raise _fail(uri, f"a JSON {type(sizes).__name__}, not an object of tar name -> sample count")
     folder = folder or str(uri).replace("\\", "/").rstrip("/").split("/")[-2:][0]
-    pattern = tar_name_pattern(folder) if folder in TAR_PREFIX else re.compile(r"[A-Za-z_]+_\d{6,}\.tar")
+    pattern = tar_name_pattern(folder) if folder in TAR_STEM else re.compile(r"[A-Za-z_]+_\d{6,}\.tar")
     for name, n in sizes.items():
         if not pattern.fullmatch(name):
-            raise _fail(uri, f"{name!r} is not a tar name of {folder}/ (e.g. {TAR_PREFIX.get(folder, 'image')}_000000.tar)")
+            raise _fail(uri, f"{name!r} is not a tar name of {folder}/ (e.g. {TAR_STEM.get(folder, 'image')}_000000.tar)")
         _count(n, uri, f"the count of {name}")
     return sizes
 

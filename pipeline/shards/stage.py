@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dedupe import regions as dedupe_regions
-from dedupe.regions import kept_boxes
+from dedupe.regions import iou, kept_boxes
 from pipeline.partitions import (
     code_version,
     fingerprint,
@@ -122,7 +122,7 @@ def build_sample(rules: SampleRules, boxes: list[list[int]], width: int, height:
     A box that PS3's crop can cut away entirely is dropped too (see always_cropped_in)."""
     seen = always_cropped_in(width, height)
     pairs = [("" if captions is None else captions[i], b) for i, b in enumerate(boxes)
-             if (captions is None or i in captions) and overlaps(b, seen)]
+             if (captions is None or i in captions) and iou(b, seen) > 0]
     texts, kept = [t for t, _ in pairs], [b for _, b in pairs]
     keep = kept_boxes(kept, texts, *rules.box_dedupe)  # boxes that repeat a kept box, by overlap or by caption, go
     texts, kept = [texts[i] for i in keep], [kept[i] for i in keep]
@@ -147,10 +147,6 @@ def always_cropped_in(width: int, height: int) -> tuple[float, float, float, flo
         return (0.0, (height - h) / 2, float(width), (height + h) / 2)
     mx, my = width * (1 - PS3_CROP_SCALE), height * (1 - PS3_CROP_SCALE)
     return (mx, my, width - mx, height - my)
-
-
-def overlaps(box: list[int], region: tuple[float, float, float, float]) -> bool:
-    return min(box[2], region[2]) > max(box[0], region[0]) and min(box[3], region[3]) > max(box[1], region[1])
 
 
 def read_captions(storage: Storage, captions_dir: str | None, partition: int) -> dict[str, dict[int, str]] | None:
