@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.shards.metadata import parse_dataset_json
 from pipeline.storage import Storage, is_s3, join, split_s3
 
 log = logging.getLogger("localcap")
@@ -83,22 +84,13 @@ class VersionInfo:
     broken: str | None = None  # why its dataset.json / files.json cannot be read (counts are then 0)
 
 
-def _count(info: dict, key: str) -> int:
-    value = info["counts"][key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError(f"counts.{key} is {value!r}, not a count")
-    return value
-
-
 def _read_version(storage: Storage, uri: str, version: str, latest: bool) -> VersionInfo:
     """One complete version's listing; a dataset.json or files.json that is not the JSON a publish
     writes gives a VersionInfo whose `broken` says why, instead of an exception."""
     what = DATASET
     try:
-        info = json.loads(storage.read_bytes(join(uri, DATASET)))
-        samples, shards, created_at = _count(info, "samples"), _count(info, "shards"), info["created_at"]
-        if not isinstance(created_at, str):
-            raise TypeError(f"created_at is {created_at!r}, not a time")
+        info = parse_dataset_json(storage.read_bytes(join(uri, DATASET)), join(uri, DATASET))  # counts and types checked
+        samples, shards, created_at = info["counts"]["samples"], info["counts"]["shards"], info["created_at"]
         what = FILES
         files = json.loads(storage.read_bytes(join(uri, FILES))) if storage.exists(join(uri, FILES)) else {}
         published_at = files.get("published_at")

@@ -45,7 +45,7 @@ def _fake_dataset(root: Path, tag: str, tar_sizes: tuple[int, ...] = (1000,)) ->
         (root / "image").mkdir(parents=True, exist_ok=True)
         (root / "image" / f"image_{i:06d}.tar").write_bytes(os.urandom(size))
     (root / "image" / "sizes.json").write_text(json.dumps({f"image_{i:06d}.tar": 1 for i in range(len(tar_sizes))}))
-    (root / "dataset.json").write_text(json.dumps({"run_id": tag, "created_at": "2026-01-01T00:00:00Z",
+    (root / "dataset.json").write_text(json.dumps({"run_id": tag, "layout": "paired", "created_at": "2026-01-01T00:00:00Z",
                                                    "counts": {"samples": len(tar_sizes), "shards": len(tar_sizes)}}))
     return root
 
@@ -293,13 +293,13 @@ def test_versions_listing_marks_a_broken_dataset_json(s3, s3_bucket, tmp_path):
     for tag in ("a", "b", "c", "d"):
         publish_version(s3, _fake_dataset(tmp_path / tag, tag), name, progress=False)
     s3.write_bytes(join(name, "v2", "dataset.json"), b"{not json")
-    s3.write_bytes(join(name, "v3", "dataset.json"), json.dumps({"created_at": "t", "counts": {"samples": "seven", "shards": 1}}).encode())
+    s3.write_bytes(join(name, "v3", "dataset.json"), json.dumps({"created_at": "t", "layout": "paired", "counts": {"samples": "seven", "shards": 1}}).encode())
     s3.write_bytes(join(name, "v4", "files.json"), b"[1, 2]")
     listed = list_versions(s3, name)
     assert [v.version for v in listed] == ["v1", "v2", "v3", "v4"]
     assert listed[0].broken is None and (listed[0].samples, listed[0].shards) == (1, 1)
-    assert listed[1].broken.startswith("dataset.json: JSONDecodeError")
-    assert listed[2].broken.startswith("dataset.json: TypeError") and "seven" in listed[2].broken
+    assert listed[1].broken.startswith("dataset.json: BadMetadata") and "not JSON" in listed[1].broken
+    assert listed[2].broken.startswith("dataset.json: BadMetadata") and "counts.samples is 'seven', not an integer" in listed[2].broken
     assert listed[3].broken.startswith("files.json: AttributeError") and listed[3].latest
 
     from flows.cli import app
