@@ -14,6 +14,7 @@ before any work (`check_source_root` checks just that, cheaply, for a pre-flight
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -108,15 +109,23 @@ def chunk(entries: list, size: int) -> list[list]:
 
 
 class UrlPartitionWriter:
-    """Cuts a stream of urls-table rows into partitions of `size`, writing each as it fills."""
+    """Cuts a stream of urls-table rows into partitions of `size`, writing each as it fills. A URL
+    named again (twice in a list, in two lists, by a list and a crawl) is one input, listed once, like
+    a file named by two sources: the rows of the two copies would otherwise share a uid and a source
+    and be indistinguishable downstream. The seen set holds 8-byte digests (~60 bytes a URL)."""
 
     def __init__(self, storage: Storage, folder: str, size: int):
         self.storage, self.folder, self.size = storage, folder, size
         self.rows: list[dict] = []
         self.fingerprints: list[str] = []
         self.total = 0
+        self.seen: set[bytes] = set()
 
     def add(self, row: dict) -> None:
+        key = hashlib.blake2b(row["url"].encode(), digest_size=8).digest()
+        if key in self.seen:
+            return
+        self.seen.add(key)
         self.rows.append(row)
         self.total += 1
         if len(self.rows) >= self.size:
