@@ -120,8 +120,8 @@ def run_localcap(urls: list[str], warm_urls: list[str], root: Path, procs: int, 
     import ray
 
     from pipeline.executor import run_stage
-    from pipeline.ingest.stage import ingest_partition
-    from pipeline.stages import ingest_jobs, make_context
+    from pipeline.ingest.stage import IngestStage, ingest_partition
+    from pipeline.stage import make_context
     from schemas.config import parse_config
 
     ray.init(num_cpus=procs, include_dashboard=False, logging_level="WARNING")
@@ -139,12 +139,12 @@ def run_localcap(urls: list[str], warm_urls: list[str], root: Path, procs: int, 
 
     # Warm-up, untimed: one partition per worker pays for worker start and first-use imports.
     warm = context("warm", warm_urls)
-    _, jobs = ingest_jobs(warm)
+    jobs = IngestStage(warm).plan({})
     run_stage("ingest", warm.run_dir, jobs, ingest_partition, warm.storage, progress=False)
 
     ctx = context("timed", urls)
     t0 = time.perf_counter()
-    _, jobs = ingest_jobs(ctx)  # reads the list into the urls table
+    jobs = IngestStage(ctx).plan({})  # reads the list into the urls table
     t1 = time.perf_counter()
     report = run_stage("ingest", ctx.run_dir, jobs, ingest_partition, ctx.storage, progress=False, marker="images")
     t2 = time.perf_counter()

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.ingest.reader import chunk  # noqa: E402
-from pipeline.ingest.stage import ingest_entries, partition_fingerprint  # noqa: E402
+from pipeline.ingest.stage import files_key, ingest_entries  # noqa: E402
+from pipeline.partitions import fingerprint  # noqa: E402
 from pipeline.partitions import part_name, write_table  # noqa: E402
 from pipeline.storage import Storage, join  # noqa: E402
 from pipeline.synthetic import encode, generate_scene  # noqa: E402
@@ -53,7 +54,7 @@ def single_process(images: str, out_dir: str, partition_size: int) -> tuple[floa
     start = time.perf_counter()
     accepted = 0
     for i, part in enumerate(parts):
-        fp = partition_fingerprint(part, config.ingest)
+        fp = fingerprint(files_key(part, config.ingest))
         table, rejects = ingest_entries(part, config.ingest, storage)
         write_table(storage, join(out_dir, part_name(i, "rejects")), rejects, fp)
         write_table(storage, join(out_dir, part_name(i)), table, fp)
@@ -65,8 +66,8 @@ def through_ray(images: str, work_dir: str, partition_size: int) -> tuple[float,
     import ray
 
     from pipeline.executor import PartitionJob, run_stage
-    from pipeline.ingest.stage import ingest_partition
-    from pipeline.stages import ingest_jobs, make_context
+    from pipeline.ingest.stage import IngestStage, ingest_partition
+    from pipeline.stage import make_context
 
     n_cpus = os.cpu_count() or 1
     ray.init(num_cpus=n_cpus, include_dashboard=False, logging_level="WARNING")
@@ -74,7 +75,7 @@ def through_ray(images: str, work_dir: str, partition_size: int) -> tuple[float,
     config = parse_config({"run": {"work_dir": work_dir}, "sources": [{"uri": images}],
                            "shards": {"output": work_dir + "-unused"}, "ingest": {"partition_size": partition_size}})
     ctx = make_context(config, run_id=f"bench-{time.time_ns()}", progress=False)
-    _, jobs = ingest_jobs(ctx)
+    jobs = IngestStage(ctx).plan({})
 
     @ray.remote
     def warm(entry, limits, storage) -> int:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import boto3  # noqa: E402
 
+from pipeline.shards.layout import SIZES, TAR_SUFFIX, shard_files  # noqa: E402
 from pipeline.shards.writer import write_tar  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
 from pipeline.synthetic import encode, generate_scene  # noqa: E402
@@ -66,11 +67,11 @@ def make_dataset(root: Path, samples: int, per_shard: int) -> int:
         for folder, members in (("image", [(f"{k}.jpg", pictures[int(k, 16) % 8]) for k in keys]),
                                 ("text_box", [(f"{k}.json", text) for k in keys])):
             (root / folder).mkdir(parents=True, exist_ok=True)
-            name = f"{folder}_{shard:06d}.tar"
+            name = shard_files("paired", shard)[folder]
             write_tar(str(root / folder / name), members)
             sizes[folder][name] = len(keys)
     for folder, counts in sizes.items():
-        (root / folder / "sizes.json").write_text(json.dumps(counts))
+        (root / folder / SIZES).write_text(json.dumps(counts))
     (root / "dataset.json").write_text(json.dumps({"name": "bench", "layout": "paired", "created_at": "now",
                                                    "counts": {"samples": samples, "shards": len(sizes["image"])}}))
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
@@ -114,7 +115,7 @@ def main() -> None:
             print(f"upload: plain copy {mb / plain_up:.1f} MiB/s ({plain_up:.2f} s); publish {mb / ours_up:.1f} MiB/s "
                   f"({ours_up:.2f} s, {result.uploaded} files, ETags checked)")
 
-            tars = [p.relative_to(root).as_posix() for p in files if p.suffix == ".tar"]
+            tars = [p.relative_to(root).as_posix() for p in files if p.suffix == TAR_SUFFIX]
             tar_mb = sum((root / t).stat().st_size for t in tars) / 2**20
             t0 = time.perf_counter()
             for t in tars:

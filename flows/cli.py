@@ -56,10 +56,10 @@ def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool,
 
     try:
         if not train:
-            return build_dataset(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
+            return build_dataset(cfg, run_id=run_id, progress=progress)  # parsed and checked once, here
         from flows.train import end_to_end
 
-        both = end_to_end(cfg.model_dump(mode="json"), run_id=run_id, progress=progress)
+        both = end_to_end(cfg, run_id=run_id, progress=progress)
     except StageFailed as exc:
         _fail(str(exc))
     except Exception as exc:  # Ray or Prefect failed around the stages: still one line at the end
@@ -144,7 +144,7 @@ def inspect(
     samples: int = typer.Option(1, "--samples", "-n", help="How many samples to print."),
 ):
     """Show a dataset: counts, rejection reasons, shards, and a sample's JSON."""
-    from pipeline.report import describe_dataset
+    from pipeline.inspection import describe_dataset
     from pipeline.versions import resolve
 
     try:
@@ -281,7 +281,7 @@ def report(
     samples: int = typer.Option(24, "--samples", "-n", help="Images in the gallery (evenly spread over the manifest)."),
 ):
     """Write a static HTML report: a gallery with boxes drawn and captions beside, and plots."""
-    from pipeline.html_report import write_report
+    from pipeline.report import write_report
 
     try:
         page = write_report(dataset, out, samples, _storage())
@@ -299,7 +299,7 @@ def demo(
     train: bool = typer.Option(False, "--train", help="Then train the tiny model on the demo dataset (images to checkpoint)."),
 ):
     """Generate demo images, build a dataset from them with the real flow, and inspect it."""
-    from pipeline.report import describe_dataset
+    from pipeline.inspection import describe_dataset
     from pipeline.synthetic import write_demo_images
 
     paths = write_demo_images(out / "images", n=images)

@@ -18,7 +18,13 @@ from pipeline.executor import init_ray
 from pipeline.storage import Storage
 from pipeline.train.evaluate import recall_keys
 from pipeline.train.runner import run_training
-from schemas.config import RaySection, StorageSection, parse_config, parse_train_config
+from schemas.config import (
+    RaySection,
+    RunConfig,
+    StorageSection,
+    parse_config,
+    parse_train_config,
+)
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -61,11 +67,11 @@ def train(dataset_uri: str, train_config: dict, storage: dict | None = None, ray
 
 
 @flow(name="end_to_end", log_prints=True)
-def end_to_end(config: dict, run_id: str | None = None, progress: bool = True) -> dict:
+def end_to_end(config: dict | RunConfig, run_id: str | None = None, progress: bool = True) -> dict:
     """build_dataset, then train on what it made: the published version when publish.to is set
-    (NAME/vN, exactly the version just published), else the built folder."""
-    cfg = parse_config(config)
-    dataset = build_dataset(config, run_id=run_id, progress=progress)
+    (NAME/vN, exactly the version just published), else the built folder. `config` as for build_dataset."""
+    cfg = config if isinstance(config, RunConfig) else parse_config(config)
+    dataset = build_dataset(cfg, run_id=run_id, progress=progress)
     uri = dataset["published"]["uri"] if dataset.get("published") else cfg.shards.output
     trained = train(uri, cfg.train.model_dump(mode="json"), cfg.storage.model_dump(mode="json"), cfg.ray.model_dump(mode="json"))
     return {"dataset": dataset, "train": trained}

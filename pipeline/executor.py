@@ -1,7 +1,7 @@
 """Run a stage's partitions as Ray tasks, skipping the ones a previous attempt finished.
 
-The stage logic is a plain function `work(payload) -> {file_prefix: table}`; this module only
-decides what is left to do, ships it to Ray, writes the results atomically (side tables first, the
+The work is a callable `work(payload) -> {file_prefix: table}` (a Stage, pipeline/stage.py, which
+also decides the partitions and their fingerprints); this module only decides what is left to do, ships it to Ray, writes the results atomically (side tables first, the
 `part` marker last) and shows progress. Executors stay apart from the work, as in datatrove.
 """
 
@@ -73,21 +73,39 @@ def init_ray(cfg: RaySection) -> None:
     ray.init(address=address, **kwargs)
 
 
-def _compute_partition(work: Work, job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
-    counts = _write_partition(work(job.payload), job, stage_dir, storage)
+def _compute_partition(work: Work, job: PartitionJob, stage_dir: str, storage: Storage,
+                       schemas: dict[str, pa.Schema] | None = None) -> dict[str, int]:
+    counts = _write_partition(work(job.payload), job, stage_dir, storage, schemas)
     return {**counts, NODE: ray.get_runtime_context().get_node_id()}
 
 
 NODE = "__node__"  # where a partition was computed, returned beside its row counts
 
 
-def _write_partition(tables: dict[str, pa.Table], job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
-    """Side tables first, the `part` marker last: a partition is done only once its marker exists."""
+def _write_partition(tables: dict[str, pa.Table], job: PartitionJob, stage_dir: str, storage: Storage,
+                     schemas: dict[str, pa.Schema] | None = None) -> dict[str, int]:
+    """Side tables first, the `part` marker last: a partition is done only once its marker exists.
+    With `schemas` (the stage's declared outputs), a table of another name or shape is a bug, caught
+    before anything is written."""
+    if schemas is not None:
+        check_outputs(tables, schemas, stage_dir)
+    tables = dict(tables)
     marker = tables.pop("part")
     for prefix, table in tables.items():
         write_table(storage, join(stage_dir, part_name(job.index, prefix)), table, job.fingerprint)
     write_table(storage, join(stage_dir, part_name(job.index)), marker, job.fingerprint)
     return {"part": marker.num_rows, **{p: t.num_rows for p, t in tables.items()}}
+
+
+def check_outputs(tables: dict[str, pa.Table], schemas: dict[str, pa.Schema], where: str) -> None:
+    if "part" not in tables:
+        raise ValueError(f"{where}: a partition must return its 'part' marker table, got {sorted(tables)}")
+    for prefix, table in tables.items():
+        want = schemas.get(prefix)
+        if want is None:
+            raise ValueError(f"{where}: table {prefix!r} is not among the stage's declared outputs {sorted(schemas)}")
+        if not table.schema.equals(want, check_metadata=False):
+            raise ValueError(f"{where}: table {prefix!r} does not match its declared schema:\n{table.schema}\nwanted:\n{want}")
 
 
 _run_partition = ray.remote(_compute_partition)
@@ -100,8 +118,8 @@ class _PartitionActor:
     def __init__(self, factory: Callable[[], Work]):
         self.work = factory()
 
-    def run(self, job: PartitionJob, stage_dir: str, storage: Storage) -> dict[str, int]:
-        return _compute_partition(self.work, job, stage_dir, storage)
+    def run(self, job: PartitionJob, stage_dir: str, storage: Storage, schemas: dict | None = None) -> dict[str, int]:
+        return _compute_partition(self.work, job, stage_dir, storage, schemas)
 
 
 @dataclass(frozen=True)
@@ -124,8 +142,9 @@ class ActorPool:
 class _Workers:
     """Where partitions run: Ray tasks, or the actors of a pool (one slot per actor)."""
 
-    def __init__(self, work: Work, stage_dir: str, storage: Storage, num_cpus: float, pool: ActorPool | None):
-        self.work, self.stage_dir, self.storage, self.pool = work, stage_dir, storage, pool
+    def __init__(self, work: Work, stage_dir: str, storage: Storage, num_cpus: float, pool: ActorPool | None,
+                 schemas: dict[str, pa.Schema] | None = None):
+        self.work, self.stage_dir, self.storage, self.pool, self.schemas = work, stage_dir, storage, pool, schemas
         if pool is None:
             # On a cluster whose CPU nodes carry the marker resource, CPU tasks ask for a sliver of
             # it: Ray's own GPU-node avoidance is only a preference (infra/ray/README.md).
@@ -146,9 +165,9 @@ class _Workers:
     def submit(self, job: PartitionJob):
         """(object ref, slot) of the job's run."""
         if self.pool is None:
-            return self.remote.remote(self.work, job, self.stage_dir, self.storage), None
+            return self.remote.remote(self.work, job, self.stage_dir, self.storage, self.schemas), None
         slot = next(self.turn)
-        return self.actors[slot].run.remote(job, self.stage_dir, self.storage), slot
+        return self.actors[slot].run.remote(job, self.stage_dir, self.storage, self.schemas), slot
 
     def failed(self, job: PartitionJob, slot: int | None, exc: Exception) -> dict[str, int]:
         """Counts of the fallback tables written for a job that failed for good; re-raises when the
@@ -159,7 +178,8 @@ class _Workers:
         if isinstance(exc, ray.exceptions.RayActorError):
             ray.kill(self.actors[slot], no_restart=True)
             self.actors[slot] = self._new_actor()
-        return _write_partition(self.pool.on_failure(job.payload, f"{type(exc).__name__}: {exc}"), job, self.stage_dir, self.storage)
+        return _write_partition(self.pool.on_failure(job.payload, f"{type(exc).__name__}: {exc}"), job, self.stage_dir,
+                                self.storage, self.schemas)
 
     def shutdown(self) -> None:
         for actor in getattr(self, "actors", []):
@@ -177,6 +197,7 @@ def run_stage(
     marker: str = "rows",
     pool: ActorPool | None = None,
     outputs: list[str] | tuple[str, ...] = (),
+    schemas: dict[str, pa.Schema] | None = None,
 ) -> StageReport:
     """Compute every job whose `STAGE/part-NNNNN.parquet` is missing, stamped differently, or
     marked `redo`.
@@ -184,7 +205,7 @@ def run_stage(
     `marker` names the rows of the part files in the report (e.g. "images" for ingest). With a
     `pool`, partitions go to its actors (`work` is then unused); otherwise each is a Ray task.
     `outputs` are folders outside the run folder that the partitions write into (the shard tars'
-    shards.output).
+    shards.output). `schemas`: the stage's declared output tables, checked before writing.
 
     First, what an earlier attempt of this run id left when it was killed goes: temporaries
     (Storage.atomic_path's) anywhere in the run folder and in `outputs` (on S3: incomplete multipart
@@ -210,7 +231,7 @@ def run_stage(
     if report.skipped:
         log.info("%s: %d of %d partitions already done, skipped", stage, report.skipped, len(jobs))
     if todo:
-        workers = _Workers(work, stage_dir, storage, num_cpus, pool)
+        workers = _Workers(work, stage_dir, storage, num_cpus, pool, schemas)
         queue = iter(todo)
         pending: dict = {}
 
@@ -247,5 +268,5 @@ def run_stage(
             bar.close()
             workers.shutdown()
     report.seconds = round(time.perf_counter() - start, 3)
-    storage.write_bytes(join(stage_dir, REPORT), json.dumps({**asdict(report), "finished_at": time.time()}).encode())
+    storage.write_bytes(join(stage_dir, REPORT), json.dumps({**asdict(report), "marker": marker, "finished_at": time.time()}).encode())
     return report

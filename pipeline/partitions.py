@@ -2,16 +2,14 @@
 
 `WORK/RUN_ID/STAGE/part-NNNNN.parquet` is a partition's completion marker: it is written last (after
 any side files such as `rejects-NNNNN.parquet` or shard tars) and carries, in its schema metadata,
-the fingerprint of what produced it (stage config, inputs, code version). A rerun reads only the
-footer to decide whether the partition is done.
+the fingerprint of what produced it (stage config, inputs, code: pipeline/stage.py). A rerun reads
+only the footer to decide whether the partition is done.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,11 +28,6 @@ def fingerprint(*parts) -> str:
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
         h.update(b"\x00")
     return h.hexdigest()[:32]
-
-
-def code_version(*modules: ModuleType) -> str:
-    """Hash of the source of the modules that do a stage's work: editing them invalidates its partitions."""
-    return fingerprint(*(inspect.getsource(m) for m in modules))
 
 
 def part_name(index: int, prefix: str = "part") -> str:

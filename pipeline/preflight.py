@@ -23,9 +23,11 @@ class PreflightError(ValueError):
 
 
 def check_run(cfg: RunConfig, train: bool = False) -> None:
-    """Sources readable, outputs writable, models and GPUs present, before anything starts."""
-    from pipeline.regions import ProposerUnavailable, preflight as regions_preflight
-
+    """Sources readable, outputs writable, models and GPUs present, before anything starts; then
+    each stage's own check. Once per config object: the CLI checks before Prefect starts, and the
+    flow's call for the same config is then a no-op (a deployment's config is checked by the flow)."""
+    if cfg.checked(train):
+        return
     buckets = BucketProbe(cfg.storage.endpoint_url, cfg.storage.region)
     for i, source in enumerate(cfg.sources):
         if isinstance(source, (FilesSource, UrlListSource)):
@@ -38,24 +40,31 @@ def check_run(cfg: RunConfig, train: bool = False) -> None:
         check_writable(cfg.dedupe.index, "dedupe.index", buckets)
     if train:
         check_writable(cfg.train.output, "train.output", buckets)
-    try:
-        regions_preflight(cfg.regions)
-    except ProposerUnavailable as exc:
-        raise PreflightError(str(exc)) from None
     check_captioner(cfg.captioner, local_ray=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+    _each_stage(cfg, "check")
+    cfg.mark_checked(train)
 
 
 def check_cluster(cfg: RunConfig) -> None:
-    """Once Ray is up: the GPUs (and accelerator types) the captioner and SAM need are there."""
-    from captioners.placement import NoAccelerator, actor_count
-    from pipeline.regions import ProposerUnavailable, preflight as regions_preflight
+    """Once Ray is up: each stage's cluster check (e.g. the GPUs and accelerator types the captioner
+    and SAM actors need are there)."""
+    _each_stage(cfg, "check_cluster")
 
-    try:
-        regions_preflight(cfg.regions, ray_started=True)
-        if cfg.captioner.backend in ("vllm", "transformers"):
-            actor_count(cfg.captioner)
-    except (NoAccelerator, ProposerUnavailable) as exc:
-        raise PreflightError(str(exc)) from None
+
+def _each_stage(cfg: RunConfig, check: str) -> None:
+    from pipeline.stage import make_context, stages_for
+
+    ctx = make_context(cfg, "preflight", progress=False)
+    for cls in stages_for(cfg):
+        stage = cls(ctx)
+        if not stage.enabled():
+            continue
+        try:
+            getattr(stage, check)()
+        except PreflightError:
+            raise
+        except (ValueError, RuntimeError) as exc:  # NoAccelerator, ProposerUnavailable, a stage's own
+            raise PreflightError(str(exc)) from None
 
 
 # -- sources and outputs -----------------------------------------------------------------------

@@ -12,14 +12,14 @@ import time
 
 from pipeline.executor import PLAN, REPORT
 from pipeline.partitions import partition_index
+from pipeline.stage import registered
 from pipeline.storage import Storage, join
-
-STAGES = ("ingest", "dedupe", "regions", "caption", "shard")
 
 
 def latest_run(storage: Storage, work_dir: str) -> str | None:
     """The run whose id sorts last (ids start with a UTC timestamp), among folders with any stage."""
-    runs = [r for r in storage.list_dirs(work_dir) if any(s in storage.list_dirs(join(work_dir, r)) for s in STAGES)]
+    names = {cls.name for cls in registered()}
+    runs = [r for r in storage.list_dirs(work_dir) if names.intersection(storage.list_dirs(join(work_dir, r)))]
     return runs[-1] if runs else None
 
 
@@ -40,7 +40,7 @@ def stage_status(storage: Storage, run_dir: str, stage: str) -> dict:
         rows = report["rows"]
         out.update(rows=rows, seconds=report["seconds"], computed=report["computed"], skipped=report["skipped"],
                    nodes=len(report.get("nodes", [])))
-        main = rows.get("images", rows.get("samples", rows.get("captions", rows.get("rows", 0))))
+        main = rows.get(report.get("marker", "rows"), 0)
         out["per_second"] = round(main / report["seconds"], 1) if report["seconds"] and report["computed"] else None
     elif plan:
         out["elapsed_s"] = round(time.time() - plan["started_at"], 1)
@@ -55,7 +55,10 @@ def run_status(storage: Storage, work_dir: str, run_id: str | None = None) -> di
     if not storage.list_dirs(run_dir):
         raise FileNotFoundError(f"no run {run_id} in {work_dir}")
     finished = json.loads(storage.read_bytes(join(run_dir, "run.json"))) if storage.exists(join(run_dir, "run.json")) else None
-    stages = [stage_status(storage, run_dir, s) for s in STAGES]
+    present = set(storage.list_dirs(run_dir))
+    # Built-in stages always (pending until they start); an added stage when the run has its folder.
+    names = [cls.name for cls in registered() if cls.section is None or cls.name in present]
+    stages = [stage_status(storage, run_dir, s) for s in names]
     return {"run_id": run_id, "run_dir": run_dir, "finished": bool(finished) and all(s["state"] == "done" for s in stages),
             "counts": finished["counts"] if finished else None, "stages": stages}
 

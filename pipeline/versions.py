@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.shards.layout import SIZES, TAR_SUFFIX, WIDS_INDEXES
 from pipeline.shards.metadata import parse_dataset_json
 from pipeline.storage import Storage, is_s3, join, split_s3
 
@@ -45,7 +46,7 @@ CLAIMS = "_claims"
 FILES = "files.json"
 DATASET = "dataset.json"
 # Written after the shards, in this order, before dataset.json: small files that describe the tars.
-DESCRIPTORS = ("sizes.json", "manifest.parquet", "wids-image.json", "wids-text_box.json", "wids.json")
+DESCRIPTORS = (SIZES, "manifest.parquet", *WIDS_INDEXES)
 
 
 def version_name(n: int) -> str:
@@ -156,7 +157,7 @@ def file_sha256(path: Path) -> str:
 def dataset_paths(dataset_dir: Path) -> list[Path]:
     """Every file of a built dataset (dataset.json aside), shard tars first, then the descriptors."""
     paths = sorted(p for p in dataset_dir.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != DATASET)
-    return sorted(paths, key=lambda p: (p.suffix != ".tar", p.name in DESCRIPTORS and DESCRIPTORS.index(p.name), str(p)))
+    return sorted(paths, key=lambda p: (p.suffix != TAR_SUFFIX, p.name in DESCRIPTORS and DESCRIPTORS.index(p.name), str(p)))
 
 
 def content_id(dataset_dir: Path, paths: list[Path]) -> str:
@@ -164,7 +165,7 @@ def content_id(dataset_dir: Path, paths: list[Path]) -> str:
     uid per shard), which the tars' bytes follow from; cheap, so claiming needs no pass over the tars."""
     h = hashlib.sha256((dataset_dir / DATASET).read_bytes())
     for p in paths:
-        if p.suffix != ".tar":
+        if p.suffix != TAR_SUFFIX:
             h.update(p.relative_to(dataset_dir).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 
@@ -238,8 +239,8 @@ def publish_version(storage: Storage, dataset_dir: str | Path, name_uri: str, co
         log.info("publish: resuming %s (an earlier publish of the same content)", version_uri)
 
     uploaded = skipped = sent = 0
-    shards = [p for p in paths if p.suffix == ".tar"]
-    rest = [p for p in paths if p.suffix != ".tar"]
+    shards = [p for p in paths if p.suffix == TAR_SUFFIX]
+    rest = [p for p in paths if p.suffix != TAR_SUFFIX]
     files: list[LocalFile] = []
     bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=f"publish {version_name(n)}",
                disable=not progress)

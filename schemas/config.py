@@ -1,18 +1,30 @@
 """The run config: one YAML file, validated before any work starts.
 
 Every section forbids unknown keys, so a typo fails with the field's dotted path instead of being
-silently ignored. Later stages (regions, captions, near-duplicate search) add their options here.
+silently ignored. `RunConfig` holds one section per concern (run, sources, ingest, fetch, regions,
+captioner, dedupe, shards, publish, deploy, storage, ray, prefect, train); each field's
+description is its documentation.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from schemas.base import Section as _Section
 from schemas.train import TrainConfig
@@ -352,7 +364,20 @@ class PrefectSection(_Section):
     retry_delay_s: float = Field(5.0, ge=0, description="Seconds between retries.")
 
 
+STAGE_SECTIONS: dict[str, type[_Section]] = {}  # added stages' own sections, by stage name (pipeline/stage.py fills it)
+
+
+def load_stage_plugins() -> None:
+    """Import the stages of installed plugins (entry points `localcap.stages`): they declare sections."""
+    from importlib import metadata
+
+    for entry in metadata.entry_points(group="localcap.stages"):
+        entry.load()
+
+
 class RunConfig(_Section):
+    model_config = ConfigDict(extra="allow", frozen=True)  # extra: only added stages' sections (_stage_sections)
+
     run: RunSection = Field(default_factory=RunSection)
     sources: list[Source] = Field(..., min_length=1)
     ingest: IngestSection = Field(default_factory=IngestSection)
@@ -367,6 +392,49 @@ class RunConfig(_Section):
     ray: RaySection = Field(default_factory=RaySection)
     prefect: PrefectSection = Field(default_factory=PrefectSection)
     train: TrainConfig = Field(default_factory=TrainConfig, description="What `localcap run --train` trains on the built version.")
+    _checked: dict = PrivateAttr(default_factory=dict)  # preflights passed (pipeline.preflight.check_run)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_sections(cls, data):
+        """Top-level keys beyond the built-in sections must be the section of an added stage (a
+        `Stage` with `section = ...`, pipeline/stage.py); each is validated by the stage's model."""
+        if not isinstance(data, dict):
+            return data
+        extra = [k for k in data if k not in cls.model_fields]
+        if any(k not in STAGE_SECTIONS for k in extra):
+            load_stage_plugins()
+        out, errors = dict(data), []
+        for key in extra:
+            model = STAGE_SECTIONS.get(key)
+            if model is None:
+                errors.append({"type": PydanticCustomError("unknown_section", "{msg}", {"msg": (
+                    f"unknown section: not a built-in section and no stage declares it "
+                    f"(stages with their own section: {', '.join(sorted(STAGE_SECTIONS)) or 'none'})")}), "loc": (key,), "input": data[key]})
+            elif not isinstance(data[key], model):
+                try:
+                    out[key] = model.model_validate(data[key] if data[key] is not None else {})
+                except ValidationError as err:  # its errors, under the section's name
+                    errors.extend({"type": e["type"], "loc": (key, *e["loc"]), "input": e["input"], **({"ctx": e["ctx"]} if "ctx" in e else {})}
+                                  for e in err.errors())
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return out
+
+    def stage_section(self, name: str):
+        """The section of an added stage (None: absent from this config)."""
+        return (self.__pydantic_extra__ or {}).get(name)
+
+    def _digest(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, default=str)
+
+    def checked(self, train: bool = False) -> bool:
+        """Whether check_run passed for this config as it is now (with the train output, for `train`)."""
+        digest = self._digest()
+        return self._checked.get(True) == digest or (not train and self._checked.get(False) == digest)
+
+    def mark_checked(self, train: bool) -> None:
+        self._checked = {**self._checked, train: self._digest()}  # a new dict: copies of the model do not share it
 
     @model_validator(mode="after")
     def _output_outside_work(self) -> RunConfig:

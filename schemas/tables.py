@@ -1,4 +1,4 @@
-"""Pyarrow schemas of every stage table (DESIGN.md, "Stage tables").
+"""Pyarrow schemas of every stage table (docs/design.md, "Stage tables").
 
 Stage code builds its tables with these schemas, so a column that drifts fails at write time.
 """

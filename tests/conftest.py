@@ -95,7 +95,7 @@ def tiny_vlm(tmp_path_factory):
 # ==== PS3 conformance (issue 15, point 3) ====================================================== begin
 # After each test, every dataset folder under the session's basetemp that is new or changed since the
 # last check (dataset.json + image/ | text_box/ | combined/, judged by mtimes and sizes) is read by
-# tests/ps3_conformance.py the way PS3's loader reads it, for 50 seeds; any sample PS3 would crash on
+# tests/helpers/ps3_conformance.py the way PS3's loader reads it, for 50 seeds; any sample PS3 would crash on
 # or train on nothing with fails the test (in teardown). Plain Python: no Ray, no torch. Exempt:
 # datasets built with shards.keep_empty (only their pairing, decoding, types and box geometry are
 # judged), folders whose dataset.json lacks the build's config (made by hand in a test), tests marked
@@ -118,7 +118,7 @@ def _ps3_conformance(request, tmp_path_factory):
     yield
     if os.environ.get("LOCALCAP_PS3_CONFORMANCE", "1") == "0":
         return
-    from tests.ps3_conformance import dataset_rules, dataset_signature, find_datasets, ps3_problems
+    from tests.helpers.ps3_conformance import dataset_rules, dataset_signature, find_datasets, ps3_problems
 
     skip = request.node.get_closest_marker("no_ps3_conformance") is not None or request.node.nodeid in _PS3_OPT_OUT
     failures = []
@@ -134,6 +134,6 @@ def _ps3_conformance(request, tmp_path_factory):
         if problems:
             failures.append(f"{folder}:\n  " + "\n  ".join(problems))
     if failures:
-        pytest.fail("datasets PS3's loader would crash on or train on nothing with (tests/ps3_conformance.py):\n"
+        pytest.fail("datasets PS3's loader would crash on or train on nothing with (tests/helpers/ps3_conformance.py):\n"
                     + "\n".join(failures), pytrace=False)
 # ==== PS3 conformance (issue 15, point 3) ======================================================== end

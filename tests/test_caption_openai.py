@@ -14,7 +14,8 @@ from captioners.openai_backend import OpenAIBackend
 from captioners.requests import CaptionRequest
 from pipeline.synthetic import encode, generate_scene
 from schemas.config import CaptionerSection
-from tests.http_server import QuietHandler, serve
+from tests.helpers.config import run_config
+from tests.helpers.http_server import QuietHandler, serve
 
 
 class FakeChatServer:
@@ -115,10 +116,9 @@ def test_rerun_captions_only_what_failed(server, build, tmp_path):
     (tmp_path / "img").mkdir()
     for i in range(3):
         (tmp_path / "img" / f"{i}.jpg").write_bytes(encode(generate_scene(60 + i, 1400, 1100, n_objects=2)[0]))
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "img")}],
-           "ingest": {"partition_size": 2}, "regions": {"k": 2}, "shards": {"output": str(tmp_path / "ds")},
-           "captioner": {"backend": "openai", "model": "served", "batch_size": 4,
-                         "openai": {"base_url": server.base_url, "max_retries": 0, "concurrency": 2}}}
+    cfg = run_config(tmp_path, ingest={"partition_size": 2}, regions={"k": 2},
+                     captioner={"backend": "openai", "model": "served", "batch_size": 4,
+                                "openai": {"base_url": server.base_url, "max_retries": 0, "concurrency": 2}})
     server.script = [(200, {})] * 4 + [(500, {})] * 3  # the first 4 succeed, the next 3 fail (no retries)
     first = build(cfg, run_id="rerun")
     total = first["captions"]["total"]

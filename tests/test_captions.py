@@ -32,6 +32,7 @@ from pipeline.synthetic import encode, generate_scene  # noqa: E402
 from schemas.config import CaptionerSection  # noqa: E402
 from schemas.sample import validate_sample_json  # noqa: E402
 from schemas.tables import CAPTIONS, GLOBAL_REGION, IMAGES  # noqa: E402
+from tests.helpers.config import run_config  # noqa: E402
 
 GREEDY = {"device": "cpu", "max_new_tokens": 16, "batch_size": 8, "temperature": 0.0}
 VLLM_CPU = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "max_num_seqs": 16}
@@ -49,9 +50,8 @@ def vllm_run(ray_local, prefect_harness, tiny_vlm, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vllm-run")
     _images(root / "img", 3)
-    cfg = {"run": {"work_dir": str(root / "work")}, "sources": [{"uri": str(root / "img")}],
-           "ingest": {"partition_size": 2}, "regions": {"k": 2}, "shards": {"output": str(root / "ds"), "keep_empty": True},
-           "captioner": {"backend": "vllm", "model": tiny_vlm, **GREEDY, "vllm": VLLM_CPU}}
+    cfg = run_config(root, ingest={"partition_size": 2}, regions={"k": 2}, shards={"keep_empty": True},
+                     captioner={"backend": "vllm", "model": tiny_vlm, **GREEDY, "vllm": VLLM_CPU})
     dataset = build_dataset(cfg, run_id="v", progress=False)
     return root, cfg, dataset
 
@@ -172,9 +172,8 @@ def _actor_pids(busy_only: bool) -> list[int]:
 
 def test_killing_the_captioning_actor_mid_batch_loses_and_duplicates_nothing(build, tiny_vlm, tmp_path):
     _images(tmp_path / "img", 4, seed=700)
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "img")}],
-           "ingest": {"partition_size": 2}, "regions": {"k": 2}, "shards": {"output": str(tmp_path / "ds")},
-           "captioner": {"backend": "transformers", "model": tiny_vlm, **GREEDY, "batch_size": 2}}
+    cfg = run_config(tmp_path, ingest={"partition_size": 2}, regions={"k": 2},
+                     captioner={"backend": "transformers", "model": tiny_vlm, **GREEDY, "batch_size": 2})
     killed: list[int] = []
 
     def killer():

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from pipeline import versions
 from pipeline.executor import PartitionJob, run_stage
+from pipeline.partitions import part_name
 from pipeline.storage import Storage, is_temp_name, join, temp_name, temp_target
 from pipeline.versions import list_versions, move_latest, publish_version, resolve
 
@@ -66,9 +67,9 @@ def _kill(proc: subprocess.Popen) -> None:
 def test_temporary_names_are_recognised():
     name = temp_name("image_000000.tar")
     assert name.startswith(".image_000000.tar.") and name.endswith(".part") and temp_target(name) == "image_000000.tar"
-    assert temp_target(temp_name("part-00003.parquet")) == "part-00003.parquet"
-    assert temp_target(".part-00000.parquet.k2_x9abc.part") == "part-00000.parquet"  # tempfile.mkstemp's, older versions
-    for not_temp in ("image_000000.tar", "image_000000.tar.part", ".hidden", "part-00000.parquet", ".x.part", "_plan.json"):
+    assert temp_target(temp_name(part_name(3))) == part_name(3)
+    assert temp_target(f".{part_name(0)}.k2_x9abc.part") == part_name(0)  # tempfile.mkstemp's, older versions
+    for not_temp in ("image_000000.tar", "image_000000.tar.part", ".hidden", part_name(0), ".x.part", "_plan.json"):
         assert not is_temp_name(not_temp), not_temp  # pull's resumable `NAME.part` files are not ours to remove
 
 
@@ -86,11 +87,11 @@ _KILLED_WRITER = textwrap.dedent("""
     import sys, time
     import pyarrow as pa
     from pipeline.storage import Storage
-    from pipeline.partitions import _write_parquet
+    from pipeline.partitions import _write_parquet, part_name
     s = Storage()
     work, out = sys.argv[1], sys.argv[2]
     # As write_shard and write_table do: the tar and the partition go to temporaries first.
-    with s.atomic_path(out + "/image/image_000000.tar") as tar, s.atomic_path(work + "/shard/part-00000.parquet") as part:
+    with s.atomic_path(out + "/image/image_000000.tar") as tar, s.atomic_path(work + "/shard/" + part_name(0)) as part:
         open(tar, "wb").write(b"half a tar" * 1000)
         _write_parquet(pa.table({"key": ["a"]}), part)
         with s.atomic_path(out + "/manifest.parquet") as manifest:
@@ -118,7 +119,7 @@ def test_sigkill_during_shard_writing_then_rerun_leaves_no_temporary(ray_local, 
     finally:
         _kill(proc)
     left = _temporaries(run_dir, out)
-    assert len(left) == 3 and {temp_target(Path(p).name) for p in left} == {"image_000000.tar", "part-00000.parquet", "manifest.parquet"}
+    assert len(left) == 3 and {temp_target(Path(p).name) for p in left} == {"image_000000.tar", part_name(0), "manifest.parquet"}
     assert not (out / "image" / "image_000000.tar").exists()
     # An older checkout's mkstemp leftover is recognised too.
     (run_dir / ".run.json.ab_c1234.part").write_bytes(b"{")
@@ -136,7 +137,7 @@ def test_sigkill_during_shard_writing_then_rerun_leaves_no_temporary(ray_local, 
 
 def test_s3_folders_lose_their_incomplete_uploads(s3, s3_bucket):
     client = s3.s3
-    for key in ("work/r1/shard/part-00000.parquet", "ds/image/image_000000.tar", "elsewhere/x.tar"):
+    for key in (f"work/r1/shard/{part_name(0)}", "ds/image/image_000000.tar", "elsewhere/x.tar"):
         up = client.create_multipart_upload(Bucket=s3_bucket, Key=key)
         client.upload_part(Bucket=s3_bucket, Key=key, UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100)
     assert s3.remove_temporaries(f"s3://{s3_bucket}/work/r1") == 1

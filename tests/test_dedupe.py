@@ -11,9 +11,11 @@ from PIL import ImageEnhance
 from dedupe.clusters import near_duplicates
 from dedupe.regions import kept_boxes
 from pipeline.ingest.decode import decode_validate
+from pipeline.partitions import part_name
 from pipeline.synthetic import encode, generate_scene
 from schemas.config import IngestSection
 from schemas.tables import IMAGES, rows_to_table
+from tests.helpers.config import run_config
 
 
 def _variants(img) -> dict[str, bytes]:
@@ -36,16 +38,15 @@ def test_edits_are_near_duplicates_and_small_differences_are_not(build, tmp_path
             (tmp_path / "img" / f"s{s}-{name}").write_bytes(data)
         other, _ = generate_scene(800 + s, 2400, 1600, n_objects=3, grain=4.0 * s, object_seed=900 + s)  # same layout
         (tmp_path / "img" / f"s{s}-other.jpg").write_bytes(encode(other, "JPEG", quality=90))
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "img")}],
-           "ingest": {"min_side": 512}, "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True},
-           "dedupe": {"distributed_min": 0}}  # the search as Ray tasks split by band set, as on a cluster
+    cfg = run_config(tmp_path, ingest={"min_side": 512}, regions={"method": "none"}, shards={"keep_empty": True},
+                     dedupe={"distributed_min": 0})  # the search as Ray tasks split by band set, as on a cluster
     dataset = build(cfg, run_id="near")
     assert dataset["counts"]["rejected_by_reason"] == {"duplicate_near": 3 * 5}
     assert dataset["counts"]["samples"] == 3 * 2  # one of each variant group, plus each same-layout image
     kept = {r["source"].rsplit("/", 1)[1] for r in pq.read_table(tmp_path / "ds" / "manifest.parquet").to_pylist()}
     assert {f"s{s}-other.jpg" for s in range(3)} <= kept
     assert not any("half" in k for k in kept)  # the largest member of a cluster is kept
-    dedupe = pq.read_table(tmp_path / "work" / "near" / "dedupe" / "part-00000.parquet").to_pylist()
+    dedupe = pq.read_table(tmp_path / "work" / "near" / "dedupe" / part_name(0)).to_pylist()
     assert len(dedupe) == 3 * 7 and sum(r["kept"] for r in dedupe) == 6
     assert all(r["duplicate_of"] for r in dedupe if not r["kept"])
 
@@ -65,21 +66,23 @@ def test_a_second_run_skips_what_a_published_version_holds(build, tmp_path):
     (tmp_path / "img").mkdir()
     for s in range(4):
         (tmp_path / "img" / f"{s}.jpg").write_bytes(encode(generate_scene(850 + s, 1600, 1200, n_objects=2)[0], "JPEG", quality=90))
-    base = {"sources": [{"uri": str(tmp_path / "img")}], "regions": {"method": "none"},
-            "dedupe": {"index": str(tmp_path / "index")}}
-    first = build({**base, "run": {"work_dir": str(tmp_path / "w1")}, "shards": {"output": str(tmp_path / "v1"), "keep_empty": True}}, run_id="v1")
+    def cfg(work: str, output: str) -> dict:
+        return run_config(tmp_path, work=work, output=output, regions={"method": "none"}, shards={"keep_empty": True},
+                          dedupe={"index": str(tmp_path / "index")})
+
+    first = build(cfg("w1", "v1"), run_id="v1")
     assert first["counts"]["samples"] == 4 and (tmp_path / "index" / "hashes-v1.parquet").exists()
 
     # A re-encoded copy of one published image and one new image arrive with the old ones.
     again = generate_scene(850, 1600, 1200, n_objects=2)[0]
     (tmp_path / "img" / "0-reencoded.png").write_bytes(encode(again, "PNG"))
     (tmp_path / "img" / "new.jpg").write_bytes(encode(generate_scene(870, 1600, 1200, n_objects=2)[0]))
-    second = build({**base, "run": {"work_dir": str(tmp_path / "w2")}, "shards": {"output": str(tmp_path / "v2"), "keep_empty": True}}, run_id="v2")
+    second = build(cfg("w2", "v2"), run_id="v2")
     assert second["counts"]["samples"] == 1
     assert second["counts"]["rejected_by_reason"] == {"duplicate_published": 5}
     assert json.loads((tmp_path / "w2" / "v2" / "run.json").read_text())["index_rows_appended"] == 1
     # Rerunning the first run does not count its own contribution as published.
-    rerun = build({**base, "run": {"work_dir": str(tmp_path / "w1")}, "shards": {"output": str(tmp_path / "v1"), "keep_empty": True}}, run_id="v1")
+    rerun = build(cfg("w1", "v1"), run_id="v1")
     assert rerun["counts"]["samples"] == 4
     assert rerun["counts"]["rejected_by_reason"] == {"duplicate_near": 1, "duplicate_published": 1}  # the copy; new.jpg (v2's)
 

@@ -19,7 +19,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.images import scene_jpeg
+from tests.helpers.config import run_config
+from tests.helpers.images import scene_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -153,9 +154,8 @@ def test_deploy_trigger_and_complete(server, tmp_path):
     from prefect.deployments import run_deployment
 
     _images(tmp_path / "src")
-    config = {"run": {"name": "nightly-scenes", "work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "src")}],
-              "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True},
-              "ray": {"num_cpus": 1}, "deploy": {"cron": "0 3 * * *", "work_pool": "localcap-test"}}
+    config = run_config(tmp_path, "src", name="nightly-scenes", regions={"method": "none"}, shards={"keep_empty": True},
+                        ray={"num_cpus": 1}, deploy={"cron": "0 3 * * *", "work_pool": "localcap-test"})
     config_path = tmp_path / "nightly.yaml"
     config_path.write_text(yaml.safe_dump(config))
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.executor import ActorPool, PartitionJob, run_stage
-from pipeline.partitions import read_table
+from pipeline.partitions import part_name, read_table
 from pipeline.storage import Storage
 
 SCHEMA = pa.schema([("job", pa.int64()), ("status", pa.string())])
@@ -38,7 +38,7 @@ def test_a_pool_that_cannot_start_records_every_partition_as_failed(ray_local, t
     report = run_stage("s", str(tmp_path), jobs, None, Storage(), progress=False, pool=pool)
     assert report.computed == 3 and report.rows["failed_partitions"] == 3
     for i in range(3):
-        t = read_table(Storage(), str(tmp_path / "s" / f"part-{i:05d}.parquet")).to_pylist()
+        t = read_table(Storage(), str(tmp_path / "s" / part_name(i))).to_pylist()
         assert t[0]["job"] == i and t[0]["status"].startswith("failed: ")
 
 

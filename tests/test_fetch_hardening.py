@@ -24,8 +24,8 @@ from pipeline.ingest.downloader import fetch_partition
 from pipeline.ingest.fetch import AddressPolicy, ByteBudget, Fetcher, fetch_urls
 from schemas.config import CrawlSource, FetchSection, IngestSection
 from schemas.tables import RejectReason
-from tests.http_server import QuietHandler, serve
-from tests.test_fetch import JPEG, FaultServer
+from tests.helpers.fault_server import JPEG, FaultServer
+from tests.helpers.http_server import QuietHandler, serve
 
 FAST = {"retries": 0, "timeout_s": 3.0, "connect_timeout_s": 1.0, "per_host_rate": 100.0}
 

@@ -14,15 +14,16 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-import threading
 
 import pytest
 
 from pipeline.synthetic import encode, generate_scene, write_demo_images
 from schemas.config import load_config, parse_config
-from tests.ps3_conformance import dataset_rules, ps3_problems
+from tests.helpers.config import run_config
+from tests.helpers.ps3_conformance import dataset_rules, ps3_problems
 
 GOLDEN = Path(__file__).with_name("golden") / "digests.json"
 ROOT = Path("/tmp/localcap-golden")
@@ -99,15 +100,16 @@ def build_web_set(build) -> Path:
     try:
         urls = [f"http://127.0.0.1:{PORT}/img/{n}.jpg" for n in ("0", "1", "2", "3", "4", "missing", "page")]
         (root / "urls.txt").write_text("\n".join(urls) + "\n")
-        cfg = parse_config({
-            "run": {"name": "golden-web", "work_dir": str(root / "work")},
-            "sources": [{"type": "urls", "uri": str(root / "urls.txt")},
-                        {"type": "crawl", "start_urls": [f"http://127.0.0.1:{PORT}/"], "max_depth": 1}],
-            "fetch": {"allow_loopback": True, "retries": 0, "timeout_s": 5.0},
-            "ingest": {"min_side": 1024, "partition_size": 3},
-            "dedupe": {"near": True},
-            "shards": {"output": str(root / "dataset"), "layout": "paired", "max_samples": 2},
-        })
+        cfg = parse_config(run_config(
+            root,
+            [{"type": "urls", "uri": str(root / "urls.txt")},
+             {"type": "crawl", "start_urls": [f"http://127.0.0.1:{PORT}/"], "max_depth": 1}],
+            output="dataset", name="golden-web",
+            fetch={"allow_loopback": True, "retries": 0, "timeout_s": 5.0},
+            ingest={"min_side": 1024, "partition_size": 3},
+            dedupe={"near": True},
+            shards={"layout": "paired", "max_samples": 2},
+        ))
         build(cfg.model_dump(mode="json"), run_id="golden")
     finally:
         server.shutdown()

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.partitions import write_table
-from pipeline.report import describe_dataset
+from pipeline.inspection import describe_dataset
 from pipeline.shards import open_dataset
 from pipeline.shards.loader import ShardCountMismatch, write_wids_index
 from pipeline.shards.metadata import (

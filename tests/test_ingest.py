@@ -14,7 +14,8 @@ from pipeline.ingest.stage import ingest_entries
 from pipeline.storage import Storage
 from schemas.config import IngestSection
 from schemas.tables import IMAGES, RejectReason
-from tests.images import (
+from tests.helpers.config import run_config
+from tests.helpers.images import (
     bomb_png_header,
     cmyk_jpeg,
     exif_rotated_jpeg,
@@ -175,15 +176,15 @@ def test_bad_input_folder_through_the_flow(build, tmp_path):
     (tmp_path / "bad" / "zz_copy_of_good.jpg").write_bytes((tmp_path / "bad" / "good.jpg").read_bytes())
     expected["zz_copy_of_good.jpg"] = "duplicate_exact"  # same bytes as good.jpg, which sorts after it
     expected["good.jpg"] = None
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "bad")}],
-           "ingest": {"partition_size": 3}, "shards": {"output": str(tmp_path / "ds"), "max_samples": 2}}
+    cfg = run_config(tmp_path, "bad", ingest={"partition_size": 3}, shards={"max_samples": 2})
     dataset = build(cfg, run_id="bad-inputs")
     counts = dataset["counts"]
     accepted = sorted(k for k, v in expected.items() if v is None)
     assert counts["inputs"] == len(expected) == counts["samples"] + counts["rejected"]
     assert counts["samples"] == len(accepted)
 
-    from pipeline.stages import collect_rejects, make_context
+    from pipeline.dataset_card import collect_rejects
+    from pipeline.stage import make_context
     from schemas.config import parse_config
 
     table = collect_rejects(make_context(parse_config(cfg), "bad-inputs"))

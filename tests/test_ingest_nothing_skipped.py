@@ -27,15 +27,14 @@ from PIL import Image
 from pipeline.ingest.reader import (
     SourceError,
     check_source_root,
-    chunk,
     discover_urls,
     list_inputs,
 )
-from pipeline.ingest.stage import ingest_entries
 from pipeline.storage import Storage
 from schemas.config import CrawlSource, FetchSection, FilesSource, IngestSection
-from tests.http_server import QuietHandler, serve
-from tests.images import scene_jpeg
+from tests.helpers.http_server import QuietHandler, serve
+from tests.helpers.images import scene_jpeg
+from tests.helpers.ingest import ingest_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"allow_private": True, "retries": 1, "backoff_s": 0.05, "timeout_s": 1.5, "connect_timeout_s": 1.0,
@@ -61,19 +60,6 @@ def write_problem_folder(folder: Path) -> dict[str, str | None]:
     (folder / LOCKED_DIR / "deeper" / "inside2.jpg").write_bytes(scene_jpeg(4))
     (folder / LOCKED_FILE).write_bytes(scene_jpeg(5))
     return {"good.jpg": None, "sub/good2.jpg": None, "blank.png": "blank", LOCKED_DIR: "read_error", LOCKED_FILE: "read_error"}
-
-
-def ingest_folder(folder: Path, partition_size: int = 2) -> tuple[int, list[dict], list[dict]]:
-    """(inputs, images rows, rejects rows) as the ingest stage computes them for a files source."""
-    limits = IngestSection(partition_size=partition_size)
-    storage = Storage()
-    entries = list_inputs([FilesSource(uri=str(folder))], storage)
-    images, rejects = [], []
-    for part in chunk(entries, limits.partition_size):
-        i, r = ingest_entries(part, limits, storage)
-        images += i.select(["source_uri", "meta"]).to_pylist()
-        rejects += r.to_pylist()
-    return len(entries), images, rejects
 
 
 def check_outcome(folder: Path, expected: dict, n_inputs: int, images: list[dict], rejects: list[dict]) -> None:
@@ -165,7 +151,7 @@ def test_unreadable_sub_folder_of_a_glob_is_a_reject(tmp_path, deny):
 # -- the same with real permissions, in a child process ---------------------------------------------------
 CHILD = """
 import json, sys
-from tests.test_ingest_nothing_skipped import ingest_folder
+from tests.helpers.ingest import ingest_folder
 from pipeline.ingest.reader import SourceError, check_source_root
 from pipeline.storage import Storage
 from schemas.config import FilesSource

@@ -16,7 +16,8 @@ import pytest
 
 from pipeline.shards.stage import SampleRules, build_sample, unfit_reason
 from schemas.config import ShardsSection, load_config
-from tests.images import scene_jpeg
+from tests.helpers.config import deep_merge, run_config
+from tests.helpers.images import scene_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,19 +77,22 @@ def test_run_with_relative_paths_from_another_directory_builds_and_trains_there(
 def _fail_fast_cases(tmp_path: Path, s3_endpoint: str, s3_bucket: str, tiny_model_dir: Path) -> dict:
     (tmp_path / "imgs").mkdir()
     (tmp_path / "a-file").write_text("in the way")
-    ok = {"sources": [{"uri": str(tmp_path / "imgs")}], "run": {"work_dir": str(tmp_path / "work")},
-          "shards": {"output": str(tmp_path / "ds")}}
+
+    def ok(**fields) -> dict:
+        """A config that passes the checks, with one field or section changed."""
+        return run_config(tmp_path, "imgs", **fields)
+
     return {
-        "missing source": ({**ok, "sources": [{"uri": str(tmp_path / "nowhere")}]}, {}, "does not exist"),
-        "output is a file": ({**ok, "shards": {"output": str(tmp_path / "a-file")}}, {}, "is a file"),
-        "work dir under a file": ({**ok, "run": {"work_dir": str(tmp_path / "a-file" / "work")}}, {}, "is a file"),
-        "missing bucket": ({**ok, "shards": {"output": "s3://no-such-bucket-here/ds"}}, {"AWS_ENDPOINT_URL": s3_endpoint},
+        "missing source": (run_config(tmp_path, "nowhere"), {}, "does not exist"),
+        "output is a file": (ok(output="a-file"), {}, "is a file"),
+        "work dir under a file": (ok(work="a-file/work"), {}, "is a file"),
+        "missing bucket": (ok(output="s3://no-such-bucket-here/ds"), {"AWS_ENDPOINT_URL": s3_endpoint},
                            "does not exist"),
-        "unreachable endpoint": ({**ok, "run": {"work_dir": f"s3://{s3_bucket}/work"}, "storage": {"endpoint_url": "http://127.0.0.1:9"}},
+        "unreachable endpoint": (ok(work=f"s3://{s3_bucket}/work", storage={"endpoint_url": "http://127.0.0.1:9"}),
                                  {}, "cannot reach"),
-        "captioner on missing GPUs": ({**ok, "captioner": {"backend": "transformers", "model": str(tiny_model_dir), "device": "cuda"}},
+        "captioner on missing GPUs": (ok(captioner={"backend": "transformers", "model": str(tiny_model_dir), "device": "cuda"}),
                                       {"CUDA_VISIBLE_DEVICES": ""}, "GPU"),
-        "weights not cached": ({**ok, "captioner": {"backend": "vllm", "model": "someone/not-cached-model", "device": "cpu"}},
+        "weights not cached": (ok(captioner={"backend": "vllm", "model": "someone/not-cached-model", "device": "cpu"}),
                                {"HF_HOME": str(tmp_path / "hf")}, "local Hugging Face cache"),
     }
 
@@ -157,9 +161,8 @@ def test_no_box_images_are_rejects_and_a_noop_rerun_keeps_the_build_record(build
         (tmp_path / "img" / f"scene{i}.jpg").write_bytes(scene_jpeg(700 + i, 1400, 1100))
     # Big enough for ingest, too small for a box (a fifth of 150 px is under regions.min_box_side).
     (tmp_path / "img" / "small.jpg").write_bytes(scene_jpeg(709, 200, 150))
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "img")}],
-           "ingest": {"partition_size": 2, "min_side": 100}, "shards": {"output": str(tmp_path / "ds")},
-           "captioner": {"vllm": {"env": {"HF_TOKEN": "hf_do_not_record_me"}}}}
+    cfg = run_config(tmp_path, ingest={"partition_size": 2, "min_side": 100},
+                     captioner={"vllm": {"env": {"HF_TOKEN": "hf_do_not_record_me"}}})
     first = build(cfg, run_id="rec")
     c = first["counts"]
     assert c["samples"] == 2 and c["rejected_by_reason"] == {"no_boxes": 1} and c["inputs"] == c["samples"] + c["rejected"]
@@ -181,7 +184,7 @@ def test_no_box_images_are_rejects_and_a_noop_rerun_keeps_the_build_record(build
         assert "hf_do_not_record_me" not in text and '"argv"' not in text
     assert run["config"]["captioner"]["vllm"]["env"]["HF_TOKEN"] == "***"
 
-    kept = build({**cfg, "shards": {"output": str(tmp_path / "ds-all"), "keep_empty": True}}, run_id="rec")
+    kept = build(deep_merge(cfg, {"shards": {"output": str(tmp_path / "ds-all"), "keep_empty": True}}), run_id="rec")
     assert kept["counts"]["samples"] == 3 and kept["counts"]["rejected"] == 0
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.images import scene_jpeg
+from tests.helpers.config import run_config
+from tests.helpers.images import scene_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -76,8 +77,8 @@ def test_build_on_two_nodes_equals_local_run(build, two_node_cluster, tmp_path):
     for i in range(8):
         (src / f"{i}.jpg").write_bytes(scene_jpeg(1000 + i, 1300 + 32 * i, 1100))
     def config(name: str) -> dict:
-        return {"run": {"work_dir": str(tmp_path / f"work-{name}")}, "sources": [{"uri": str(src)}],
-                "ingest": {"partition_size": 1}, "shards": {"output": str(tmp_path / f"ds-{name}"), "max_samples": 3}}
+        return run_config(tmp_path, src, work=f"work-{name}", output=f"ds-{name}", ingest={"partition_size": 1},
+                          shards={"max_samples": 3})
 
     build(config("local"), run_id="same")
 

@@ -1,4 +1,4 @@
-"""The PS3 conformance checker (tests/ps3_conformance.py) on hand-made datasets: it passes a good one
+"""The PS3 conformance checker (tests/helpers/ps3_conformance.py) on hand-made datasets: it passes a good one
 and names each kind of sample PS3's loader would crash on or train on nothing with."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.ps3_conformance import (
+from tests.helpers.ps3_conformance import (
     DatasetRules,
     LoaderArgs,
     dataset_rules,

@@ -18,7 +18,8 @@ from pipeline.shards import open_dataset
 from pipeline.shards.pull import parse_shards, pull
 from pipeline.storage import Storage
 from pipeline.versions import claim_version, expected_etag, list_versions, publish_version, resolve
-from tests.images import scene_jpeg
+from tests.helpers.config import run_config
+from tests.helpers.images import scene_jpeg
 
 N_IMAGES = 7
 
@@ -32,8 +33,7 @@ def built(ray_local, prefect_harness, tmp_path_factory) -> Path:
     src.mkdir()
     for i in range(N_IMAGES):
         (src / f"{i}.jpg").write_bytes(scene_jpeg(700 + i, 1400 + 64 * i, 1100))
-    cfg = {"run": {"work_dir": str(root / "work")}, "sources": [{"uri": str(src)}],
-           "shards": {"output": str(root / "ds"), "max_samples": 3}}
+    cfg = run_config(root, src, shards={"max_samples": 3})
     build_dataset(cfg, run_id="pub", progress=False)
     return root / "ds"
 
@@ -130,8 +130,7 @@ def test_build_flow_publishes_the_next_version(build, s3, s3_bucket, tmp_path):
     for i in range(2):
         (src / f"{i}.jpg").write_bytes(scene_jpeg(800 + i, 1300, 1100))
     name = f"s3://{s3_bucket}/built"
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(src)}], "regions": {"method": "none"},
-           "shards": {"output": str(tmp_path / "ds"), "keep_empty": True}, "publish": {"to": name}}
+    cfg = run_config(tmp_path, src, regions={"method": "none"}, shards={"keep_empty": True}, publish={"to": name})
     dataset = build(cfg, run_id="pub-flow")
     assert dataset["published"]["uri"] == name + "/v1" and dataset["published"]["latest"] == "v1"
     assert [r["key"] for r in pq.read_table(tmp_path / "ds" / "manifest.parquet").to_pylist()] == \

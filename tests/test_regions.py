@@ -26,6 +26,7 @@ from pipeline.synthetic import encode, generate_document, generate_scene
 from schemas.config import RegionsSection
 from schemas.sample import validate_sample_json
 from schemas.tables import REGION_STATUS, REGIONS
+from tests.helpers.config import run_config
 
 
 def _formula(masks: list[np.ndarray], box, pixel_area: float, image_area: float, floor: float) -> float:
@@ -176,8 +177,7 @@ def regions_run(ray_local, prefect_harness, tmp_path_factory):
     (root / "img" / "plain.png").write_bytes(encode(Image.new("RGB", (1600, 1200), (200, 180, 160)), "PNG"))  # blank at ingest
     # Big enough for ingest, too small for a box (a fifth of 150 px is under regions.min_box_side).
     (root / "img" / "small.jpg").write_bytes(encode(generate_scene(399, 200, 150, n_objects=1)[0]))
-    cfg = {"run": {"work_dir": str(root / "work")}, "sources": [{"uri": str(root / "img")}],
-           "ingest": {"partition_size": 3, "min_side": 100}, "shards": {"output": str(root / "ds")}}
+    cfg = run_config(root, ingest={"partition_size": 3, "min_side": 100})
     dataset = build_dataset(cfg, run_id="r1", progress=False)
     return root, cfg, dataset, planted
 
@@ -233,7 +233,7 @@ def test_stage_writes_boxes_to_tables_and_shards(regions_run):
 
 
 def test_inspect_prints_box_statistics(regions_run):
-    from pipeline.report import describe_dataset
+    from pipeline.inspection import describe_dataset
 
     root, *_ = regions_run
     text = describe_dataset(str(root / "ds"))

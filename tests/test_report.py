@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.html_report import COLORS, write_report
+from pipeline.partitions import part_name
+from pipeline.report import COLORS, write_report
 from pipeline.shards.writer import write_tar
 from schemas.sample import TextBoxSample
 from schemas.tables import IMAGES, MANIFEST, REGION_STATUS, REJECTS
-from tests.images import scene_jpeg
+from tests.helpers.images import scene_jpeg
 
 ARTIFACTS = Path(os.environ.get("LOCALCAP_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
@@ -124,13 +125,13 @@ def _dataset(root: Path, samples: dict = SAMPLES, run: bool = True) -> Path:
         "config": {"run": {"work_dir": str(root / "work")}, "shards": {"keep_empty": True}}}))
     if run:
         (run_dir / "regions").mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(status, schema=REGION_STATUS), run_dir / "regions" / "status-00000.parquet")
+        pq.write_table(pa.Table.from_pylist(status, schema=REGION_STATUS), run_dir / "regions" / part_name(0, "status"))
         (run_dir / "ingest").mkdir()
         near = scene_jpeg(900, 1200, 900)  # sample 1's scene, smaller
         pq.write_table(pa.Table.from_pylist([{
             "uid": NEAR_UID, "sha256": NEAR_UID * 2, "source_uri": "/src/00000001-copy.jpg", "width": 1200, "height": 900,
             "format": "JPEG", "n_bytes": len(near), "image": near, "phash": 0, "dhash": 0, "fine_sig": bytes(256), "meta": "{}"}],
-            schema=IMAGES), run_dir / "ingest" / "part-00000.parquet")
+            schema=IMAGES), run_dir / "ingest" / part_name(0))
     return ds
 
 

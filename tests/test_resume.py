@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.partitions import part_name
 from pipeline.synthetic import encode, generate_scene
+from tests.helpers.config import run_config
 
 N_IMAGES = 24
 
@@ -39,8 +41,8 @@ def test_sigkill_then_resume_is_byte_identical(build, tmp_path):
         img, _ = generate_scene(300 + i, 2048, 1536, n_objects=3)
         (src / f"{i:03d}.png").write_bytes(encode(img, "PNG", compress_level=1))
     work, out = tmp_path / "work", tmp_path / "ds"
-    cfg = {"run": {"work_dir": str(work)}, "sources": [{"uri": str(src)}], "ray": {"num_cpus": 1},
-           "ingest": {"partition_size": 1}, "shards": {"output": str(out), "max_samples": 5}}
+    cfg = run_config(tmp_path, src, work=work, output=out, ray={"num_cpus": 1}, ingest={"partition_size": 1},
+                     shards={"max_samples": 5})
 
     # The reference: an uninterrupted run, then moved aside so the killed run uses the same paths.
     build(cfg, run_id="r1")
@@ -104,8 +106,7 @@ def test_rerun_of_finished_run_skips_everything(build, tmp_path):
     for i in range(3):
         img, _ = generate_scene(400 + i, 1200, 1100, n_objects=1)
         (src / f"{i}.jpg").write_bytes(encode(img))
-    cfg = {"run": {"work_dir": str(tmp_path / "w")}, "sources": [{"uri": str(src)}],
-           "ingest": {"partition_size": 2}, "shards": {"output": str(tmp_path / "ds")}}
+    cfg = run_config(tmp_path, src, work="w", ingest={"partition_size": 2})
     build(cfg, run_id="again")
     first = _files(tmp_path / "ds")
     build(cfg, run_id="again")
@@ -126,4 +127,4 @@ def test_rerun_of_finished_run_skips_everything(build, tmp_path):
     (src / "2.jpg").unlink()
     dataset = build(cfg, run_id="again")
     assert dataset["counts"]["inputs"] == 2 == dataset["counts"]["samples"]
-    assert sorted(p.name for p in (tmp_path / "w" / "again" / "ingest").glob("*.parquet")) == ["part-00000.parquet", "rejects-00000.parquet"]
+    assert sorted(p.name for p in (tmp_path / "w" / "again" / "ingest").glob("*.parquet")) == [part_name(0), part_name(0, "rejects")]

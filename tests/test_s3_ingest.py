@@ -12,10 +12,11 @@ import tarfile
 
 import pyarrow.parquet as pq
 
-from pipeline.partitions import read_table, read_tables
+from pipeline.partitions import part_name, read_table, read_tables
 from pipeline.storage import Storage
 from schemas.tables import REJECTS
-from tests.images import scene_jpeg
+from tests.helpers.config import run_config
+from tests.helpers.images import scene_jpeg
 
 GOOD = {f"raw/scene_{i}.jpg": (i, 1100 + 40 * i, 1150 + 30 * i) for i in range(5)}  # seed, width, height
 BAD = {"raw/notes.jpg": b"not an image"}
@@ -35,13 +36,8 @@ def _upload(storage: Storage, bucket: str) -> dict[str, bytes]:
 
 
 def _config(bucket: str, endpoint: str, work: str, output: str) -> dict:
-    return {
-        "run": {"work_dir": work},
-        "sources": [{"uri": f"s3://{bucket}/raw/"}],
-        "shards": {"output": output},
-        "storage": {"endpoint_url": endpoint},
-        "ingest": {"partition_size": 2},
-    }
+    return run_config(None, f"s3://{bucket}/raw/", work=work, output=output, storage={"endpoint_url": endpoint},
+                      ingest={"partition_size": 2})
 
 
 def _tar_members(data: bytes) -> dict[str, bytes]:
@@ -103,7 +99,7 @@ def test_work_dir_and_shards_on_s3(build, s3_endpoint, s3_bucket):
     assert json.loads(storage.read_bytes(f"{out}/dataset.json"))["counts"] == dataset["counts"]
     assert json.loads(storage.read_bytes(f"{out}/image/sizes.json")) == {"image_000000.tar": len(GOOD)}
 
-    from pipeline.report import describe_dataset
+    from pipeline.inspection import describe_dataset
 
     shown = describe_dataset(out, storage)  # `localcap inspect s3://...` reads the same way
     assert f"samples   {len(GOOD)} in 1 shards" in shown and "not_an_image" in shown
@@ -112,8 +108,8 @@ def test_work_dir_and_shards_on_s3(build, s3_endpoint, s3_bucket):
     ingest_dir = f"{work}/s3run/ingest"
     assert storage.list_prefix(ingest_dir) == [
         "_plan.json", "_report.json",  # for `localcap status`
-        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet",
-        "rejects-00000.parquet", "rejects-00001.parquet", "rejects-00002.parquet",
+        *(part_name(k) for k in range(3)),
+        *(part_name(k, "rejects") for k in range(3)),
     ]
     manifest = read_table(storage, f"{out}/manifest.parquet").to_pylist()
     assert sorted(r["source"] for r in manifest) == sorted(u for u in uploaded if "scene_" in u)

@@ -14,7 +14,8 @@ from pipeline.regions import ProposerUnavailable, preflight
 from pipeline.regions.proposers import make_proposer
 from pipeline.synthetic import encode, generate_scene
 from schemas.config import RegionsSection
-from tests.models import build_tiny_sam
+from tests.helpers.config import run_config
+from tests.helpers.models import build_tiny_sam
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,7 @@ def test_sam_runs_in_the_flow_in_ray_actors(tiny_sam, build, tmp_path):
     (tmp_path / "img").mkdir()
     for i in range(3):
         (tmp_path / "img" / f"{i}.jpg").write_bytes(encode(generate_scene(40 + i, 1400, 1100, n_objects=2)[0]))
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "img")}],
-           "ingest": {"partition_size": 2}, "shards": {"output": str(tmp_path / "ds")},
-           "regions": _cfg(tiny_sam).model_dump(mode="json")}
+    cfg = run_config(tmp_path, ingest={"partition_size": 2}, regions=_cfg(tiny_sam).model_dump(mode="json"))
     dataset = build(cfg, run_id="sam")
     assert dataset["counts"]["samples"] == 3
     assert dataset["statistics"]["boxes_per_image"]["min"] >= 1
@@ -91,8 +90,7 @@ def test_sam_runs_in_the_flow_in_ray_actors(tiny_sam, build, tmp_path):
 def test_sam_on_cuda_without_gpus_stops_the_flow_before_ingest(tiny_sam, build, tmp_path, ray_local):
     if ray_local.cluster_resources().get("GPU"):
         pytest.skip("this Ray cluster has GPUs")
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path)}],
-           "shards": {"output": str(tmp_path / "ds")}, "regions": _cfg(tiny_sam, device="cuda").model_dump(mode="json")}
+    cfg = run_config(tmp_path, tmp_path, regions=_cfg(tiny_sam, device="cuda").model_dump(mode="json"))
     with pytest.raises(PreflightError, match="has none"):
         build(cfg, run_id="nogpu")
     assert not (tmp_path / "work").exists()

@@ -15,7 +15,8 @@ from pipeline.shards.layout import TAR_END, member_size
 from pipeline.shards.plan import SampleRef, assign_shards
 from pipeline.shards.writer import tar_bytes_into
 from schemas.sample import TextBoxSample, validate_sample_json
-from tests.images import scene_jpeg
+from tests.helpers.config import run_config
+from tests.helpers.images import scene_jpeg
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,7 @@ def paired_dataset(ray_local, prefect_harness, tmp_path_factory):
     for i in range(7):
         (root / "img" / f"{i:02d}.jpg").write_bytes(scene_jpeg(100 + i, 1300 + 40 * i, 1100))
     (root / "img" / "junk.jpg").write_bytes(b"junk")
-    cfg = {"run": {"work_dir": str(root / "work")}, "sources": [{"uri": str(root / "img")}],
-           "ingest": {"partition_size": 3}, "shards": {"output": str(root / "ds"), "max_samples": 3}}
+    cfg = run_config(root, ingest={"partition_size": 3}, shards={"max_samples": 3})
     dataset = build_dataset(cfg, run_id="paired", progress=False)
     return root, dataset
 
@@ -109,8 +109,7 @@ def test_combined_layout(build, tmp_path):
     (tmp_path / "img").mkdir()
     for i in range(3):
         (tmp_path / "img" / f"{i}.jpg").write_bytes(scene_jpeg(200 + i))
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"uri": str(tmp_path / "img")}],
-           "shards": {"output": str(tmp_path / "ds"), "layout": "combined"}}
+    cfg = run_config(tmp_path, shards={"layout": "combined"})
     build(cfg, run_id="combined")
     urls = [str(tmp_path / "ds" / "combined" / "shard_000000.tar")]
     samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))

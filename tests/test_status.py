@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from pipeline.status import run_status
 from pipeline.storage import Storage
-from tests.images import scene_jpeg
+from tests.helpers.config import run_config
+from tests.helpers.images import scene_jpeg
 
 
 def test_status_and_report_of_a_finished_run(build, tmp_path):
@@ -18,8 +19,7 @@ def test_status_and_report_of_a_finished_run(build, tmp_path):
         (src / f"{i}.jpg").write_bytes(scene_jpeg(1100 + i, 1300, 1100))
     (src / "broken.jpg").write_bytes(b"not an image")
     work = tmp_path / "work"
-    cfg = {"run": {"work_dir": str(work)}, "sources": [{"uri": str(src)}], "ingest": {"partition_size": 2},
-           "shards": {"output": str(tmp_path / "ds")}}
+    cfg = run_config(tmp_path, src, work=work, ingest={"partition_size": 2})
     dataset = build(cfg, run_id="20261122-status")
 
     status = run_status(Storage(), str(work))  # the newest run

@@ -273,13 +273,14 @@ def test_partitions_on_s3(s3, s3_bucket):
     assert back.equals(table)
     assert partitions.read_table(s3, uri, columns=["n"])["n"].to_pylist() == [1, 2, 3]
 
-    assert partitions.read_fingerprint(s3, f"s3://{s3_bucket}/work/run/ingest/part-00009.parquet") is None
-    partitions.write_table(s3, f"s3://{s3_bucket}/work/run/ingest/part-00001.parquet", table)  # no fingerprint
-    assert partitions.read_fingerprint(s3, f"s3://{s3_bucket}/work/run/ingest/part-00001.parquet") is None
-    s3.write_bytes(f"s3://{s3_bucket}/work/run/ingest/part-00002.parquet", b"not parquet at all")
-    assert partitions.read_fingerprint(s3, f"s3://{s3_bucket}/work/run/ingest/part-00002.parquet") is None
+    ingest = f"s3://{s3_bucket}/work/run/ingest"
+    assert partitions.read_fingerprint(s3, f"{ingest}/{partitions.part_name(9)}") is None
+    partitions.write_table(s3, f"{ingest}/{partitions.part_name(1)}", table)  # no fingerprint
+    assert partitions.read_fingerprint(s3, f"{ingest}/{partitions.part_name(1)}") is None
+    s3.write_bytes(f"{ingest}/{partitions.part_name(2)}", b"not parquet at all")
+    assert partitions.read_fingerprint(s3, f"{ingest}/{partitions.part_name(2)}") is None
 
-    s3.delete(f"s3://{s3_bucket}/work/run/ingest/part-00002.parquet")
+    s3.delete(f"{ingest}/{partitions.part_name(2)}")
     both = partitions.read_tables(s3, f"s3://{s3_bucket}/work/run/ingest", "part", table.schema, columns=["uid"])
     assert both["uid"].to_pylist() == ["a", "b", "c", "a", "b", "c"]
     empty = partitions.read_tables(s3, f"s3://{s3_bucket}/work/run/absent", "part", table.schema)

@@ -16,7 +16,8 @@ import psutil
 import pytest
 import yaml
 
-from tests.colour_scenes import ColourCaptionServer, write_colour_scenes
+from tests.helpers.colour_scenes import ColourCaptionServer, write_colour_scenes
+from tests.helpers.config import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, PER_SHARD = 32, 4
@@ -35,14 +36,13 @@ def colour_dataset(ray_local, prefect_harness, tmp_path_factory) -> Path:
     write_colour_scenes(root / "images", N_IMAGES)
     server = ColourCaptionServer()
     try:
-        dataset = build_dataset({
-            "run": {"name": "colours", "work_dir": str(root / "work")},
-            "sources": [{"uri": str(root / "images")}],
-            "ingest": {"min_side": 512, "partition_size": 8},
-            "captioner": {"backend": "openai", "model": "colour-namer", "device": "cpu",
-                          "openai": {"base_url": server.base_url, "api_key_env": "LOCALCAP_TEST_NO_KEY"}},
-            "shards": {"output": str(root / "dataset"), "max_samples": PER_SHARD},
-        }, run_id="colours", progress=False)
+        dataset = build_dataset(run_config(
+            root, "images", output="dataset", name="colours",
+            ingest={"min_side": 512, "partition_size": 8},
+            captioner={"backend": "openai", "model": "colour-namer", "device": "cpu",
+                       "openai": {"base_url": server.base_url, "api_key_env": "LOCALCAP_TEST_NO_KEY"}},
+            shards={"max_samples": PER_SHARD},
+        ), run_id="colours", progress=False)
     finally:
         server.close()
     assert dataset["counts"]["samples"] == N_IMAGES and dataset["counts"]["shards"] == N_IMAGES // PER_SHARD

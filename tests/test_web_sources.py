@@ -15,8 +15,9 @@ from pipeline.storage import Storage
 from pipeline.synthetic import encode, generate_scene
 from schemas.config import CrawlSource, FetchSection
 from schemas.tables import IMAGES, REJECTS
-from tests.http_server import QuietHandler, serve
-from tests.test_fetch import FaultServer
+from tests.helpers.config import run_config
+from tests.helpers.fault_server import JPEG, FaultServer
+from tests.helpers.http_server import QuietHandler, serve
 
 FAST = {"allow_loopback": True, "retries": 2, "backoff_s": 0.05, "timeout_s": 1.5, "connect_timeout_s": 1.0,
         "per_host_rate": 100.0}
@@ -127,8 +128,8 @@ def test_crawl_collects_exactly_the_largest_images(site):
 
 def test_crawl_through_the_build_flow(build, site, tmp_path):
     work = tmp_path / "work"
-    cfg = {"run": {"work_dir": str(work)}, "sources": [{"type": "crawl", "start_urls": [site.base + "/"], "max_depth": 2}],
-           "fetch": FAST, "ingest": {"min_side": 64}, "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True}}
+    cfg = run_config(tmp_path, [{"type": "crawl", "start_urls": [site.base + "/"], "max_depth": 2}], work=work,
+                     fetch=FAST, ingest={"min_side": 64}, regions={"method": "none"}, shards={"keep_empty": True})
     build(cfg, run_id="crawl")
     images, rejects = _tables(work, "crawl")
     assert {i["source_uri"].removeprefix(site.base) for i in images} == EXPECTED
@@ -165,16 +166,14 @@ def faults():
 
 
 def test_url_list_faults_and_per_url_resume(build, faults, tmp_path):
-    from tests.test_fetch import JPEG
-
     paths = list(OUTCOMES)
     url_list = tmp_path / "urls.csv"
     url_list.write_text("url,caption,license\n" + "".join(f"{faults.base}{p},caption of {p},cc0\n" for p in paths)
                         + ",a row without a URL,cc0\n")
     work = tmp_path / "work"
-    cfg = {"run": {"work_dir": str(work)}, "sources": [{"type": "urls", "uri": str(url_list)}],
-           "fetch": {**FAST, "partition_size": 4}, "ingest": {"min_side": 64, "max_bytes": len(JPEG) + 1000},
-           "regions": {"method": "none"}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True}}
+    cfg = run_config(tmp_path, [{"type": "urls", "uri": str(url_list)}], work=work,
+                     fetch={**FAST, "partition_size": 4}, ingest={"min_side": 64, "max_bytes": len(JPEG) + 1000},
+                     regions={"method": "none"}, shards={"keep_empty": True})
     build(cfg, run_id="urls")
 
     images, rejects = _tables(work, "urls")
@@ -207,9 +206,9 @@ def test_whole_run_keeps_to_the_per_host_rate(build, faults, tmp_path):
     """Two ingest workers fetch one host at once; the server sees no more than fetch.per_host_rate."""
     url_list = tmp_path / "urls.txt"
     url_list.write_text("".join(f"{faults.base}/rate/{i}.jpg\n" for i in range(24)))
-    cfg = {"run": {"work_dir": str(tmp_path / "work")}, "sources": [{"type": "urls", "uri": str(url_list)}],
-           "fetch": {**FAST, "per_host_rate": 8.0, "partition_size": 6}, "ingest": {"min_side": 64},
-           "regions": {"method": "none"}, "dedupe": {"exact": False, "near": False}, "shards": {"output": str(tmp_path / "ds"), "keep_empty": True}}
+    cfg = run_config(tmp_path, [{"type": "urls", "uri": str(url_list)}],
+                     fetch={**FAST, "per_host_rate": 8.0, "partition_size": 6}, ingest={"min_side": 64},
+                     regions={"method": "none"}, dedupe={"exact": False, "near": False}, shards={"keep_empty": True})
     build(cfg, run_id="rate")
     times = sorted(t for p, t in faults.hits if p.startswith("/rate/"))
     assert len(times) == 24

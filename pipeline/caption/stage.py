@@ -8,27 +8,27 @@ on the next run, reusing its `ok` rows, so a rerun captions only what failed.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from queue import Queue
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from captioners import cleanup, messages, prompts, requests
 from captioners.backends import Backend, make_backend
 from captioners.cleanup import clean_caption
 from captioners.prompts import resolve_prompts
 from captioners.requests import CaptionRequest, CaptionResult, build_requests
-from pipeline.partitions import code_version, fingerprint, read_table
+from pipeline.dedupe.stage import partition_skips
+from pipeline.partitions import part_name, read_table
 from pipeline.regions.stage import read_boxes
-from pipeline.storage import Storage
+from pipeline.stage import Actors, Partition, Stage, StageResult, Tasks
+from pipeline.storage import Storage, join
 from schemas.config import CaptionerSection
 from schemas.tables import CAPTIONS, GLOBAL_REGION, CaptionStatus, rows_to_table
 
 STAGE = "caption"
-CODE_VERSION = code_version(cleanup, messages, prompts, requests, sys.modules[__name__])
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,6 @@ class CaptionPayload:
     previous_uri: str | None  # this partition's earlier captions, whose ok rows are reused
     config: CaptionerSection
     storage: Storage
-
-
-def partition_fingerprint(cfg: CaptionerSection, input_fingerprint: str, skip_sources: frozenset[str]) -> str:
-    return fingerprint(STAGE, CODE_VERSION, cfg, input_fingerprint, sorted(skip_sources))
 
 
 def caption_row(req: CaptionRequest, result: CaptionResult, model_id: str, backend: str, prompt_id: str) -> dict:
@@ -174,16 +170,57 @@ def failed_partition(payload: CaptionPayload, error: str) -> dict[str, pa.Table]
     return {"part": rows_to_table(rows, CAPTIONS)}
 
 
-class CaptionWorker:
-    """Holds one back end (a loaded model, an engine, an HTTP client) across partitions."""
+class CaptionStage(Stage):
+    """One captions row per box and per global caption. Engines (vLLM, transformers) live in
+    long-lived actors, one per GPU (or one on CPU), placed by GPU count and accelerator type; the
+    openai client is cheap and runs in plain tasks."""
 
-    def __init__(self, config: CaptionerSection):
-        self.backend = make_backend(config)
+    name = STAGE
+    needs = ("ingest", "dedupe", "regions")
+    outputs = {"part": CAPTIONS}
+    marker = "captions"
 
-    def __call__(self, payload: CaptionPayload) -> dict[str, pa.Table]:
+    def enabled(self) -> bool:
+        return self.config.captioner.backend != "none"
+
+    def check_cluster(self) -> None:
+        if self.config.captioner.backend in ("vllm", "transformers"):
+            from captioners.placement import actor_count
+
+            actor_count(self.config.captioner)  # NoAccelerator (a ValueError) names the field
+
+    def resources(self) -> Tasks | Actors:
+        cfg = self.config.captioner
+        if cfg.backend == "openai":
+            return Tasks()
+        from captioners.placement import actor_placement
+
+        placement = actor_placement(cfg)
+        return Actors(placement.count, placement.resources)
+
+    def partitions(self, inputs: dict[str, StageResult]) -> list[Partition]:
+        cfg, regions, out = self.config.captioner, inputs["regions"], []
+        for i, ingest_fp in enumerate(inputs["ingest"].fingerprints):
+            skip = partition_skips(self.ctx, i)
+            regions_uri = join(self.ctx.stage_dir("regions"), part_name(i)) if regions.on else None
+            payload = CaptionPayload(join(self.ctx.stage_dir("ingest"), part_name(i)), regions_uri, skip, None, cfg, self.storage)
+            out.append(Partition([cfg.model_dump(mode="json"), regions.fingerprints[i] if regions.on else ingest_fp, sorted(skip)], payload))
+        return out
+
+    def setup(self) -> None:
+        self.backend = make_backend(self.config.captioner)
+
+    def process(self, payload: CaptionPayload) -> dict[str, pa.Table]:
         return {"part": caption_partition(payload, self.backend)}
 
+    def recorded_failures(self, index: int) -> int:
+        """Back-end errors: redone on the next run, reusing the partition's ok rows."""
+        status = read_table(self.storage, self.part_uri(index), columns=["status"])["status"]
+        return int(pc.sum(pc.equal(status, CaptionStatus.BACKEND_ERROR.value)).as_py() or 0)
 
-def caption_task(payload: CaptionPayload) -> dict[str, pa.Table]:
-    """Ray-task form, for back ends that are cheap to build (openai)."""
-    return CaptionWorker(payload.config)(payload)
+    def redo_payload(self, payload: CaptionPayload, index: int) -> CaptionPayload:
+        return CaptionPayload(payload.images_uri, payload.regions_uri, payload.skip_sources, self.part_uri(index),
+                              payload.config, payload.storage)
+
+    def failed(self, payload: CaptionPayload, error: str) -> dict[str, pa.Table]:
+        return failed_partition(payload, error)

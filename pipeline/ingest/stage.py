@@ -1,23 +1,28 @@
 """The ingest stage: one partition of inputs (files, or rows of the urls table) in, images and
-rejects tables out."""
+rejects tables out. Files are cut into partitions of ingest.partition_size in URI order, then come
+the partitions of the urls table (URL lists and crawls, discovered once per run). A URL partition
+that recorded retryable fetch failures is redone on the next run, fetching just those again."""
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 
-from dedupe import hashing
-from pipeline.ingest import decode, downloader, fetch
-from pipeline.ingest.downloader import fetch_partition
 from pipeline.ingest.decode import Rejection, decode_validate
-from pipeline.partitions import code_version, fingerprint, read_table
-from pipeline.storage import FileEntry, Storage
+from pipeline.ingest.downloader import fetch_partition
+from pipeline.ingest.reader import chunk, discover_urls, list_inputs
+from pipeline.partitions import part_name, read_table
+from pipeline.stage import Partition, Stage, StageResult
+from pipeline.storage import FileEntry, Storage, join
 from schemas.config import FetchSection, IngestSection
 from schemas.tables import IMAGES, REJECTS, RejectReason, reject, rows_to_table
 
 STAGE = "ingest"
+log = logging.getLogger("localcap")
 
 
 @dataclass(frozen=True)
@@ -69,14 +74,49 @@ def ingest_partition(payload: IngestPayload) -> dict[str, pa.Table]:
     return {"rejects": rejects, "part": images}
 
 
-FILES_CODE = code_version(decode, hashing, sys.modules[__name__])
-URLS_CODE = code_version(decode, hashing, downloader, fetch, sys.modules[__name__])
+def files_key(entries: list[FileEntry], limits: IngestSection) -> list:
+    return ["files", limits.model_dump(mode="json"), [(e.uri, e.size, e.version) + ((e.error,) if e.error else ()) for e in entries]]
 
 
-def partition_fingerprint(entries: list[FileEntry], limits: IngestSection) -> str:
-    return fingerprint(STAGE, FILES_CODE, limits, [(e.uri, e.size, e.version) + ((e.error,) if e.error else ()) for e in entries])
-
-
-def url_partition_fingerprint(urls_fingerprint: str, limits: IngestSection, cfg: FetchSection) -> str:
+def urls_key(urls_fingerprint: str, limits: IngestSection, cfg: FetchSection) -> list:
     """Of the URLs, the limits and how they are fetched (partition_size only shapes the urls table)."""
-    return fingerprint(STAGE, URLS_CODE, limits, cfg.model_dump(exclude={"partition_size"}), urls_fingerprint)
+    return ["urls", limits.model_dump(mode="json"), cfg.model_dump(mode="json", exclude={"partition_size"}), urls_fingerprint]
+
+
+class IngestStage(Stage):
+    name = STAGE
+    outputs = {"part": IMAGES, "rejects": REJECTS}
+    marker = "images"
+
+    def partitions(self, inputs: dict[str, StageResult]) -> list[Partition]:
+        cfg, storage = self.config, self.storage
+        limits, fetch = cfg.ingest, cfg.fetch
+        entries = list_inputs(cfg.sources, storage)
+        parts = [Partition(files_key(part, limits), IngestPayload(part, limits, storage))
+                 for part in chunk(entries, limits.partition_size)]
+        urls_dir = self.ctx.stage_dir("urls")
+        url_fps, n_urls = discover_urls(cfg.sources, fetch, limits.max_bytes, storage, urls_dir, self.ctx.progress)
+        # Per-host limits hold for the whole run: each of the workers running at once gets its share.
+        workers = max(1, min(len(url_fps), int(ray.cluster_resources().get("CPU", 1)))) if url_fps else 1
+        share = fetch.per_worker(workers)
+        parts += [Partition(urls_key(urls_fp, limits, fetch), IngestPayload([], limits, storage, join(urls_dir, part_name(k)), share))
+                  for k, urls_fp in enumerate(url_fps)]
+        self.inputs, self.first_url_partition = len(entries) + n_urls, len(parts) - len(url_fps)
+        return parts
+
+    def process(self, payload: IngestPayload) -> dict[str, pa.Table]:
+        return ingest_partition(payload)
+
+    def recorded_failures(self, index: int) -> int:
+        """Retryable fetch failures (timeouts, 5xx, ...) in a URL partition's rejects."""
+        rejects = self.part_uri(index, "rejects")
+        if index < self.first_url_partition or not self.storage.exists(rejects):
+            return 0
+        return int(pc.sum(read_table(self.storage, rejects, columns=["retryable"])["retryable"]).as_py() or 0)
+
+    def redo_payload(self, payload: IngestPayload, index: int) -> IngestPayload:
+        return IngestPayload(payload.entries, payload.limits, payload.storage, payload.urls_uri, payload.fetch,
+                             (self.part_uri(index), self.part_uri(index, "rejects")))
+
+    def finish(self, report, inputs) -> None:
+        report.rows["inputs"] = self.inputs

@@ -1,4 +1,4 @@
-"""Region proposals: the boxes each sample's local captions describe (DESIGN.md, "Regions")."""
+"""Region proposals: the boxes each sample's local captions describe (docs/design.md, "Regions")."""
 
 from __future__ import annotations
 

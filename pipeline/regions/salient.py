@@ -1,6 +1,6 @@
 """PS3's salient boxes: segment everything, then keep the grid boxes that hold the most small masks.
 
-Score of a box = sum over masks m of  A_image / max(A_m, floor²) * A(m ∩ box) / A(m)  (DESIGN.md).
+Score of a box = sum over masks m of  A_image / max(A_m, floor²) * A(m ∩ box) / A(m)  (docs/design.md, "Regions").
 Because that sum is linear in the pixels of the box, it equals the sum, over the box's pixels, of a
 per-pixel weight map (each pixel carries A_image / (max(A_m, floor²) * A_m) for every mask m that
 covers it). One summed-area table of that map then scores every candidate box in four lookups, for
@@ -24,6 +24,7 @@ from pipeline.regions.boxes import (
     select_non_overlapping,
     summed_area,
 )
+from schemas.tables import NoBoxReason
 
 Image.MAX_IMAGE_PIXELS = None  # ingest already enforced ingest.max_pixels
 
@@ -31,16 +32,16 @@ Image.MAX_IMAGE_PIXELS = None  # ingest already enforced ingest.max_pixels
 @dataclass
 class Proposal:
     """What a proposer returns for one image: boxes (n x 4, original pixels), scores, and when
-    there are none, why (`reason` from NoBoxReason, `detail` for people)."""
+    there are none, why (`reason`, a NoBoxReason; `detail` for people)."""
 
     boxes: np.ndarray
     scores: np.ndarray
-    reason: str | None = None
+    reason: NoBoxReason | None = None
     detail: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, reason: str, detail: str, timings: dict[str, float] | None = None) -> Proposal:
+    def empty(cls, reason: NoBoxReason, detail: str, timings: dict[str, float] | None = None) -> Proposal:
         return cls(np.zeros((0, 4), np.int64), np.zeros(0, np.float32), reason, detail, timings or {})
 
 
@@ -98,7 +99,7 @@ def top_boxes(weights: np.ndarray, width: int, height: int, scale_x: float, scal
     keep = select_non_overlapping(boxes, scores, k, min_score)
     if len(keep) == 0:
         best = float(scores.max()) if len(scores) else 0.0
-        return Proposal.empty("too_plain", f"best box score {best:.2f} < regions.min_score = {min_score}")
+        return Proposal.empty(NoBoxReason.TOO_PLAIN, f"best box score {best:.2f} < regions.min_score = {min_score}")
     check_boxes(boxes[keep], width, height)
     return Proposal(boxes[keep], scores[keep].astype(np.float32))
 

@@ -11,10 +11,15 @@ the local cache, else the run stops before any work with a message that says so.
 
 from __future__ import annotations
 
-
 import numpy as np
 from PIL import Image
 
+from pipeline.placement import (
+    ActorPlacement,
+    NoAccelerator,
+    gpu_actor_count,
+    gpu_actor_resources,
+)
 from pipeline.regions import ProposerUnavailable
 from pipeline.regions.salient import stack_weights
 from schemas.config import RegionsSection, SamOptions
@@ -48,17 +53,26 @@ def check_weights(opts: SamOptions) -> None:
     weights_path(opts)
 
 
-def actor_count(opts: SamOptions) -> int:
-    """One actor per GPU in the cluster (or regions.sam.actors); a GPU is required unless device is cpu."""
-    import ray
+SAM_FIX = "regions.masks 'sam' runs on GPUs: use regions.masks: felzenszwalb, or regions.sam.device: cpu for tiny test models"
 
-    if opts.device == "cpu":
-        return opts.actors or 1
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < max(opts.num_gpus, 1e-9):
-        raise SamUnavailable("regions.masks 'sam' runs on GPUs and the Ray cluster has none; "
-                             "use regions.masks: felzenszwalb, or regions.sam.device: cpu for tiny test models")
-    return opts.actors or max(1, int(gpus // opts.num_gpus) if opts.num_gpus else 1)
+
+def actor_resources(opts: SamOptions) -> dict:
+    """Ray options of a SAM actor: one CPU, and regions.sam.num_gpus GPUs on cuda (pipeline/placement.py)."""
+    return gpu_actor_resources(opts.device, opts.num_gpus)
+
+
+def actor_count(opts: SamOptions) -> int:
+    """One actor per GPU-worth of the cluster (or regions.sam.actors); a GPU is required unless device
+    is cpu (SamUnavailable, a ProposerUnavailable, otherwise)."""
+    try:
+        return gpu_actor_count(opts.device, opts.num_gpus, opts.actors, None, "regions.sam", SAM_FIX)
+    except NoAccelerator as exc:
+        raise SamUnavailable(str(exc)) from None
+
+
+def actor_placement(opts: SamOptions) -> ActorPlacement:
+    """The SAM pool: actor_count actors, each asking for actor_resources."""
+    return ActorPlacement(actor_count(opts), actor_resources(opts))
 
 
 def box_nms(boxes, scores, iou_threshold: float):

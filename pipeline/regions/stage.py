@@ -4,21 +4,21 @@ an image that will not be a sample."""
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.partitions import code_version, fingerprint, read_table
-from pipeline.regions import boxes, ocr, proposers, salient, tiles
+from pipeline.dedupe.stage import partition_skips
+from pipeline.partitions import part_name, read_table
+from pipeline.regions import ProposerUnavailable, preflight
 from pipeline.regions.proposers import Proposer, make_proposer, propose_safely
-from pipeline.storage import Storage
+from pipeline.stage import Actors, Partition, Stage, StageResult, Tasks
+from pipeline.storage import Storage, join
 from schemas.config import RegionsSection
 from schemas.tables import REGION_STATUS, REGIONS, rows_to_table
 
 STAGE = "regions"
-CODE_VERSION = code_version(boxes, salient, tiles, ocr, proposers, sys.modules[__name__])
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,6 @@ class RegionsPayload:
     skip_sources: frozenset[str]  # source URIs dropped as duplicates
     config: RegionsSection
     storage: Storage
-
-
-def partition_fingerprint(cfg: RegionsSection, ingest_fingerprint: str, skip_sources: frozenset[str]) -> str:
-    return fingerprint(STAGE, CODE_VERSION, cfg, ingest_fingerprint, sorted(skip_sources))
 
 
 def propose_table(images: pa.Table, proposer: Proposer, skip_sources: frozenset[str] = frozenset()) -> tuple[pa.Table, pa.Table]:
@@ -44,7 +40,7 @@ def propose_table(images: pa.Table, proposer: Proposer, skip_sources: frozenset[
             regions.append({"uid": uid, "region_id": i, "box": box, "score": score, "method": proposer.method})
         status.append({
             "uid": uid, "method": proposer.method, "boxes": len(p.boxes),
-            "reason": None if len(p.boxes) else str(getattr(p.reason, "value", p.reason)), "detail": p.detail or None,
+            "reason": p.reason.value if p.reason and not len(p.boxes) else None, "detail": p.detail or None,
             "decode_ms": p.timings.get("decode", 0.0), "segment_ms": p.timings.get("segment", 0.0),
             "score_ms": p.timings.get("score", 0.0),
         })
@@ -55,18 +51,51 @@ def _read_images(payload: RegionsPayload) -> pa.Table:
     return read_table(payload.storage, payload.images_uri, columns=["uid", "source_uri", "width", "height", "image"])
 
 
-def regions_partition(payload: RegionsPayload) -> dict[str, pa.Table]:
-    """Ray-task form: builds its (cheap) proposer per partition."""
-    return RegionsWorker(payload.config)(payload)
+class RegionsStage(Stage):
+    """Boxes for every kept image of each ingest partition. SAM runs in long-lived (GPU) actors, the
+    model loaded once per actor; the CPU proposers as plain tasks, built per partition."""
 
+    name = STAGE
+    needs = ("ingest", "dedupe")
+    outputs = {"part": REGIONS, "status": REGION_STATUS}
+    marker = "boxes"
 
-class RegionsWorker:
-    """Actor form: the proposer (e.g. a SAM model) is built once and serves many partitions."""
+    def enabled(self) -> bool:
+        return self.config.regions.method != "none"
 
-    def __init__(self, config: RegionsSection):
-        self.proposer = make_proposer(config)
+    def check(self) -> None:
+        try:
+            preflight(self.config.regions)
+        except ProposerUnavailable as exc:
+            raise ValueError(str(exc)) from None
 
-    def __call__(self, payload: RegionsPayload) -> dict[str, pa.Table]:
+    def check_cluster(self) -> None:
+        try:
+            preflight(self.config.regions, ray_started=True)
+        except ProposerUnavailable as exc:
+            raise ValueError(str(exc)) from None
+
+    def resources(self) -> Tasks | Actors:
+        cfg = self.config.regions
+        if not (cfg.method == "salient" and cfg.masks == "sam"):
+            return Tasks()
+        from pipeline.regions import sam
+
+        placement = sam.actor_placement(cfg.sam)
+        return Actors(placement.count, placement.resources)
+
+    def partitions(self, inputs: dict[str, StageResult]) -> list[Partition]:
+        cfg, out = self.config.regions, []
+        for i, ingest_fp in enumerate(inputs["ingest"].fingerprints):
+            skip = partition_skips(self.ctx, i)
+            payload = RegionsPayload(join(self.ctx.stage_dir("ingest"), part_name(i)), skip, cfg, self.storage)
+            out.append(Partition([cfg.model_dump(mode="json"), ingest_fp, sorted(skip)], payload))
+        return out
+
+    def setup(self) -> None:
+        self.proposer = make_proposer(self.config.regions)
+
+    def process(self, payload: RegionsPayload) -> dict[str, pa.Table]:
         regions, status = propose_table(_read_images(payload), self.proposer, payload.skip_sources)
         return {"status": status, "part": regions}
 

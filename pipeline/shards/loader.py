@@ -29,25 +29,23 @@ import logging
 import os
 import queue
 import random
-import tarfile
 import threading
 import warnings
 from collections.abc import Iterator
 
-from pipeline.shards.layout import folders
-from pipeline.shards.metadata import (
-    BadMetadata,
-    check_member,
-    parse_dataset_json,
-    parse_sizes,
+from pipeline.shards.layout import (
+    IMAGE_EXTS,
+    SIZES,
+    folders,
+    text_box_tar,
+    wids_index_name,
 )
-from pipeline.shards.reader import PairingError
+from pipeline.shards.metadata import BadMetadata, parse_dataset_json, parse_sizes
+from pipeline.shards.reader import READ_SIZE, PairingError, iter_tar
 from pipeline.storage import Storage, join
 from pipeline.versions import DATASET, resolve
 from schemas.sample import validate_sample_json
 
-IMAGE_EXTS = ("jpg", "png", "webp")
-READ_SIZE = 4 << 20
 ON_COUNT_MISMATCH = ("raise", "warn")
 log = logging.getLogger("localcap")
 
@@ -117,15 +115,10 @@ class ReadAhead(io.RawIOBase):
 
 def _tar_members(stream, uri: str = "tar") -> Iterator[tuple[str, str, bytes]]:
     """(key, extension, bytes) of each file member, in order, from a non-seekable stream; directories
-    are skipped, links and devices refused (BadMetadata)."""
-    # A large buffer: tarfile's default 10 KB reads cost a Python round trip each on an HTTP body.
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_SIZE) as tar:
-        for member in tar:
-            if not check_member(member, uri):
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            yield key, ext, tar.extractfile(member).read()
+    are skipped, links and devices refused (BadMetadata). Read in READ_SIZE chunks (reader.iter_tar)."""
+    for name, data in iter_tar(stream, uri, bufsize=READ_SIZE):
+        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        yield key, ext, data
 
 
 def _grouped(members: Iterator[tuple[str, str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -182,7 +175,7 @@ class ShardDataset(_Base):
         self.layout = info["layout"]
         self.samples = info["counts"]["samples"]
         first = folders(self.layout)[0]
-        sizes_uri = join(self.root, first, "sizes.json")
+        sizes_uri = join(self.root, first, SIZES)
         self.sizes = parse_sizes(self.storage.read_bytes(sizes_uri), sizes_uri, first)  # tar name -> samples
         self.shards = sorted(self.sizes)
         if shards is not None:
@@ -227,7 +220,7 @@ class ShardDataset(_Base):
 
     def text_tar(self, shard: str) -> tuple[str, str]:
         """(folder, tar name) holding the sample JSONs of a shard (named by its first folder's tar)."""
-        return ("combined", shard) if self.layout == "combined" else ("text_box", shard.replace("image_", "text_box_", 1))
+        return ("combined", shard) if self.layout == "combined" else ("text_box", text_box_tar(shard))
 
     def iter_shard(self, shard: str) -> Iterator[dict]:
         """A shard's samples; at its end, their number checked against sizes.json."""
@@ -295,7 +288,7 @@ def write_wids_index(storage: Storage, dataset_dir: str, layout: str, name: str)
     """The wids shard indexes of a dataset directory (URLs relative to it); their file names."""
     written = []
     for folder in folders(layout):
-        sizes_uri = join(dataset_dir, folder, "sizes.json")
+        sizes_uri = join(dataset_dir, folder, SIZES)
         sizes = parse_sizes(storage.read_bytes(sizes_uri), sizes_uri, folder)
         index = {
             "__kind__": "wids-shard-index-v1",
@@ -304,7 +297,7 @@ def write_wids_index(storage: Storage, dataset_dir: str, layout: str, name: str)
             "shardlist": [{"url": f"{folder}/{tar}", "nsamples": n, "filesize": storage.size(join(dataset_dir, folder, tar))}
                           for tar, n in sorted(sizes.items())],
         }
-        file = "wids.json" if layout == "combined" else f"wids-{folder}.json"
+        file = wids_index_name(layout, folder)
         storage.write_bytes(join(dataset_dir, file), json.dumps(index, indent=1).encode())
         written.append(file)
     return written

@@ -19,11 +19,17 @@ import re
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from pipeline.shards.layout import LAYOUT_FOLDERS, TAR_STEM, tar_name_pattern
+from pipeline.shards.layout import (
+    LAYOUT_FOLDERS,
+    SIZES,
+    TAR_STEM,
+    TAR_SUFFIX,
+    WIDS_INDEXES,
+    tar_name_pattern,
+)
 
 LAYOUTS = tuple(LAYOUT_FOLDERS)
-TOP_LEVEL = frozenset({"dataset.json", "files.json", "manifest.parquet", "rejects.parquet",
-                       "wids.json", "wids-image.json", "wids-text_box.json"})
+TOP_LEVEL = frozenset({"dataset.json", "files.json", "manifest.parquet", "rejects.parquet", *WIDS_INDEXES})
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_METADATA_BYTES = 256 * 2**20  # a files.json / sizes.json / dataset.json above this is not ours
 
@@ -66,7 +72,7 @@ def check_path(path) -> str:
         raise BadMetadata(f"file path {path!r} has an empty, '.' or '..' part")
     if len(parts) == 1 and path in TOP_LEVEL:
         return path
-    if len(parts) == 2 and parts[0] in TAR_STEM and (parts[1] == "sizes.json" or tar_name_pattern(parts[0]).fullmatch(parts[1])):
+    if len(parts) == 2 and parts[0] in TAR_STEM and (parts[1] == SIZES or tar_name_pattern(parts[0]).fullmatch(parts[1])):
         return path
     raise BadMetadata(f"file path {path!r} is not a file of a dataset version (tars, sizes.json, manifest, wids indexes, dataset.json)")
 
@@ -118,7 +124,7 @@ def parse_sizes(raw: bytes | str, uri: str, folder: str | None = None) -> dict[s
     if not isinstance(sizes, dict):
         raise _fail(uri, f"a JSON {type(sizes).__name__}, not an object of tar name -> sample count")
     folder = folder or str(uri).replace("\\", "/").rstrip("/").split("/")[-2:][0]
-    pattern = tar_name_pattern(folder) if folder in TAR_STEM else re.compile(r"[A-Za-z_]+_\d{6,}\.tar")
+    pattern = tar_name_pattern(folder) if folder in TAR_STEM else re.compile(rf"[A-Za-z_]+_\d{{6,}}{re.escape(TAR_SUFFIX)}")
     for name, n in sizes.items():
         if not pattern.fullmatch(name):
             raise _fail(uri, f"{name!r} is not a tar name of {folder}/ (e.g. {TAR_STEM.get(folder, 'image')}_000000.tar)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.shards.layout import folders
+from pipeline.shards.layout import SIZES, TAR_SUFFIX, folders
 from pipeline.shards.metadata import (
     MAX_METADATA_BYTES,
     BadMetadata,
@@ -36,8 +36,7 @@ from pipeline.shards.metadata import (
 from pipeline.storage import Storage, is_s3, join, split_s3
 from pipeline.versions import DATASET, FILES, file_sha256, resolve
 
-SHARD_INDEX = re.compile(r"_(\d{6,})\.tar$")
-SIZES = "sizes.json"
+SHARD_INDEX = re.compile(rf"_(\d{{6,}}){re.escape(TAR_SUFFIX)}$")
 
 
 def parse_shards(spec: str | None) -> range | None:
@@ -141,7 +140,7 @@ def _fetch(storage: Storage, uri: str, dest: Path, entry: dict, bar: tqdm, data:
     if file_sha256(part) != entry["sha256"]:
         part.unlink()
         raise OSError(f"{uri}: sha256 of the download differs from {FILES}; removed, run pull again")
-    if dest.suffix == ".tar":
+    if dest.suffix == TAR_SUFFIX:
         try:
             check_tar(part, uri)
         except BadMetadata:

@@ -1,16 +1,49 @@
-"""Read shards back the way PS3's trainer does: image and text_box tars iterated in lockstep."""
+"""Reading tars back.
+
+`iter_tar(source, uri)`: the one tar member reader of the package, (member name, bytes) of each file
+member, every member checked (`check_member`: directories skipped, links, devices and unsafe names
+refused). The training loader (pipeline/shards/loader.py), the HTML report and `localcap inspect`
+read tars through it.
+
+`iter_paired(dataset)`: a local paired dataset read the way PS3's trainer does, with webdataset,
+image and text_box tars iterated in lockstep (the conformance check of what the shard stage wrote).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import tarfile
+from collections.abc import Callable, Iterator
 
 import webdataset as wds
 
-from pipeline.shards.metadata import parse_sizes
+from pipeline.shards.layout import IMAGE_EXTS, SIZES
+from pipeline.shards.metadata import check_member, parse_sizes
 from pipeline.storage import Storage, join
 from schemas.sample import TextBoxSample, validate_sample_json
 
-IMAGE_KEYS = ("jpg", "png", "webp")
+IMAGE_KEYS = IMAGE_EXTS
+READ_SIZE = 4 << 20  # a streamed tar's read size: tarfile's default 10 KB reads cost a Python round trip each on an HTTP body
+
+
+def iter_tar(source, uri: str = "tar", *, seekable: bool = False, bufsize: int = READ_SIZE,
+             select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of each regular file member of a tar, in order.
+
+    `source` is a local path (opened with mode "r:", members read one by one) or a file object:
+    read as a non-seekable stream (mode "r|", `bufsize` bytes a read) unless `seekable`.
+    Directories are skipped; links, devices and absolute or '..' names raise BadMetadata naming
+    `uri`. With `select`, only members whose name it accepts are read (the others are skipped
+    without reading their data)."""
+    if isinstance(source, (str, os.PathLike)):
+        how = {"name": source, "mode": "r:"}
+    else:
+        how = {"fileobj": source, "mode": "r:" if seekable else "r|", "bufsize": bufsize}
+    with tarfile.open(**how) as tar:
+        for member in tar:
+            if not check_member(member, uri) or (select is not None and not select(member.name)):
+                continue
+            yield member.name, tar.extractfile(member).read()
 
 
 class PairingError(RuntimeError):
@@ -19,7 +52,7 @@ class PairingError(RuntimeError):
 
 def shard_urls(dataset: str, folder: str, storage: Storage | None = None) -> list[str]:
     storage = storage or Storage()
-    uri = join(dataset, folder, "sizes.json")
+    uri = join(dataset, folder, SIZES)
     sizes = parse_sizes(storage.read_bytes(uri), uri, folder)  # plain tar names of the folder, counts >= 0
     return [join(dataset, folder, name) for name in sorted(sizes)]
 

@@ -3,36 +3,35 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedupe import regions as dedupe_regions
 from dedupe.regions import iou, kept_boxes
-from pipeline.partitions import (
-    code_version,
-    fingerprint,
-    part_name,
-    read_table,
-    read_tables,
-    write_table,
-)
+from pipeline.dedupe.stage import dropped_sources
+from pipeline.partitions import part_name, read_table, read_tables, write_table
 from pipeline.regions.stage import read_boxes
-from pipeline.shards import layout as layout_mod
-from pipeline.shards import plan as plan_mod
 from pipeline.shards import writer
-from pipeline.shards.layout import IMAGE_EXT, folders, shard_files
-from pipeline.shards.plan import SampleRef
+from pipeline.shards.layout import IMAGE_EXT, SIZES, TAR_SUFFIX, folders, shard_files
+from pipeline.shards.plan import SampleRef, assign_shards
+from pipeline.stage import Partition, Stage, StageResult
 from pipeline.storage import Storage, join
 from schemas.config import ShardsSection
 from schemas.sample import TextBoxSample
-from schemas.tables import GLOBAL_REGION, MANIFEST, REJECTS, RejectReason, reject, rows_to_table
+from schemas.tables import (
+    GLOBAL_REGION,
+    MANIFEST,
+    REJECTS,
+    RejectReason,
+    reject,
+    rows_to_table,
+)
 
 STAGE = "shard"
-CODE_VERSION = code_version(layout_mod, plan_mod, writer, dedupe_regions, sys.modules[__name__])
+log = logging.getLogger("localcap")
 UNFIT_REJECTS = "rejects-plan.parquet"  # in the shard stage folder: images the plan left out (not a partition)
 PLAN_COLUMNS = ["uid", "source_uri", "n_bytes", "width", "height"]
 
@@ -104,12 +103,12 @@ def unfit_reason(sample: TextBoxSample, captioned: bool, need_global: bool) -> R
     return None
 
 
-def shard_fingerprint(payload: ShardPayload, partition_fingerprints: dict[int, tuple]) -> str:
+def shard_key(payload: ShardPayload, partition_fingerprints: dict[int, tuple]) -> list:
     """Changes when the shard's plan (samples and their JSON), its config, or any input partition changes."""
     used = sorted({s.partition for s in payload.samples})
-    return fingerprint(STAGE, CODE_VERSION, payload.config, payload.index,
-                       [(s.key, s.partition, s.row, s.text_json.decode()) for s in payload.samples],
-                       [partition_fingerprints[p] for p in used])
+    return [payload.config.model_dump(mode="json"), payload.index,
+            [(s.key, s.partition, s.row, s.text_json.decode()) for s in payload.samples],
+            [partition_fingerprints[p] for p in used]]
 
 
 def build_sample(rules: SampleRules, boxes: list[list[int]], width: int, height: int,
@@ -196,6 +195,50 @@ def write_shard(payload: ShardPayload) -> dict[str, pa.Table]:
     return {"part": rows_to_table(manifest, MANIFEST)}
 
 
+class ShardStage(Stage):
+    """Plans the samples from the small stage tables (never the image bytes), leaves out what PS3's
+    loader could not train on (rejects-plan.parquet), cuts the rest into shards and writes each
+    shard's tars into shards.output."""
+
+    name = STAGE
+    needs = ("ingest", "dedupe", "regions", "caption")
+    outputs = {"part": MANIFEST}
+    marker = "samples"
+
+    def external_outputs(self) -> list[str]:
+        return [self.config.shards.output]  # a killed run's half-written tars go before new ones are written
+
+    def partitions(self, inputs: dict[str, StageResult]) -> list[Partition]:
+        cfg, captioner = self.config.shards, self.config.captioner
+        ingest, regions, captions = inputs["ingest"], inputs["regions"], inputs["caption"]
+        rules = SampleRules(cfg, (self.config.dedupe.box_iou, self.config.dedupe.caption_similarity),
+                            need_global=captioner.backend != "none" and captioner.global_caption)
+        samples, unfit = plan_samples(self.storage, self.ctx.stage_dir("ingest"), len(ingest.fingerprints), dropped_sources(self.ctx),
+                                      self.ctx.stage_dir("regions") if regions.on else None,
+                                      self.ctx.stage_dir("caption") if captions.on else None, rules)
+        # Rewritten by every run from the plan, so it always matches the shards below.
+        write_table(self.storage, join(self.folder, UNFIT_REJECTS), unfit)
+        if unfit.num_rows:
+            log.info("shard: %d images left out that PS3's loader could not train on %s (shards.keep_empty writes them)",
+                     unfit.num_rows, dict(sorted(Counter(unfit["reason"].to_pylist()).items())))
+        self.unfit = unfit.num_rows
+        groups = assign_shards(samples, cfg.max_samples, cfg.max_bytes, combined=cfg.layout == "combined")
+        fps = {i: (fp, regions.fingerprints[i] if regions.on else None, captions.fingerprints[i] if captions.on else None)
+               for i, fp in enumerate(ingest.fingerprints)}
+        out = []
+        for i, group in enumerate(groups):
+            payload = ShardPayload(i, group, self.ctx.stage_dir("ingest"), cfg, self.storage)
+            out.append(Partition(shard_key(payload, fps), payload))
+        return out
+
+    def process(self, payload: ShardPayload) -> dict[str, pa.Table]:
+        return write_shard(payload)
+
+    def finish(self, report, inputs) -> None:
+        if self.unfit:
+            report.rows["rejects"] = self.unfit
+
+
 def tar_sample_counts(manifest: pa.Table, layout: str) -> dict[str, dict[str, int]]:
     """sizes.json contents per folder: tar file name -> number of samples."""
     out: dict[str, dict[str, int]] = {f: {} for f in folders(layout)}
@@ -216,8 +259,8 @@ def finalize_shards(storage: Storage, run_dir: str, config: ShardsSection) -> pa
     for folder, counts in sizes.items():
         folder_uri = join(config.output, folder)
         for stale in storage.list_prefix(folder_uri):
-            if stale.endswith(".tar") and stale not in counts:
+            if stale.endswith(TAR_SUFFIX) and stale not in counts:
                 storage.delete(join(folder_uri, stale))
-        storage.write_bytes(join(folder_uri, "sizes.json"), json.dumps(counts, indent=1, sort_keys=True).encode())
+        storage.write_bytes(join(folder_uri, SIZES), json.dumps(counts, indent=1, sort_keys=True).encode())
     write_table(storage, join(config.output, "manifest.parquet"), manifest)
     return manifest

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.http_server import QuietHandler, serve
+from tests.helpers.http_server import QuietHandler, serve
 
 COLOURS = {"red": (220, 30, 30), "yellow": (230, 210, 20), "green": (30, 190, 40), "cyan": (20, 200, 210),
            "blue": (30, 50, 220), "magenta": (210, 30, 200)}

@@ -1,0 +1,42 @@
+"""The dataset's hash index: one parquet file per run under `dedupe.index`, holding the perceptual
+hashes of the images that run published, so that later runs skip what an earlier version holds.
+One file per run: a rerun replaces its own contribution instead of doubling it."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dedupe.clusters import INDEX
+from pipeline.partitions import read_table, write_table
+from pipeline.storage import Storage, join
+
+HASH_COLUMNS = ["uid", "phash", "fine_sig", "width", "height"]
+
+
+def index_file_name(run_id: str) -> str:
+    return f"hashes-{run_id}.parquet"
+
+
+def index_files(storage: Storage, folder: str | None, run_id: str) -> list[tuple[str, int]]:
+    """(uri, size) of the index files in `folder` written by other runs than `run_id`."""
+    if not folder:
+        return []
+    own = index_file_name(run_id)
+    return [(join(folder, n), storage.size(join(folder, n))) for n in sorted(storage.list_prefix(folder))
+            if n.startswith("hashes-") and n.endswith(".parquet") and n != own]
+
+
+def read_index(storage: Storage, uris: list[str] | tuple[str, ...]) -> pa.Table | None:
+    return pa.concat_tables([read_table(storage, uri) for uri in uris]) if uris else None
+
+
+def write_run_hashes(storage: Storage, folder: str, run_id: str, images: pa.Table, kept_uids: list[str]) -> int:
+    """Write `run_id`'s index file: the hashes (HASH_COLUMNS of `images`) of the kept images, one row
+    per uid. Returns the number of rows written."""
+    kept = images.filter(pc.is_in(images["uid"], value_set=pa.array(sorted(set(kept_uids)), pa.string())))
+    kept = kept.group_by("uid", use_threads=False).aggregate([(c, "first") for c in HASH_COLUMNS[1:]])
+    kept = kept.rename_columns(HASH_COLUMNS)
+    table = pa.table({**{c: kept[c] for c in kept.column_names}, "run_id": pa.array([run_id] * kept.num_rows, pa.string())})
+    write_table(storage, join(folder, index_file_name(run_id)), table.cast(INDEX))
+    return table.num_rows

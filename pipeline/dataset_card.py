@@ -1,0 +1,214 @@
+"""The dataset card: what a build writes beside the shards once every stage is done.
+
+dataset.json (counts, statistics, timings, every build's record, caption provenance, package
+versions, the redacted config), rejects.parquet, manifest.parquet, sizes.json and the wids indexes;
+run.json in the run folder. Only facts about the data go into the statistics, so a resumed run
+writes the same card as an uninterrupted one (but for times).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from importlib import metadata
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dedupe.index import HASH_COLUMNS, write_run_hashes
+from pipeline.executor import StageReport
+from pipeline.partitions import read_tables, write_table
+from pipeline.shards.loader import write_wids_index
+from pipeline.shards.stage import finalize_shards
+from pipeline.stage import RunContext, stages_for
+from pipeline.storage import Storage, join
+from schemas.config import redact_secrets
+from schemas.tables import (
+    CAPTIONS,
+    GLOBAL_REGION,
+    IMAGES,
+    REGION_STATUS,
+    REGIONS,
+    REJECTS,
+)
+
+
+def collect_rejects(ctx: RunContext) -> pa.Table:
+    """The rejects of every stage of the run, in stage order."""
+    tables = [read_tables(ctx.storage, ctx.stage_dir(cls.name), "rejects", REJECTS) for cls in stages_for(ctx.config)]
+    return pa.concat_tables(tables)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("localcap", "ray", "prefect", "pyarrow", "pillow", "webdataset", "imagehash", "pydantic", "scikit-image"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {}
+    s = sorted(values)
+    return {"min": s[0], "median": s[len(s) // 2], "max": s[-1], "mean": round(sum(s) / len(s), 3)}
+
+
+def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table) -> dict:
+    """Sizes, boxes per image, box sides as fractions of the image's short side, and why images
+    got no boxes; regions and status hold the kept samples' rows of those stage tables. Only facts
+    about the data: a resumed run writes the same statistics as an uninterrupted one."""
+    widths, heights = manifest["width"].to_pylist(), manifest["height"].to_pylist()
+    short = {uid: min(w, h) for uid, w, h in zip(manifest["uid"].to_pylist(), widths, heights)}
+    box_w, box_h = [], []
+    for uid, (x1, y1, x2, y2) in zip(regions["uid"].to_pylist(), regions["box"].to_pylist()):
+        box_w.append(round((x2 - x1) / short[uid], 4))
+        box_h.append(round((y2 - y1) / short[uid], 4))
+    no_box: dict[str, int] = {}
+    for reason in status["reason"].to_pylist():
+        if reason is not None:
+            no_box[reason] = no_box.get(reason, 0) + 1
+    return {
+        "width": _stats(widths),
+        "height": _stats(heights),
+        "megapixels": _stats([round(w * h / 1e6, 3) for w, h in zip(widths, heights)]),
+        "boxes_per_image": _stats(manifest["boxes"].to_pylist()),
+        "box_width_fraction": _stats(box_w),
+        "box_height_fraction": _stats(box_h),
+        "no_boxes_by_reason": dict(sorted(no_box.items())),
+    }
+
+
+def build_entry(run_id: str, reports: list[StageReport]) -> dict:
+    """One run's record: what each stage computed or skipped, and how long it took."""
+    return {"run_id": run_id, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "computed": sum(r.computed for r in reports), "stages": [asdict(r) for r in reports]}
+
+
+def previous_builds(storage: Storage, run_dir: str) -> list[dict]:
+    """The build records of the earlier runs of this run id (its run.json), oldest first."""
+    uri = join(run_dir, "run.json")
+    if not storage.exists(uri):
+        return []
+    record = json.loads(storage.read_bytes(uri))
+    if "builds" in record:
+        return record["builds"]
+    return [{"run_id": record.get("run_id"), "finished_at": record.get("finished_at"),
+             "computed": sum(st.get("computed", 0) for st in record.get("stages", [])), "stages": record.get("stages", [])}]
+
+
+def run_timings(builds: list[dict], status: pa.Table) -> dict:
+    """What building the data cost: per stage, the seconds of every run that computed part of it
+    (a rerun that skips everything adds nothing), and the proposer's per-image times."""
+    seconds: dict[str, float] = {}
+    for entry in builds:
+        for st in entry["stages"]:
+            seconds.setdefault(st["stage"], 0.0)
+            if st.get("computed"):
+                seconds[st["stage"]] = round(seconds[st["stage"]] + st["seconds"], 3)
+    out: dict = {"stage_seconds": seconds, "runs": len(builds), "runs_that_computed": sum(1 for b in builds if b["computed"])}
+    if status.num_rows:
+        out["regions_ms_per_image"] = {c.removesuffix("_ms"): round(float(pc.mean(status[c]).as_py() or 0.0), 2)
+                                       for c in ("decode_ms", "segment_ms", "score_ms")}
+    return out
+
+
+def caption_summary(cfg, captions: pa.Table) -> dict:
+    """Provenance and counts of the run's captions: every image that reached captioning, including
+    those the shard stage then left out for want of an accepted caption (their failures count)."""
+    by_status: dict[str, int] = {}
+    for item in pc.value_counts(captions["status"]).to_pylist() if captions.num_rows else []:
+        by_status[item["values"]] = item["counts"]
+    return {
+        "backend": cfg.backend,
+        "model": cfg.model_ref,
+        "models_seen": sorted(set(captions["model"].to_pylist())),
+        "prompt_id": cfg.prompt_id,
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+        "max_pixels": cfg.max_pixels,
+        "total": captions.num_rows,
+        "by_status": dict(sorted(by_status.items())),
+        "global_captions": int(pc.sum(pc.and_(pc.equal(captions["region_id"], GLOBAL_REGION), pc.equal(captions["status"], "ok"))).as_py() or 0),
+        "generated_tokens": int(pc.sum(captions["n_tokens"]).as_py() or 0),
+        "prompt_tokens": int(pc.sum(captions["prompt_tokens"]).as_py() or 0),
+    }
+
+
+def kept_region_tables(ctx: RunContext, manifest: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(regions, region_status) rows of the images that became samples."""
+    regions = read_tables(ctx.storage, ctx.stage_dir("regions"), "part", REGIONS)
+    status = read_tables(ctx.storage, ctx.stage_dir("regions"), "status", REGION_STATUS)
+    uids = pa.array(sorted(set(manifest["uid"].to_pylist())), pa.string())
+    return (regions.filter(pc.is_in(regions["uid"], value_set=uids)),
+            status.filter(pc.is_in(status["uid"], value_set=uids)))
+
+
+def count_summary(n_inputs: int, manifest: pa.Table, rejects: pa.Table) -> dict:
+    by_reason: dict[str, int] = {}
+    for item in pc.value_counts(rejects["reason"]).to_pylist() if rejects.num_rows else []:
+        by_reason[item["values"]] = item["counts"]
+    counts = {
+        "inputs": n_inputs,
+        "samples": manifest.num_rows,
+        "rejected": rejects.num_rows,
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "shards": len(set(manifest["shard"].to_pylist())),
+    }
+    if counts["inputs"] != counts["samples"] + counts["rejected"]:
+        raise RuntimeError(f"inputs were lost: {counts}")  # a bug, never expected
+    return counts
+
+
+def write_dataset_card(ctx: RunContext, n_inputs: int, reports: list[StageReport]) -> dict:
+    """Finish the build: manifest.parquet, sizes.json, the wids indexes and rejects.parquet, then
+    dataset.json last; the kept images' hashes into the hash index; run.json into the run directory.
+    Returns dataset.json's content."""
+    manifest = finalize_shards(ctx.storage, ctx.run_dir, ctx.config.shards)
+    write_wids_index(ctx.storage, ctx.config.shards.output, ctx.config.shards.layout, ctx.config.run.name)
+    rejects = collect_rejects(ctx)
+    counts = count_summary(n_inputs, manifest, rejects)
+    regions, status = kept_region_tables(ctx, manifest)
+    captions = read_tables(ctx.storage, ctx.stage_dir("caption"), "part", CAPTIONS) if ctx.config.captioner.backend != "none" else None
+    if captions is not None:  # boxes whose caption was rejected are not in the shards
+        ok = captions.filter(pc.and_(pc.equal(captions["status"], "ok"), pc.greater_equal(captions["region_id"], 0)))
+        keys = pa.array(sorted({f"{u}/{r}" for u, r in zip(ok["uid"].to_pylist(), ok["region_id"].to_pylist())}), pa.string())
+        region_keys = pc.binary_join_element_wise(regions["uid"], pc.cast(regions["region_id"], pa.string()), "/")
+        regions = regions.filter(pc.is_in(region_keys, value_set=keys))
+    builds = previous_builds(ctx.storage, ctx.run_dir) + [build_entry(ctx.run_id, reports)]
+    built = [b for b in builds if b["computed"]] or builds
+    dataset = {
+        "name": ctx.config.run.name,
+        "run_id": ctx.run_id,
+        "layout": ctx.config.shards.layout,
+        "created_at": built[-1]["finished_at"],  # when the data last changed, not when a no-op rerun rewrote this file
+        "updated_at": builds[-1]["finished_at"],
+        "counts": counts,
+        "statistics": dataset_statistics(manifest, regions, status),
+        "timings": run_timings(builds, status),
+        "builds": builds,
+        "captions": caption_summary(ctx.config.captioner, captions) if captions is not None else None,
+        "versions": package_versions(),
+        "config": redact_secrets(ctx.config.model_dump(mode="json")),  # no credential in records or published files
+    }
+    write_table(ctx.storage, join(ctx.config.shards.output, "rejects.parquet"), rejects)
+    ctx.storage.write_bytes(join(ctx.config.shards.output, "dataset.json"), json.dumps(dataset, indent=1).encode())
+    indexed = 0
+    if ctx.config.dedupe.index:  # after the dataset is whole: the index never names a half-written one
+        images = read_tables(ctx.storage, ctx.stage_dir("ingest"), "part", IMAGES, columns=HASH_COLUMNS)
+        indexed = write_run_hashes(ctx.storage, ctx.config.dedupe.index, ctx.run_id, images, manifest["uid"].to_pylist())
+    run_record = {
+        "run_id": ctx.run_id,
+        "finished_at": dataset["updated_at"],
+        "config": dataset["config"],
+        "versions": dataset["versions"],
+        "stages": [asdict(r) for r in reports],  # this run's; `builds` holds every run's
+        "builds": builds,
+        "counts": counts,
+        "index_rows_appended": indexed,
+    }
+    ctx.storage.write_bytes(join(ctx.run_dir, "run.json"), json.dumps(run_record, indent=1).encode())
+    return dataset

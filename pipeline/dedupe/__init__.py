@@ -1,0 +1,1 @@
+"""The dedupe stage's room (the algorithms are in the top-level `dedupe` package)."""
