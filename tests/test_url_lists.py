@@ -55,3 +55,20 @@ def test_bad_names_and_columns():
     with pytest.raises(ValueError, match="no URL column"):
         list(iter_url_rows(io.BytesIO(b"link,caption\nhttp://x,y\n"), "l.csv"))
     assert list(iter_url_rows(io.BytesIO(b"link,caption\nhttp://x,y\n"), "l.csv", url_column="link")) == [UrlRow("http://x", {"caption": "y"})]
+
+
+def test_a_url_named_twice_is_one_input(tmp_path):
+    """Twice in a list, or in a list and a crawl: one urls row (two would share uid and source, and
+    the dedupe stage's drop of one would drop both)."""
+    from pipeline.ingest.reader import UrlPartitionWriter
+    from pipeline.partitions import read_tables
+    from pipeline.storage import Storage
+    from schemas.tables import URLS
+
+    writer = UrlPartitionWriter(Storage(), str(tmp_path), size=2)
+    for url in ("http://a.test/1.jpg", "http://a.test/2.jpg", "http://a.test/1.jpg", "http://a.test/3.jpg", "http://a.test/2.jpg"):
+        writer.add({"url": url, "meta": "{}", "skip_reason": None, "skip_detail": None})
+    writer.flush()
+    rows = read_tables(Storage(), str(tmp_path), "part", URLS).to_pylist()
+    assert [r["url"] for r in rows] == ["http://a.test/1.jpg", "http://a.test/2.jpg", "http://a.test/3.jpg"]
+    assert writer.total == 3 and len(writer.fingerprints) == 2
