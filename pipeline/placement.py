@@ -57,10 +57,3 @@ def gpu_actor_count(device: str, num_gpus_per_actor: float, max_actors: int | No
         return max_actors
     return max(1, int(gpus // num_gpus_per_actor)) if num_gpus_per_actor else 1
 
-
-def gpu_actors(device: str, num_gpus_per_actor: float, max_actors: int | None = None,
-               accelerator_type: str | None = None, what: str = "captioner", fix: str = "") -> ActorPlacement:
-    """How many actors and what each asks for (gpu_actor_count, gpu_actor_resources); needs Ray
-    started on cuda."""
-    return ActorPlacement(gpu_actor_count(device, num_gpus_per_actor, max_actors, accelerator_type, what, fix),
-                          gpu_actor_resources(device, num_gpus_per_actor, accelerator_type))
