@@ -1,4 +1,7 @@
-"""A tiny randomly initialised Qwen2-VL built offline (nothing is downloaded).
+"""A tiny randomly initialised Qwen2-VL built offline (nothing is downloaded), and where the trained
+one ships (SCENES_MODEL: this architecture trained on the synthetic scenes by captioners/train_tiny.py,
+the demo's and the tests' captioner). The random one is what train_tiny starts from and what the
+caption benchmark times.
 
 `build_tiny_qwen2vl(folder)` writes config.json + model.safetensors (~3 MB), generation_config.json,
 tokenizer.json / tokenizer_config.json (a byte-level BPE trained here on a few sentences, with the
@@ -54,12 +57,14 @@ _CORPUS = [
     "A white boat, a small house, a black bird and a yellow flower in the garden.",
 ]
 
+SCENES_MODEL = Path(__file__).with_name("models") / "tiny-scenes"  # the trained one (captioners/train_tiny.py)
+
 PATCH, MERGE, TEMPORAL = 14, 2, 2
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 64  # <= 64 LLM tokens per image
 
 
-def _train_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE trained on _CORPUS with Qwen2's pre-tokenizer; returns (vocab, merges)."""
+def _train_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None):
+    """A byte-level BPE trained on _CORPUS (and `corpus`) with Qwen2's pre-tokenizer; returns (vocab, merges)."""
     import json
 
     from tokenizers import (
@@ -82,14 +87,17 @@ def _train_tokenizer(vocab_size: int = 400):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator((_CORPUS + list(corpus or [])) * 4, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return dict(model["vocab"]), merges
 
 
-def build_tiny_qwen2vl(folder: Path, seed: int = 0) -> Path:
-    """Build and save the tiny random Qwen2-VL in `folder` (created if needed); returns `folder`."""
+def build_tiny_qwen2vl(folder: Path, seed: int = 0, corpus: list[str] | None = None, vocab_size: int = 400,
+                       max_pixels: int = MAX_PIXELS) -> Path:
+    """Build and save the tiny random Qwen2-VL in `folder` (created if needed); returns `folder`.
+    `corpus`: more text for the tokenizer (e.g. the captions a trained model is to write);
+    `max_pixels`: the processor's per-image budget (28·28 pixels per visual token)."""
     import torch
     from tokenizers import AddedToken
     from transformers import (
@@ -105,7 +113,7 @@ def build_tiny_qwen2vl(folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
-    vocab, merges = _train_tokenizer()
+    vocab, merges = _train_tokenizer(vocab_size, corpus)
     base = len(vocab)
     for i, token in enumerate(SPECIAL_TOKENS):  # ids base .. base+13, in Qwen's order
         vocab[token] = base + i
@@ -119,9 +127,9 @@ def build_tiny_qwen2vl(folder: Path, seed: int = 0) -> Path:
     assert vocab_size == base + len(SPECIAL_TOKENS), (vocab_size, base)
 
     image_processor = Qwen2VLImageProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
-                                            min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+                                            min_pixels=MIN_PIXELS, max_pixels=max_pixels)
     video_processor = Qwen2VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
-                                            min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+                                            min_pixels=MIN_PIXELS, max_pixels=max_pixels)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=video_processor, chat_template=CHAT_TEMPLATE)
 

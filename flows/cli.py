@@ -291,11 +291,14 @@ def report(
     typer.echo(f"report: {page}")
 
 
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(DEMO_DIR, "--out", help="Folder for the demo images, work files and dataset."),
     images: int = typer.Option(8, "--images", help="How many 2K-4K demo scenes to generate."),
-    config: Path = typer.Option(Path(__file__).with_name("demo.yaml"), "--config", help="Run config of the demo."),
+    config: Path = typer.Option(DEMO_CONFIG, "--config", help="Run config of the demo."),
     train: bool = typer.Option(False, "--train", help="Then train the tiny model on the demo dataset (images to checkpoint)."),
 ):
     """Generate demo images, build a dataset from them with the real flow, and inspect it."""
@@ -305,14 +308,10 @@ def demo(
     paths = write_demo_images(out / "images", n=images)
     typer.echo(f"wrote {len(paths)} demo inputs to {out / 'images'} (two are meant to be rejected at ingest)")
     sets = [f"sources=[{{uri: '{out / 'images'}'}}]", f"run.work_dir={out / 'work'}", f"shards.output={out / 'dataset'}"]
-    model_dir = out / "models" / "tiny-qwen2vl"
-    if load_config(config).captioner.backend != "none":
-        if not (model_dir / "config.json").exists():
-            from captioners.tiny import build_tiny_qwen2vl
+    if config.resolve() == DEMO_CONFIG.resolve():
+        from captioners.tiny import SCENES_MODEL
 
-            typer.echo(f"building a tiny Qwen2-VL with random weights in {model_dir} (offline; its captions are noise)")
-            build_tiny_qwen2vl(model_dir)
-        sets.append(f"captioner.model={model_dir}")
+        sets.append(f"captioner.model={SCENES_MODEL}")  # the shipped model, wherever the demo runs from
     sets.append(f"train.output={out / 'train'}")
     dataset = _run(config, "demo", sets, progress=True, train=train)
     typer.echo("")

@@ -21,6 +21,7 @@ WORDS = "local caption high resolution detail sign label price open exit street 
 class PlantedObject:
     kind: str
     box: tuple[int, int, int, int]  # x1, y1, x2, y2
+    colour: str | None = None  # a PALETTE name, for the objects of generate_labelled_scene
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -109,6 +110,57 @@ def generate_scene(
     return img, objects
 
 
+KINDS = ("checker", "noise", "shapes", "text")
+PALETTE = {"red": (215, 30, 30), "green": (30, 160, 50), "blue": (25, 70, 230), "yellow": (240, 215, 25),
+           "purple": (140, 30, 160), "orange": (245, 135, 15)}
+
+
+def _draw_coloured(img: Image.Image, rng: np.random.Generator, kind: str, colour: str, x: int, y: int, side: int) -> tuple[int, int, int, int]:
+    """An object of one named colour: a colour/white checker, colour-tinted noise, a cluster of
+    shapes in the colour, or a card tinted with the colour with text in it."""
+    draw, c = ImageDraw.Draw(img), PALETTE[colour]
+    if kind == "checker":
+        cell = max(3, side // 8)
+        for i in range(0, side, cell):
+            for j in range(0, side, cell):
+                draw.rectangle([x + i, y + j, x + i + cell - 1, y + j + cell - 1], fill=c if (i // cell + j // cell) % 2 == 0 else (250, 250, 250))
+    elif kind == "noise":
+        patch = np.clip(np.asarray(c, np.float32)[None, None] + rng.normal(0, 60, (side, side, 3)), 0, 255).astype(np.uint8)
+        img.paste(Image.fromarray(patch, "RGB"), (x, y))
+    elif kind == "shapes":
+        for _ in range(10):
+            r = int(rng.integers(side // 12 + 1, side // 6 + 2))
+            cx, cy = x + int(rng.integers(r, side - r)), y + int(rng.integers(r, side - r))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([cx - r, cy - r, cx + r, cy + r], fill=c, outline=(0, 0, 0), width=2)
+    else:
+        font = _font(max(10, side // 7))
+        tint = tuple(int(0.35 * v + 0.65 * 250) for v in c)  # a card tinted with the colour, text in the colour
+        draw.rectangle([x, y, x + side, y + side], fill=tint, outline=(20, 20, 20), width=3)
+        for k in range(4):
+            draw.text((x + side // 12, y + side // 12 + k * (side // 5)), " ".join(rng.choice(WORDS, 2)), fill=c, font=font)
+    return x, y, x + side, y + side
+
+
+def generate_labelled_scene(seed: int, width: int = 1024, height: int = 768, n_objects: int = 3,
+                            min_frac: float = 1 / 8, max_frac: float = 1 / 4) -> tuple[Image.Image, list[PlantedObject]]:
+    """A scene whose objects each have a kind (KINDS) and one named colour (PALETTE): what the tiny
+    captioner is trained on (captioners/train_tiny.py). Sides are min_frac..max_frac of the short side."""
+    rng = np.random.default_rng(seed)
+    img = _background(rng, width, height)
+    short, objects, attempts = min(width, height), [], 0
+    while len(objects) < n_objects and attempts < 200:
+        attempts += 1
+        side = int(rng.integers(int(short * min_frac), int(short * max_frac)))
+        x = int(rng.integers(short // 20, width - side - short // 20))
+        y = int(rng.integers(short // 20, height - side - short // 20))
+        gap = side // 2
+        if any(not (x + side + gap < o.box[0] or o.box[2] + gap < x or y + side + gap < o.box[1] or o.box[3] + gap < y) for o in objects):
+            continue
+        kind, colour = KINDS[int(rng.integers(0, len(KINDS)))], list(PALETTE)[int(rng.integers(0, len(PALETTE)))]
+        objects.append(PlantedObject(kind, _draw_coloured(img, rng, kind, colour, x, y, side), colour))
+    return img, objects
+
+
 def encode(img: Image.Image, fmt: str = "JPEG", quality: int = 90, **kw) -> bytes:
     out = io.BytesIO()
     img.save(out, fmt, quality=quality, **kw) if fmt == "JPEG" else img.save(out, fmt, **kw)
@@ -119,13 +171,14 @@ DEMO_SIZES = [(2048, 1536), (3840, 2160), (2160, 3840), (4096, 3072), (2560, 144
 
 
 def write_demo_images(folder: str | Path, n: int = 6, seed: int = 0) -> list[Path]:
-    """The built-in demo set: n scenes of 2K-4K as JPEGs, plus two inputs the run must reject."""
+    """The built-in demo set: n labelled scenes of 2K-4K as JPEGs (objects of a named kind and colour,
+    what the demo's captioner was trained on), plus two inputs the run must reject."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         w, h = DEMO_SIZES[i % len(DEMO_SIZES)]
-        img, _ = generate_scene(seed + i, w, h, n_objects=4)
+        img, _ = generate_labelled_scene(seed + i, w, h, n_objects=4)
         path = folder / f"scene_{i:03d}.jpg"
         path.write_bytes(encode(img, "JPEG", quality=90))
         paths.append(path)

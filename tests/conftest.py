@@ -85,11 +85,14 @@ def build(ray_local, prefect_harness):
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory):
-    """A tiny Qwen2-VL with random weights, built offline once per session; its directory."""
-    from captioners.tiny import build_tiny_qwen2vl
+def scene_vlm(tmp_path_factory):
+    """The shipped tiny Qwen2-VL trained on the synthetic scenes (captioners/models/tiny-scenes), copied
+    to a session folder (servers write logs beside the model); its directory."""
+    from captioners.tiny import SCENES_MODEL
 
-    return str(build_tiny_qwen2vl(tmp_path_factory.mktemp("models") / "tiny-qwen2vl"))
+    folder = tmp_path_factory.mktemp("models") / "tiny-scenes"
+    shutil.copytree(SCENES_MODEL, folder)
+    return str(folder)
 
 
 # ==== PS3 conformance (issue 15, point 3) ====================================================== begin

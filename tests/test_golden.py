@@ -59,12 +59,12 @@ def _fresh(name: str) -> Path:
     return folder
 
 
-def build_demo_set(build, tiny_vlm) -> Path:
-    """The README's demo: its config, its generated images, the tiny captioner."""
+def build_demo_set(build, scene_vlm) -> Path:
+    """The README's demo: its config, its generated images, its captioner (the shipped scene model)."""
     root = _fresh("demo")
     write_demo_images(root / "images", n=8)
-    model = root / "tiny-qwen2vl"
-    shutil.copytree(tiny_vlm, model)
+    model = root / "tiny-scenes"
+    shutil.copytree(scene_vlm, model)
     cfg = load_config(DEMO_CONFIG, {"sources": [{"uri": str(root / "images")}], "run.work_dir": str(root / "work"),
                                     "shards.output": str(root / "dataset"), "captioner.model": str(model),
                                     "train.output": str(root / "train")})
@@ -118,8 +118,8 @@ def build_web_set(build) -> Path:
 
 
 @pytest.mark.slow
-def test_demo_and_web_sets_match_the_golden_digests(build, tiny_vlm):
-    got = {"demo": dataset_digests(build_demo_set(build, tiny_vlm)), "web": dataset_digests(build_web_set(build))}
+def test_demo_and_web_sets_match_the_golden_digests(build, scene_vlm):
+    got = {"demo": dataset_digests(build_demo_set(build, scene_vlm)), "web": dataset_digests(build_web_set(build))}
     for name in got:
         folder = ROOT / name / "dataset"
         assert ps3_problems(folder, seeds=range(20), rules=dataset_rules(folder)) == []
