@@ -24,6 +24,7 @@ from pathlib import Path
 
 from captioners.prompts import PROMPTS
 from captioners.requests import CaptionRequest, build_requests
+from dedupe.regions import iou
 from pipeline.synthetic import (
     KINDS,
     PALETTE,
@@ -66,7 +67,7 @@ def global_caption(objects: list[PlantedObject]) -> str:
 
 
 def _overlaps(box, objects) -> bool:
-    return any(min(box[2], o.box[2]) > max(box[0], o.box[0]) and min(box[3], o.box[3]) > max(box[1], o.box[1]) for o in objects)
+    return any(iou(box, o.box) > 0 for o in objects)
 
 
 def scene_requests(seed: int, width: int = 1024, height: int = 768, n_objects: int = 3,
@@ -222,11 +223,12 @@ Rebuild: `python -m captioners.train_tiny captioners/models/tiny-scenes --steps 
 
 
 def write_card(folder: Path, training: dict, scores: dict) -> None:
-    import torch  # noqa: F401  (the count below loads the weights)
+    from math import prod
+
     from safetensors import safe_open
 
-    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
-        params = sum(f.get_tensor(k).numel() for k in f.keys())
+    with safe_open(str(Path(folder) / "model.safetensors"), "np") as f:  # shapes only, from the header
+        params = sum(prod(f.get_slice(k).get_shape()) for k in f.keys())
     vocab = len(json.loads((Path(folder) / "tokenizer.json").read_text())["model"]["vocab"])
     card = MODEL_CARD.format(params=params, vocab=vocab, kinds=len(KINDS), kind_words=", ".join(KIND_WORDS.values()),
                              n_colours=len(PALETTE), colours=", ".join(PALETTE), train=json.dumps(training),

@@ -15,10 +15,10 @@ entry points, then orders the stages by what they need.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import pkgutil
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -27,7 +27,7 @@ from pipeline.code import code_fingerprint
 from pipeline.executor import ActorPool, PartitionJob, StageReport, run_stage
 from pipeline.partitions import fingerprint, part_name, read_fingerprint
 from pipeline.storage import Storage, join
-from schemas.config import STAGE_SECTIONS, RunConfig
+from schemas.config import STAGE_SECTIONS, RunConfig, load_stage_plugins
 
 log = logging.getLogger("localcap")
 
@@ -137,8 +137,9 @@ class Stage:
         return self.section is None or self.options is not None
 
     def check(self) -> None:
-        """Preflight: raise ValueError naming the config field for what no retry can fix. Runs once
-        per run, before Ray starts (pipeline.preflight.check_run)."""
+        """Preflight: raise ValueError (or RuntimeError) naming the config field for what no retry
+        can fix; it is reported as a PreflightError. Runs once per run, before Ray starts
+        (pipeline.preflight.check_run)."""
 
     def check_cluster(self) -> None:
         """Preflight once Ray is up (e.g. the GPUs the stage's actors need are in the cluster)."""
@@ -262,8 +263,7 @@ def _import_stage_modules() -> None:
     for info in pkgutil.iter_modules(pipeline.__path__):
         if info.ispkg and importlib.util.find_spec(f"pipeline.{info.name}.stage") is not None:
             importlib.import_module(f"pipeline.{info.name}.stage")
-    for entry in metadata.entry_points(group="localcap.stages"):
-        entry.load()
+    load_stage_plugins()
 
 
 def registered() -> list[type[Stage]]:
@@ -280,7 +280,6 @@ def registered() -> list[type[Stage]]:
         ready = sorted(n for n, c in stages.items() if n not in placed and all(d in placed for d in c.needs))
         if not ready:
             raise TypeError(f"stages need each other in a circle: {sorted(set(stages) - placed)}")
-        # The first ready stage in name order, except that built-in order is kept: needs decide.
         order.append(stages[ready[0]])
         placed.add(ready[0])
     return order

@@ -28,7 +28,7 @@ from captioners.transformers_backend import TransformersBackend  # noqa: E402
 from pipeline.partitions import read_tables  # noqa: E402
 from pipeline.regions.stage import read_boxes  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
-from pipeline.synthetic import encode, generate_labelled_scene, generate_scene  # noqa: E402
+from pipeline.synthetic import encode, generate_labelled_scene  # noqa: E402
 from schemas.config import CaptionerSection  # noqa: E402
 from schemas.sample import validate_sample_json  # noqa: E402
 from schemas.tables import CAPTIONS, GLOBAL_REGION, IMAGES  # noqa: E402

@@ -82,11 +82,13 @@ def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
     assert (Path(metrics["checkpoint"]) / "state.pt").is_file()
     assert f"checkpoint {metrics['checkpoint']}" in out.stdout
 
-    # The same through `localcap run CONFIG --train` on the demo set: the build resumes (run id demo,
-    # every partition done), then a fresh training run.
+    # The same through `localcap run CONFIG --train` on the demo set, typed as a user types it from the
+    # checkout's root (the config, and the captioner path inside it, relative): the build resumes (run
+    # id demo, every partition done: the relative model path is the shipped model), then a fresh training run.
     sets = [f"sources=[{{uri: '{demo / 'images'}'}}]", f"run.work_dir={demo / 'work'}", f"shards.output={demo / 'dataset'}",
-            f"captioner.model={SCENES_MODEL}", f"train.output={demo / 'train-again'}"]
-    again = localcap("run", str(ROOT / "flows" / "demo.yaml"), "--run-id", "demo", "--train", "--no-progress",
+            f"train.output={demo / 'train-again'}"]
+    assert load_config(ROOT / "flows" / "demo.yaml", base=ROOT).captioner.model == str(SCENES_MODEL)
+    again = localcap("run", "flows/demo.yaml", "--run-id", "demo", "--train", "--no-progress",
                      *[arg for s in sets for arg in ("--set", s)], tmp_path=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"run demo: {c['samples']} samples in {c['shards']} shards" in again.stdout

@@ -126,7 +126,7 @@ def test_demo_and_web_sets_match_the_golden_digests(build, scene_vlm):
     if os.environ.get("LOCALCAP_RECORD_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
-        pytest.skip(f"recorded {GOLDEN}")
+        pytest.skip(f"LOCALCAP_RECORD_GOLDEN=1: wrote the digests of this build to {GOLDEN}; nothing was compared")
     want = json.loads(GOLDEN.read_text())
     for name in ("demo", "web"):
         assert sorted(got[name]) == sorted(want[name]), f"{name}: the dataset's files changed"

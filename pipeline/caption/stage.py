@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from queue import Queue
 
 import pyarrow as pa
@@ -219,8 +219,7 @@ class CaptionStage(Stage):
         return int(pc.sum(pc.equal(status, CaptionStatus.BACKEND_ERROR.value)).as_py() or 0)
 
     def redo_payload(self, payload: CaptionPayload, index: int) -> CaptionPayload:
-        return CaptionPayload(payload.images_uri, payload.regions_uri, payload.skip_sources, self.part_uri(index),
-                              payload.config, payload.storage)
+        return replace(payload, previous_uri=self.part_uri(index))
 
     def failed(self, payload: CaptionPayload, error: str) -> dict[str, pa.Table]:
         return failed_partition(payload, error)

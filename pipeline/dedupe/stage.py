@@ -56,7 +56,10 @@ class DedupeStage(Stage):
         return bool(cfg.exact or cfg.near or self._index_files())
 
     def _index_files(self) -> list[tuple[str, int]]:
-        return self.ctx.memo.setdefault("index_files", index_files(self.storage, self.config.dedupe.index, self.ctx.run_id))
+        """The published index files (listed once per run: enabled, partitions and finish all ask)."""
+        if "index_files" not in self.ctx.memo:
+            self.ctx.memo["index_files"] = index_files(self.storage, self.config.dedupe.index, self.ctx.run_id)
+        return self.ctx.memo["index_files"]
 
     def partitions(self, inputs: dict[str, StageResult]) -> list[Partition]:
         files = self._index_files()

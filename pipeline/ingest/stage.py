@@ -5,8 +5,7 @@ that recorded retryable fetch failures is redone on the next run, fetching just 
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +21,6 @@ from schemas.config import FetchSection, IngestSection
 from schemas.tables import IMAGES, REJECTS, RejectReason, reject, rows_to_table
 
 STAGE = "ingest"
-log = logging.getLogger("localcap")
 
 
 @dataclass(frozen=True)
@@ -115,8 +113,7 @@ class IngestStage(Stage):
         return int(pc.sum(read_table(self.storage, rejects, columns=["retryable"])["retryable"]).as_py() or 0)
 
     def redo_payload(self, payload: IngestPayload, index: int) -> IngestPayload:
-        return IngestPayload(payload.entries, payload.limits, payload.storage, payload.urls_uri, payload.fetch,
-                             (self.part_uri(index), self.part_uri(index, "rejects")))
+        return replace(payload, previous=(self.part_uri(index), self.part_uri(index, "rejects")))
 
     def finish(self, report, inputs) -> None:
         report.rows["inputs"] = self.inputs

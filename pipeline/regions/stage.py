@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from pipeline.dedupe.stage import partition_skips
 from pipeline.partitions import part_name, read_table
-from pipeline.regions import ProposerUnavailable, preflight
+from pipeline.regions import preflight
 from pipeline.regions.proposers import Proposer, make_proposer, propose_safely
 from pipeline.stage import Actors, Partition, Stage, StageResult, Tasks
 from pipeline.storage import Storage, join
@@ -64,16 +64,10 @@ class RegionsStage(Stage):
         return self.config.regions.method != "none"
 
     def check(self) -> None:
-        try:
-            preflight(self.config.regions)
-        except ProposerUnavailable as exc:
-            raise ValueError(str(exc)) from None
+        preflight(self.config.regions)  # ProposerUnavailable: the preflight reports it as a PreflightError
 
     def check_cluster(self) -> None:
-        try:
-            preflight(self.config.regions, ray_started=True)
-        except ProposerUnavailable as exc:
-            raise ValueError(str(exc)) from None
+        preflight(self.config.regions, ray_started=True)
 
     def resources(self) -> Tasks | Actors:
         cfg = self.config.regions
