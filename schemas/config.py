@@ -102,6 +102,11 @@ class IngestSection(_Section):
     )
     partition_size: int = Field(32, ge=1, description="Images per ingest partition (one Ray task, one Parquet file).")
     reencode_quality: int = Field(95, ge=50, le=100, description="JPEG quality when bytes must be normalised.")
+    thumb_side: int = Field(
+        384, ge=64, le=2048,
+        description="Long side of the thumbnail ingest keeps of each image (the images table's `thumb`): hashes and "
+        "the region proposer work from it, so the full image is decoded once, in ingest.",
+    )
 
 
 class FetchSection(_Section):

@@ -82,6 +82,7 @@ IMAGES = pa.schema(
         _field("phash", pa.uint64(), "64-bit perceptual hash (DCT)"),
         _field("dhash", pa.uint64(), "64-bit difference hash"),
         _field("fine_sig", pa.binary(256), "16 x 16 normalised block means (int8, 1/16 std steps): confirms near duplicates"),
+        _field("thumb", pa.binary(), "JPEG of the stored picture, long side <= ingest.thumb_side: what the region proposer segments"),
         _field("meta", pa.string(), "JSON: exif subset, normalisation, source format, page URL, ..."),
     ]
 )

@@ -3,7 +3,10 @@
 Pure function of (bytes, source URI, limits). Decoding is as cheap as validation allows: the header
 gives format and size before any pixels are read; JPEGs are decoded through libjpeg's DCT scaling
 (`Image.draft`), which still walks the whole entropy-coded stream (so truncation is caught) but
-produces only a ~1/8-scale image, which is all the perceptual hashes need.
+produces only the smallest 1/2^n-scale image that covers the thumbnail. This is the one decode of
+the image in the whole pipeline: the thumbnail (`ingest.thumb_side`, stored as a small JPEG in the
+`thumb` column) is what the perceptual hashes and the region proposer look at. An exact copy of an
+input already decoded in this process is answered from memory (ExactCopies).
 
 Stored bytes: trainers decode shards with plain PIL `.convert("RGB")` and ignore EXIF, so the bytes
 pass through untouched only when that already yields the oriented 8-bit RGB image the boxes refer
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +45,8 @@ EXIF_ORIENTATION = 0x0112
 EXIF_KEEP = {0x010F: "make", 0x0110: "model", 0x0132: "datetime", 0x0131: "software"}
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+THUMB_QUALITY = 90  # the stored thumbnail's JPEG quality: segmentation and hashing see no difference from lossless
 
 BLANK_MAX_STD = 2.0
 """An image is `blank` when every RGB channel of its hash thumbnail (dedupe.hashing.hash_input: <= 256 px
@@ -132,16 +138,33 @@ def spread(rgb: Image.Image) -> float:
     return max(ImageStat.Stat(rgb).stddev)
 
 
-def _flattened_thumbnail(thumb: Image.Image) -> tuple[Image.Image, float, tuple[int, int, int]]:
-    """(hash thumbnail as stored, its spread, the alpha background chosen)."""
-    small = hash_input(to_rgb8(thumb))
+def shrink(image: Image.Image, side: int) -> Image.Image:
+    """A copy with its long side at most `side` (the image itself when it is that small)."""
+    if max(image.size) <= side:
+        return image
+    small = image.copy()
+    small.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return small
+
+
+def _flattened_views(decoded: Image.Image, thumb_side: int) -> tuple[Image.Image, Image.Image, float, tuple[int, int, int]]:
+    """(thumbnail as stored, hash thumbnail, its spread, the alpha background chosen)."""
+    view = shrink(to_rgb8(decoded), thumb_side)
+    small = hash_input(view)
     level = spread(small)
-    if level < BLANK_MAX_STD and has_alpha(thumb):
-        dark = hash_input(to_rgb8(thumb, BLACK))
+    if level < BLANK_MAX_STD and has_alpha(decoded):
+        dark_view = shrink(to_rgb8(decoded, BLACK), thumb_side)
+        dark = hash_input(dark_view)
         dark_level = spread(dark)
         if dark_level >= BLANK_MAX_STD:
-            return dark, dark_level, BLACK
-    return small, level, WHITE
+            return dark_view, dark, dark_level, BLACK
+    return view, small, level, WHITE
+
+
+def encode_thumbnail(view: Image.Image) -> bytes:
+    out = io.BytesIO()
+    view.save(out, "JPEG", quality=THUMB_QUALITY)
+    return out.getvalue()
 
 
 SIGNATURES = {  # magic bytes -> format: bytes that start like an image but do not open are damaged, not "not an image"
@@ -164,11 +187,51 @@ def _decode_error(exc: BaseException, uid: str) -> Rejection:
     return Rejection(RejectReason.DECODE_ERROR, text, uid)
 
 
+class ExactCopies:
+    """Outcomes of the inputs this process has decoded, by SHA-256 and limits: an exact copy of an
+    input already seen (the same wallpaper under three names) is answered without a decode. Bounded
+    (least recently used out); a passed-through row keeps no image bytes, its copy's bytes are the same."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity, self.hits = capacity, 0
+        self._seen: OrderedDict[tuple[str, str], dict | Rejection] = OrderedDict()
+
+    def get(self, key: tuple[str, str], data: bytes, source_uri: str) -> dict | Rejection | None:
+        outcome = self._seen.get(key)
+        if outcome is None:
+            return None
+        self._seen.move_to_end(key)
+        self.hits += 1
+        if isinstance(outcome, Rejection):
+            return outcome
+        return {**outcome, "source_uri": source_uri, "image": data if outcome["image"] is None else outcome["image"]}
+
+    def put(self, key: tuple[str, str], data: bytes, outcome: dict | Rejection) -> None:
+        if isinstance(outcome, dict):
+            outcome = {**outcome, "image": None if outcome["image"] is data else outcome["image"]}
+        self._seen[key] = outcome
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+
+EXACT_COPIES = ExactCopies()
+
+
 def decode_validate(data: bytes, source_uri: str, limits: IngestSection) -> dict | Rejection:
-    """An images-table row (dict) for a good image, else a Rejection naming the reason."""
+    """An images-table row (dict) for a good image, else a Rejection naming the reason. The SHA-256
+    comes first: an exact copy of an input this process has already decoded is not decoded again."""
     if not data:
         return Rejection(RejectReason.EMPTY_FILE, "0 bytes")
     sha = sha256_hex(data)
+    key = (sha, limits.model_dump_json())
+    outcome = EXACT_COPIES.get(key, data, source_uri)
+    if outcome is None:
+        outcome = _decode_validate(data, sha, source_uri, limits)
+        EXACT_COPIES.put(key, data, outcome)
+    return outcome
+
+
+def _decode_validate(data: bytes, sha: str, source_uri: str, limits: IngestSection) -> dict | Rejection:
     uid = uid_from_sha256(sha)
     try:
         image = Image.open(io.BytesIO(data))
@@ -206,16 +269,18 @@ def decode_validate(data: bytes, source_uri: str, limits: IngestSection) -> dict
             )
         source_mode, info = image.mode, dict(image.info)
         try:
-            if fmt in ("JPEG", "MPO"):
-                image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+            if fmt in ("JPEG", "MPO"):  # libjpeg's DCT scaling: the smallest of 1/1..1/8 that still covers the thumbnail
+                scale = min(1.0, limits.thumb_side / max(image.size))
+                image.draft("RGB", (max(1, int(image.size[0] * scale)), max(1, int(image.size[1] * scale))))
             image.load()
-            thumb = ImageOps.exif_transpose(image) if orientation != 1 else image
-            small, level, background = _flattened_thumbnail(thumb)
+            decoded = ImageOps.exif_transpose(image) if orientation != 1 else image
+            view, small, level, background = _flattened_views(decoded, limits.thumb_side)
             if level < BLANK_MAX_STD:
-                flattened = " (alpha flattened on white and on black)" if has_alpha(thumb) else ""
+                flattened = " (alpha flattened on white and on black)" if has_alpha(decoded) else ""
                 return Rejection(RejectReason.BLANK, f"near-uniform: largest channel standard deviation {level:.2f} < "
                                  f"{BLANK_MAX_STD} levels on the {small.size[0]}x{small.size[1]} thumbnail{flattened}", uid)
             phash, dhash, fine = perceptual_hashes(small)
+            thumb = encode_thumbnail(view)
         except Exception as exc:
             return _decode_error(exc, uid)
 
@@ -242,5 +307,6 @@ def decode_validate(data: bytes, source_uri: str, limits: IngestSection) -> dict
         "phash": phash,
         "dhash": dhash,
         "fine_sig": fine,
+        "thumb": thumb,
         "meta": json.dumps(meta, sort_keys=True),
     }

@@ -1,4 +1,6 @@
-"""One proposer per `regions.method`, all with the same call: (stored bytes, width, height) -> Proposal.
+"""One proposer per `regions.method`, all with the same call:
+(stored bytes, width, height, thumbnail) -> Proposal. The stored bytes may be None for a proposer
+whose `needs_image(thumb_side)` is False: it works from ingest's thumbnail alone.
 
 A proposer never raises for a bad image: every image leaves with boxes, or with zero boxes and a
 reason (NoBoxReason). Set-up problems (a missing extra, missing SAM weights) raise when the
@@ -17,6 +19,8 @@ from pipeline.regions.salient import (
     Proposal,
     decode_downscaled,
     label_weights,
+    thumb_covers,
+    thumb_pixels,
     timed,
     top_boxes,
 )
@@ -30,7 +34,11 @@ Masker = Callable[[np.ndarray, float, float], np.ndarray]
 class Proposer(Protocol):
     method: str
 
-    def __call__(self, data: bytes, width: int, height: int) -> Proposal: ...
+    def needs_image(self, thumb_side: int) -> bool:
+        """Whether the full stored image must be read (the thumbnail is too small for this proposer)."""
+        ...
+
+    def __call__(self, data: bytes | None, width: int, height: int, thumb: bytes | None = None) -> Proposal: ...
 
 
 def felzenszwalb_masker(cfg: RegionsSection) -> Masker:
@@ -53,13 +61,19 @@ class SalientProposer:
     def __init__(self, cfg: RegionsSection, masker: Masker, downscale: int):
         self.cfg, self.masker, self.downscale = cfg, masker, downscale
 
-    def __call__(self, data: bytes, width: int, height: int) -> Proposal:
+    def needs_image(self, thumb_side: int) -> bool:
+        return not thumb_covers(thumb_side, self.downscale)
+
+    def __call__(self, data: bytes | None, width: int, height: int, thumb: bytes | None = None) -> Proposal:
         cfg, t = self.cfg, {}
         side = cfg.grid_fraction * min(width, height)
         if side < cfg.min_box_side:
             return Proposal.empty(NoBoxReason.TOO_SMALL, f"box side {side:.0f} px < regions.min_box_side = {cfg.min_box_side}")
         with timed(t, "decode"):
-            pixels, sx, sy = decode_downscaled(data, width, height, self.downscale)
+            if data is None:
+                pixels, sx, sy = thumb_pixels(thumb, width, height, self.downscale)
+            else:
+                pixels, sx, sy = decode_downscaled(data, width, height, self.downscale)
         with timed(t, "segment"):
             weights = self.masker(pixels, sx * sy, float(width) * height)
         with timed(t, "score"):
@@ -74,7 +88,10 @@ class TilesProposer:
     def __init__(self, cfg: RegionsSection):
         self.opts = cfg.tiles
 
-    def __call__(self, data: bytes, width: int, height: int) -> Proposal:
+    def needs_image(self, thumb_side: int) -> bool:
+        return False
+
+    def __call__(self, data: bytes | None, width: int, height: int, thumb: bytes | None = None) -> Proposal:
         boxes, scales = tiles.pyramid_tiles(width, height, self.opts.tile, self.opts.scales)
         if len(boxes) == 0:
             return Proposal.empty(NoBoxReason.TOO_SMALL, f"{width}x{height} is smaller than the smallest tile ({self.opts.tile} px)")
@@ -88,7 +105,10 @@ class OcrProposer:
         self.opts = cfg.ocr
         ocr.check_available()
 
-    def __call__(self, data: bytes, width: int, height: int) -> Proposal:
+    def needs_image(self, thumb_side: int) -> bool:
+        return True  # text lines need the page near the detector's input size
+
+    def __call__(self, data: bytes | None, width: int, height: int, thumb: bytes | None = None) -> Proposal:
         t: dict[str, float] = {}
         with timed(t, "segment"):
             boxes = ocr.text_line_boxes(data, width, height, self.opts.max_side, self.opts.min_height)
@@ -111,10 +131,10 @@ def make_proposer(cfg: RegionsSection) -> Proposer:
     raise ValueError(f"no proposer for regions.method {cfg.method!r}")
 
 
-def propose_safely(proposer: Proposer, data: bytes, width: int, height: int) -> Proposal:
+def propose_safely(proposer: Proposer, data: bytes | None, width: int, height: int, thumb: bytes | None = None) -> Proposal:
     """The proposer's answer, or zero boxes with the error as the reason: one bad image must not
     fail its partition."""
     try:
-        return proposer(data, width, height)
+        return proposer(data, width, height, thumb)
     except Exception as exc:
         return Proposal.empty(NoBoxReason.ERROR, f"{type(exc).__name__}: {exc}")

@@ -62,6 +62,21 @@ def decode_downscaled(data: bytes, width: int, height: int, max_side: int) -> tu
     return np.asarray(img), width / target[0], height / target[1]
 
 
+def thumb_pixels(thumb: bytes, width: int, height: int, max_side: int) -> tuple[np.ndarray, float, float]:
+    """RGB pixels of ingest's thumbnail (images table `thumb`) with the long side at most
+    `max_side`, and the factors to original pixels: the full image is not decoded again."""
+    img = Image.open(io.BytesIO(thumb)).convert("RGB")
+    factor = min(1.0, max_side / max(img.size))
+    if factor < 1.0:
+        img = img.resize((max(1, round(img.size[0] * factor)), max(1, round(img.size[1] * factor))), Image.Resampling.BILINEAR)
+    return np.asarray(img), width / img.size[0], height / img.size[1]
+
+
+def thumb_covers(thumb_side: int, max_side: int) -> bool:
+    """Whether thumbnails of long side `thumb_side` hold every pixel a `max_side` copy needs."""
+    return max_side <= thumb_side
+
+
 def label_weights(labels: np.ndarray, pixel_area: float, image_area: float, floor_area: float, min_pixels: int) -> np.ndarray:
     """Per-pixel weight map of a label image (one mask per label, masks do not overlap).
     Masks of fewer than `min_pixels` pixels (segmentation noise) weigh nothing."""

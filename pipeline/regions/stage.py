@@ -30,12 +30,16 @@ class RegionsPayload:
 
 
 def propose_table(images: pa.Table, proposer: Proposer, skip_sources: frozenset[str] = frozenset()) -> tuple[pa.Table, pa.Table]:
-    """(regions, region_status) for an images table with uid, source_uri, width, height, image."""
+    """(regions, region_status) for an images table with uid, source_uri, width, height, thumb and,
+    when the proposer needs it, image."""
     regions, status = [], []
-    for uid, src, w, h, data in zip(*(images[c].to_pylist() for c in ("uid", "source_uri", "width", "height", "image"))):
+    n = images.num_rows
+    columns = [images[c].to_pylist() if c in images.column_names else [None] * n
+               for c in ("uid", "source_uri", "width", "height", "image", "thumb")]
+    for uid, src, w, h, data, thumb in zip(*columns):
         if src in skip_sources:
             continue
-        p = propose_safely(proposer, data, w, h)
+        p = propose_safely(proposer, data, w, h, thumb)
         for i, (box, score) in enumerate(zip(p.boxes.tolist(), p.scores.tolist())):
             regions.append({"uid": uid, "region_id": i, "box": box, "score": score, "method": proposer.method})
         status.append({
@@ -47,8 +51,10 @@ def propose_table(images: pa.Table, proposer: Proposer, skip_sources: frozenset[
     return rows_to_table(regions, REGIONS), rows_to_table(status, REGION_STATUS)
 
 
-def _read_images(payload: RegionsPayload) -> pa.Table:
-    return read_table(payload.storage, payload.images_uri, columns=["uid", "source_uri", "width", "height", "image"])
+def _read_images(payload: RegionsPayload, needs_image: bool) -> pa.Table:
+    """The partition's rows, with the full stored images only when the proposer needs them."""
+    columns = ["uid", "source_uri", "width", "height", "thumb"] + (["image"] if needs_image else [])
+    return read_table(payload.storage, payload.images_uri, columns=columns)
 
 
 class RegionsStage(Stage):
@@ -90,7 +96,8 @@ class RegionsStage(Stage):
         self.proposer = make_proposer(self.config.regions)
 
     def process(self, payload: RegionsPayload) -> dict[str, pa.Table]:
-        regions, status = propose_table(_read_images(payload), self.proposer, payload.skip_sources)
+        images = _read_images(payload, self.proposer.needs_image(self.config.ingest.thumb_side))
+        regions, status = propose_table(images, self.proposer, payload.skip_sources)
         return {"status": status, "part": regions}
 
 
