@@ -102,6 +102,11 @@ class IngestSection(_Section):
     )
     partition_size: int = Field(32, ge=1, description="Images per ingest partition (one Ray task, one Parquet file).")
     reencode_quality: int = Field(95, ge=50, le=100, description="JPEG quality when bytes must be normalised.")
+    crop_hashes: bool = Field(
+        True,
+        description="Store window hashes around keypoints of each thumbnail, so dedupe finds crops of an image (down to a "
+        "third of its area). Costs about 35 ms of CPU per image; off, crops are kept as separate samples.",
+    )
     thumb_side: int = Field(
         384, ge=64, le=2048,
         description="Long side of the thumbnail ingest keeps of each image (the images table's `thumb`): hashes and "
@@ -162,6 +167,51 @@ class FelzenszwalbOptions(_Section):
     min_size: int = Field(5, ge=1, description="Segments smaller than this many pixels are merged into a neighbour.")
 
 
+class DistinctLevel(_Section):
+    """One felzenszwalb segmentation of the copy, for the 'distinct' score."""
+
+    scale: float = Field(..., gt=0, description="felzenszwalb scale: higher means larger segments.")
+    min_size: int = Field(..., ge=1, description="Smallest segment, in pixels of the copy.")
+    weight: float = Field(1.0, gt=0, description="Multiplies this level's segment weights.")
+    detail: bool = Field(False, description="A segment in a patch much busier than the picture on average counts as distinct too.")
+    small_area: float = Field(
+        ..., gt=0, le=1,
+        description="Segments larger than this fraction of the picture weigh less in proportion (PS3's preference for small masks).",
+    )
+
+
+class DistinctOptions(_Section):
+    """The 'distinct' score of salient boxes (pipeline/regions/distinct.py): segments weighed by how much
+    they stand out. Tuned on the real-picture set (benchmarks/regions_real.py) and the generated scenes."""
+
+    levels: list[DistinctLevel] = Field(
+        default_factory=lambda: [DistinctLevel(scale=300, min_size=20, weight=2.0, small_area=0.01),
+                                 DistinctLevel(scale=20, min_size=5, weight=0.5, small_area=0.005, detail=True)],
+        min_length=1,
+        description="Segmentations whose segments are pooled: a coarse one (objects) and a fine one (small details).",
+    )
+    box_scales: list[float] = Field(
+        default_factory=lambda: [0.1, 0.15, 0.2, 0.3, 0.45, 0.6], min_length=1,
+        description="Box sides as fractions of the short side; each candidate takes the smallest that frames its segment.",
+    )
+    scales_per_segment: int = Field(2, ge=1, description="Candidates per segment: the smallest framing scale and the next ones up.")
+    margin: float = Field(1.25, ge=1, description="A box frames a segment when its side is at least this times the segment's long side.")
+    candidates: int = Field(60, ge=1, description="Heaviest segments that candidates are centred on.")
+    detail_window: float = Field(0.05, gt=0, le=1, description="Side of the window local busyness is measured in, as a fraction of the short side.")
+    detail_floor: float = Field(0.01, gt=0, description="Busyness (segments per pixel of the copy) below which a picture counts as calm.")
+    detail_lift_ref: float = Field(6.0, gt=0, description="A patch this many times busier than average (minus 1) counts fully.")
+    max_segment_fraction: float = Field(0.15, gt=0, le=1, description="Segments larger than this fraction of the picture (background) weigh nothing.")
+    contrast_ref: float = Field(20.0, gt=0, description="Local contrast (Lab distance to the surrounding ring) at which a segment counts fully.")
+    min_thickness: float = Field(3.0, gt=0, description="Segments thinner than this (pixels of the copy; edge blends) weigh less in proportion.")
+    colour_bins: int = Field(16, ge=4, le=64, description="Bins per Lab axis of the colour histogram that ownership is measured on.")
+    colour_smoothing: float = Field(1.0, ge=0, description="Gaussian smoothing of that histogram, in bins.")
+    min_score: float = Field(
+        0.3, ge=0,
+        description="Boxes holding less weight are not kept (a segment that owns its colour, stands out and is small weighs 1). "
+        "An image with no box above it gets zero boxes, reason 'too_plain'.",
+    )
+
+
 class SamOptions(_Section):
     """transformers' SAM automatic mask generation, in a GPU Ray actor."""
 
@@ -194,10 +244,16 @@ class RegionsSection(_Section):
         "of tiles; 'ocr': text-line boxes (document pages, needs the `ocr` extra); 'none': no boxes.",
     )
     masks: Literal["felzenszwalb", "sam"] = Field("felzenszwalb", description="Mask back end of 'salient'.")
+    scoring: Literal["distinct", "ps3"] = Field(
+        "distinct",
+        description="How 'salient' scores boxes with felzenszwalb masks: 'distinct' weighs segments by how much they stand out "
+        "(regions.distinct) and frames them at a few scales; 'ps3' is PS3's original grid of boxes holding the most small "
+        "masks (grid_fraction, stride_fraction, mask_floor, min_score). SAM masks always use 'ps3'.",
+    )
     k: int = Field(4, ge=1, description="Boxes kept per image ('salient'; 'tiles' and 'ocr' keep all).")
     grid_fraction: float = Field(0.2, gt=0, le=1, description="Candidate box side as a fraction of the short side (PS3: 1/5).")
     stride_fraction: float = Field(0.5, gt=0, le=1, description="Grid stride as a fraction of the box side.")
-    downscale: int = Field(320, ge=32, description="Long side (pixels) of the copy that is segmented.")
+    downscale: int = Field(256, ge=32, description="Long side (pixels) of the copy that is segmented (from ingest's thumbnail when it is no larger than ingest.thumb_side).")
     mask_floor: int = Field(40, ge=1, description="Masks count as at least this side squared (original pixels) in the score.")
     min_mask_pixels: int = Field(1, ge=1, description="Masks with fewer pixels on the downscaled copy are ignored.")
     min_score: float = Field(
@@ -207,6 +263,7 @@ class RegionsSection(_Section):
     )
     min_box_side: int = Field(32, ge=1, description="Images whose boxes would be narrower than this get zero boxes ('too_small').")
     felzenszwalb: FelzenszwalbOptions = Field(default_factory=FelzenszwalbOptions)
+    distinct: DistinctOptions = Field(default_factory=DistinctOptions)
     sam: SamOptions = Field(default_factory=SamOptions)
     tiles: TilesOptions = Field(default_factory=TilesOptions)
     ocr: OcrOptions = Field(default_factory=OcrOptions)
@@ -278,7 +335,8 @@ class CaptionerSection(_Section):
 
 class DedupeSection(_Section):
     exact: bool = Field(True, description="Drop byte-identical images (same SHA-256); the first by source URI is kept.")
-    near: bool = Field(True, description="Drop near duplicates (re-encodes, resizes, format changes, brightness).")
+    near: bool = Field(True, description="Drop near duplicates (re-encodes, resizes, format changes, brightness, light/dark and "
+                      "colour-theme variants, crops down to about a third of the area).")
     radius: int = Field(4, ge=0, le=15, description="pHash Hamming radius for near-duplicate candidates.")
     fine_threshold: float = Field(
         0.8, gt=0,

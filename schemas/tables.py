@@ -82,6 +82,10 @@ IMAGES = pa.schema(
         _field("phash", pa.uint64(), "64-bit perceptual hash (DCT)"),
         _field("dhash", pa.uint64(), "64-bit difference hash"),
         _field("fine_sig", pa.binary(256), "16 x 16 normalised block means (int8, 1/16 std steps): confirms near duplicates"),
+        _field("struct_hash", pa.uint64(), "64-bit structure hash (colour high-pass magnitude): theme-variant candidates"),
+        _field("struct_sig", pa.binary(256), "16 x 16 normalised structure blocks (int8): confirms theme variants"),
+        _field("crop_hashes", pa.list_(pa.uint64()), "pHashes of keypoint windows: crop candidates"),
+        _field("crop_points", pa.list_(pa.float32()), "x, y (fractions of width, height), sigma (fraction of the longer side) per window"),
         _field("thumb", pa.binary(), "JPEG of the stored picture, long side <= ingest.thumb_side: what the region proposer segments"),
         _field("meta", pa.string(), "JSON: exif subset, normalisation, source format, page URL, ..."),
     ]

@@ -46,3 +46,16 @@ def test_spread_over_ray_tasks_gives_the_same_pairs(ray_local):
 
     h = _hashes(5000, 400, 4, seed=11)
     assert np.array_equal(near_pairs_ray(h, 4, tasks=3), near_pairs(h, 4))
+
+
+@pytest.mark.parametrize("radius,bands", [(2, 4), (3, 5), (4, 6), (1, 3)])
+def test_fewer_bands_give_the_same_pairs(radius, bands):
+    """The layouts the structure and window searches use (radius + 2 bands of uneven width)."""
+    h = _hashes(3000, 300, radius, seed=20 + radius)
+    assert np.array_equal(near_pairs(h, radius, bands=bands), near_pairs_brute(h, radius))
+
+
+def test_too_common_keys_can_be_left_out():
+    h = np.concatenate([np.full(100, 777, np.uint64), np.array([5, 5], np.uint64)])
+    assert len(near_pairs(h, 2, bands=4)) == 100 * 99 // 2 + 1
+    assert near_pairs(h, 2, bands=4, drop_over=10).tolist() == [[100, 101]]

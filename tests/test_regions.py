@@ -20,10 +20,10 @@ from pipeline.regions.proposers import make_proposer, propose_safely
 from pipeline.regions.salient import label_weights, stack_weights
 from pipeline.regions.tiles import pyramid_tiles
 from dedupe.regions import iou
-from pipeline.shards.stage import always_cropped_in
+from pipeline.shards.stage import SampleRules, always_cropped_in, build_sample
 from pipeline.storage import Storage
 from pipeline.synthetic import encode, generate_document, generate_scene
-from schemas.config import RegionsSection
+from schemas.config import RegionsSection, ShardsSection
 from schemas.sample import validate_sample_json
 from schemas.tables import REGION_STATUS, REGIONS
 from tests.helpers.config import run_config
@@ -200,7 +200,7 @@ def test_stage_writes_boxes_to_tables_and_shards(regions_run):
         by_uid.setdefault(r["uid"], []).append(r["box"])
     manifest = pq.read_table(root / "ds" / "manifest.parquet").to_pylist()
     samples = _samples(root / "ds")
-    dropped = 0
+    dropped = visible = covered = 0
     for row in manifest:
         sample = samples[row["key"]]
         # Boxes PS3's crop could cut away entirely are left out (the 3072x1536 scene: outside its central 4:3).
@@ -211,13 +211,14 @@ def test_stage_writes_boxes_to_tables_and_shards(regions_run):
         assert sample.text == [""] * len(sample.box)
         sample.check_inside(row["width"], row["height"])
         name = row["source"].rsplit("/", 1)[1]
-        if name in planted:  # every planted object PS3 can see is inside a box
-            assert row["boxes"] == len(proposed) == 4 or row["width"] > row["height"] * 4 / 3
+        if name in planted:  # the planted objects PS3 can see are inside a box
+            assert 1 <= len(proposed) <= 4
             for o in planted[name]:
                 cx, cy = o.centre
                 if seen[0] + 160 <= cx < seen[2] - 160:
-                    assert any(x1 <= cx < x2 and y1 <= cy < y2 for x1, y1, x2, y2 in sample.box), (name, o)
-    assert dropped >= 1
+                    visible += 1
+                    covered += any(x1 <= cx < x2 and y1 <= cy < y2 for x1, y1, x2, y2 in sample.box)
+    assert visible >= 6 and covered >= visible - 1, f"{covered}/{visible} visible planted objects in a box"  # the rate: test_top4_boxes_cover_planted_objects
     small = next(s for s in status if s["boxes"] == 0)
     assert small["reason"] == "too_small"
     # An image without boxes is no sample (PS3's loader cannot train on it): a reject saying why.
@@ -227,17 +228,27 @@ def test_stage_writes_boxes_to_tables_and_shards(regions_run):
     assert rejects["plain.png"]["reason"] == "blank" and rejects["plain.png"]["stage"] == "ingest"
     stats = dataset["statistics"]
     assert stats["no_boxes_by_reason"] == {}
-    assert stats["boxes_per_image"]["max"] == 4 and stats["boxes_per_image"]["min"] >= 1
-    assert 0.15 < stats["box_width_fraction"]["median"] < 0.26
+    assert stats["boxes_per_image"]["max"] <= 4 and stats["boxes_per_image"]["min"] >= 1
+    assert 0.05 < stats["box_width_fraction"]["median"] <= 0.6  # the largest of regions.distinct.box_scales
     assert dataset["counts"]["inputs"] == dataset["counts"]["samples"] + dataset["counts"]["rejected"]
+
+
+def test_boxes_ps3_can_crop_away_are_left_out_of_samples():
+    """A 3072x1536 picture: PS3's loader falls back to a centred 4:3 crop (2048 wide), so a box in the
+    leftmost 512 px may be gone from every crop it makes; one that reaches inside stays."""
+    assert always_cropped_in(3072, 1536)[0] == 512
+    rules = SampleRules(ShardsSection(output="unused"), (0.7, 0.9))
+    sample = build_sample(rules, [[0, 100, 400, 500], [300, 600, 700, 1000], [1400, 500, 1800, 900]], 3072, 1536)
+    assert sample.box == [[300, 600, 700, 1000], [1400, 500, 1800, 900]]
 
 
 def test_inspect_prints_box_statistics(regions_run):
     from pipeline.inspection import describe_dataset
 
-    root, *_ = regions_run
+    root, _, dataset, _ = regions_run
     text = describe_dataset(str(root / "ds"))
-    assert "boxes     per image: min " in text and "median 4, max 4" in text
+    b = dataset["statistics"]["boxes_per_image"]
+    assert f"boxes     per image: min {b['min']}, median {b['median']}, max {b['max']}" in text
     assert "box width / short side" in text and "box height / short side" in text
     assert "no_boxes" in text and "blank" in text
 

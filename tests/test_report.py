@@ -130,7 +130,8 @@ def _dataset(root: Path, samples: dict = SAMPLES, run: bool = True) -> Path:
         near = scene_jpeg(900, 1200, 900)  # sample 1's scene, smaller
         pq.write_table(pa.Table.from_pylist([{
             "uid": NEAR_UID, "sha256": NEAR_UID * 2, "source_uri": "/src/00000001-copy.jpg", "width": 1200, "height": 900,
-            "format": "JPEG", "n_bytes": len(near), "image": near, "phash": 0, "dhash": 0, "fine_sig": bytes(256), "meta": "{}"}],
+            "format": "JPEG", "n_bytes": len(near), "image": near, "phash": 0, "dhash": 0, "fine_sig": bytes(256),
+            "struct_hash": 0, "struct_sig": bytes(256), "crop_hashes": [], "crop_points": [], "meta": "{}"}],
             schema=IMAGES), run_dir / "ingest" / part_name(0))
     return ds
 

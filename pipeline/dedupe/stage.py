@@ -19,7 +19,8 @@ from schemas.config import DedupeSection
 from schemas.tables import DEDUPE, IMAGES, REJECTS
 
 STAGE = "dedupe"
-DEDUPE_COLUMNS = ["uid", "sha256", "source_uri", "width", "height", "phash", "fine_sig"]
+DEDUPE_COLUMNS = ["uid", "sha256", "source_uri", "width", "height", "phash", "fine_sig", "struct_hash", "struct_sig",
+                  "crop_hashes", "crop_points"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def dedupe_partition(payload: DedupePayload) -> dict[str, pa.Table]:
         from dedupe.distributed import near_pairs_ray
 
         tasks = max(2, int(ray.cluster_resources().get("CPU", 2)))
-        search = lambda hashes, radius: near_pairs_ray(hashes, radius, tasks)  # noqa: E731
+        search = lambda hashes, radius, **kw: near_pairs_ray(hashes, radius, tasks, **kw)  # noqa: E731
     table, rejects = clusters.dedupe_images(images, index, cfg.exact, cfg.near, cfg.radius, cfg.fine_threshold, search)
     return {"rejects": rejects, "part": table}
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
 
-from dedupe.hashing import hash_input, perceptual_hashes, sha256_hex, uid_from_sha256
+from dedupe.hashing import content_hashes, hash_input, sha256_hex, uid_from_sha256
 from schemas.config import IngestSection
 from schemas.tables import RejectReason
 
@@ -279,7 +279,7 @@ def _decode_validate(data: bytes, sha: str, source_uri: str, limits: IngestSecti
                 flattened = " (alpha flattened on white and on black)" if has_alpha(decoded) else ""
                 return Rejection(RejectReason.BLANK, f"near-uniform: largest channel standard deviation {level:.2f} < "
                                  f"{BLANK_MAX_STD} levels on the {small.size[0]}x{small.size[1]} thumbnail{flattened}", uid)
-            phash, dhash, fine = perceptual_hashes(small)
+            hashes = content_hashes(small, crops=limits.crop_hashes)
             thumb = encode_thumbnail(view)
         except Exception as exc:
             return _decode_error(exc, uid)
@@ -304,9 +304,7 @@ def _decode_validate(data: bytes, sha: str, source_uri: str, limits: IngestSecti
         "format": stored_format,
         "n_bytes": len(stored),
         "image": stored,
-        "phash": phash,
-        "dhash": dhash,
-        "fine_sig": fine,
+        **hashes,
         "thumb": thumb,
         "meta": json.dumps(meta, sort_keys=True),
     }

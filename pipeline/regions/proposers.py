@@ -14,7 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.regions import ocr, tiles
+from pipeline.regions import distinct, ocr, tiles
+from pipeline.regions.boxes import check_boxes
 from pipeline.regions.salient import (
     Proposal,
     decode_downscaled,
@@ -82,6 +83,40 @@ class SalientProposer:
         return proposal
 
 
+class DistinctProposer:
+    """Salient boxes by the 'distinct' score (pipeline/regions/distinct.py), from ingest's thumbnail."""
+
+    method = "salient"
+
+    def __init__(self, cfg: RegionsSection):
+        self.cfg = cfg
+
+    def needs_image(self, thumb_side: int) -> bool:
+        return not thumb_covers(thumb_side, self.cfg.downscale)
+
+    def __call__(self, data: bytes | None, width: int, height: int, thumb: bytes | None = None) -> Proposal:
+        cfg, opts, t = self.cfg, self.cfg.distinct, {}
+        side = min(opts.box_scales) * min(width, height)
+        if side < cfg.min_box_side:
+            return Proposal.empty(NoBoxReason.TOO_SMALL, f"smallest box side {side:.0f} px < regions.min_box_side = {cfg.min_box_side}")
+        with timed(t, "decode"):
+            if data is None:
+                pixels, sx, sy = thumb_pixels(thumb, width, height, cfg.downscale)
+            else:
+                pixels, sx, sy = decode_downscaled(data, width, height, cfg.downscale)
+        with timed(t, "segment"):
+            boxes, scores = distinct.distinct_boxes(pixels, opts, cfg.k, cfg.felzenszwalb.sigma)
+        with timed(t, "score"):
+            if len(boxes) == 0:
+                return Proposal.empty(NoBoxReason.TOO_PLAIN, f"no box holds regions.distinct.min_score = {opts.min_score} "
+                                      "of distinct segments", t)
+            out = np.rint(boxes * [sx, sy, sx, sy]).astype(np.int64)
+            out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width)
+            out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, height)
+            check_boxes(out, width, height)
+        return Proposal(out, scores.astype(np.float32), timings=t)
+
+
 class TilesProposer:
     method = "tiles"
 
@@ -126,6 +161,8 @@ def make_proposer(cfg: RegionsSection) -> Proposer:
         from pipeline.regions import sam
 
         return SalientProposer(cfg, sam.sam_masker(cfg), cfg.sam.downscale)
+    if cfg.method == "salient" and cfg.scoring == "distinct":
+        return DistinctProposer(cfg)
     if cfg.method == "salient":
         return SalientProposer(cfg, felzenszwalb_masker(cfg), cfg.downscale)
     raise ValueError(f"no proposer for regions.method {cfg.method!r}")

@@ -37,6 +37,8 @@ def png16(seed: int = 9, width: int = 1200, height: int = 1100) -> bytes:
     rng = np.random.default_rng(seed)
     grad = np.linspace(0, 65535, width, dtype=np.float64)[None, :] * np.ones((height, 1))
     arr = np.clip(grad + rng.normal(0, 500, (height, width)), 0, 65535).astype(np.uint16)
+    yy, xx = np.mgrid[0:160, 0:160]
+    arr[450:610, 520:680] = np.where((yy // 20 + xx // 20) % 2, 60000, 3000)  # a checker: something to box
     out = io.BytesIO()
     Image.fromarray(arr).save(out, "PNG")  # mode I;16 -> a 16-bit grayscale PNG
     return out.getvalue()

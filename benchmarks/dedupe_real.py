@@ -1,0 +1,204 @@
+"""Near-duplicate detection on real pictures: precision and recall of duplicate pairs.
+
+The set is a few dozen desktop wallpapers (photos, renders, patterns) in which some are the same
+picture: the `sway-*` files (sizes and portrait crops of one picture), the gnome43 light/dark pairs,
+gnome338's adwaita day / morning / night, and two byte-identical lomiri files. Everything else is a
+distinct picture. Derived from a few distinct pictures: crops (a third and a half of the area, at
+several positions) and resizes / re-encodes. Every image goes through the real ingest code
+(pipeline.ingest.decode.decode_validate, hashes from the <= 256 px thumbnail) and the real clustering
+(dedupe.clusters.dedupe_images); a predicted pair is two images in one cluster.
+
+    python benchmarks/dedupe_real.py [--labels /tmp/labels/skeleton.json]
+
+Last lines, machine-readable:
+    BENCH dup_pair_precision=...
+    BENCH dup_pair_recall=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dedupe import clusters  # noqa: E402
+from dedupe.hashing import fine_distance  # noqa: E402
+from pipeline.ingest.decode import decode_validate  # noqa: E402
+from schemas.config import DedupeSection, IngestSection  # noqa: E402
+from schemas.tables import IMAGES, rows_to_table  # noqa: E402
+
+LABELS = "/tmp/labels/skeleton.json"
+
+# Derived images: (picture id, kind, parameters). Crops keep `area` of the picture at (fx, fy) (the
+# crop's top-left as a fraction of the free room), `aspect` > 1 making it wider than the picture.
+DERIVED = [
+    ("gnome338-road", "crop", {"area": 1 / 3, "at": (0.0, 0.0)}),
+    ("gnome338-road", "crop", {"area": 1 / 3, "at": (0.5, 0.5)}),
+    ("gnome338-road", "crop", {"area": 1 / 2, "at": (1.0, 1.0)}),
+    ("ukui-goldfish", "crop", {"area": 1 / 3, "at": (0.2, 0.8)}),
+    ("ukui-the-mouse", "crop", {"area": 1 / 3, "at": (0.7, 0.3)}),
+    ("ukui-desert", "crop", {"area": 1 / 3, "at": (1.0, 0.0)}),
+    ("gnome338-seasunset", "crop", {"area": 1 / 2, "at": (0.3, 0.6)}),
+    ("ukui-calla", "crop", {"area": 1 / 3, "at": (0.5, 0.5), "aspect": 0.6}),
+    ("ukui-city", "crop", {"area": 1 / 3, "at": (0.5, 0.2)}),
+    ("gnome43-pixels-l", "crop", {"area": 1 / 3, "at": (0.1, 0.9)}),
+    ("gnome338-icetwigs", "crop", {"area": 1 / 2, "at": (0.0, 1.0), "aspect": 1.5}),
+    ("gnome338-road", "resize", {"scale": 0.3, "quality": 70}),
+    ("ukui-goldfish", "resize", {"scale": 0.5, "quality": 85}),
+    ("gnome338-dark_ivy", "resize", {"scale": 0.25, "quality": 60}),
+    ("ukui-rhythm", "resize", {"scale": 1.0, "quality": 50}),
+]
+
+
+def load_set(labels: str = LABELS) -> list[tuple[str, bytes]]:
+    """(picture id, original bytes) of every picture of the set (the one place that knows where they are)."""
+    pictures = json.loads(Path(labels).read_text())["pictures"]
+    return [(p["id"], Path(p["local"]).read_bytes()) for p in pictures]
+
+
+def group_of(pid: str) -> str:
+    """The picture a file shows (files of one group are duplicates of each other)."""
+    pid = pid.split("~")[0]  # derived images: "<picture id>~<how>"
+    if pid.startswith("sway-"):
+        return "sway"
+    if pid.startswith("gnome43-") and pid[-2:] in ("-l", "-d"):
+        return pid[:-2]
+    if pid.startswith("gnome338-adwaita-"):
+        return "gnome338-adwaita"
+    if pid in ("lomiri-warty-final-ubuntu", "lomiri-lomiri-default-background"):
+        return "lomiri"
+    return pid
+
+
+def pair_kind(a: str, b: str) -> str:
+    g = group_of(a)
+    if "~" in a or "~" in b:
+        return "derived crop" if "~crop" in a or "~crop" in b else "derived size"
+    if g == "lomiri":
+        return "exact"
+    if g.startswith("gnome43-") or g == "gnome338-adwaita":
+        return "theme"
+    if g == "sway":
+        return "size" if a.endswith("_portrait") == b.endswith("_portrait") else "crop"
+    return "other"
+
+
+def derive(pid: str, data: bytes, kind: str, params: dict) -> tuple[str, bytes]:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    if kind == "crop":
+        side, aspect = params["area"] ** 0.5, params.get("aspect", 1.0)
+        cw, ch = min(w, int(w * side * aspect ** 0.5)), min(h, int(h * side / aspect ** 0.5))
+        x0, y0 = int((w - cw) * params["at"][0]), int((h - ch) * params["at"][1])
+        out = img.crop((x0, y0, x0 + cw, y0 + ch))
+        name = f"{pid}~crop{params['area']:.2f}@{params['at'][0]},{params['at'][1]}"
+        quality = 90
+    else:
+        s = params["scale"]
+        out = img.resize((int(w * s), int(h * s)), Image.Resampling.LANCZOS) if s != 1.0 else img
+        name = f"{pid}~resize{s}q{params['quality']}"
+        quality = params["quality"]
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=quality)
+    return name, buf.getvalue()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--labels", default=LABELS)
+    args = ap.parse_args()
+
+    originals = load_set(args.labels)
+    by_id = dict(originals)
+    items = originals + [derive(pid, by_id[pid], kind, params) for pid, kind, params in DERIVED if pid in by_id]
+    # Small sizes (sway 768x1024, the resizes) are part of the set: min_side is lowered for them.
+    limits = IngestSection(min_side=256, max_pixels=max(IngestSection().max_pixels, 10240 * 4320))
+    start = time.perf_counter()
+    rows, names = [], []
+    for name, data in items:
+        row = decode_validate(data, f"mem://{name}", limits)
+        if not isinstance(row, dict):
+            print(f"rejected by ingest: {name}: {row}")
+            continue
+        rows.append(row)
+        names.append(name)
+    ingest_s = time.perf_counter() - start
+    images = rows_to_table(rows, IMAGES)
+    cfg = DedupeSection()
+    start = time.perf_counter()
+    table, _ = clusters.dedupe_images(images, None, cfg.exact, cfg.near, cfg.radius, cfg.fine_threshold)
+    dedupe_s = time.perf_counter() - start
+    cluster = dict(zip(table["uid"].to_pylist(), table["cluster"].to_pylist()))
+    uids = images["uid"].to_pylist()
+
+    kinds: dict[str, list[int]] = {}  # kind -> [found, total]
+    tp = fp = 0
+    false_pairs = []
+    for i, j in itertools.combinations(range(len(names)), 2):
+        same = group_of(names[i]) == group_of(names[j])
+        merged = cluster[uids[i]] == cluster[uids[j]]
+        if same:
+            counts = kinds.setdefault(pair_kind(names[i], names[j]), [0, 0])
+            counts[0] += merged
+            counts[1] += 1
+            tp += merged
+        elif merged:
+            fp += 1
+            false_pairs.append((names[i], names[j]))
+    positives = sum(t for _, t in kinds.values())
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / positives if positives else 1.0
+
+    print(f"{len(names)} images ({len(originals)} pictures, {len(names) - len(originals)} derived), "
+          f"ingest {ingest_s:.1f} s, dedupe {dedupe_s:.2f} s")
+    for kind in sorted(kinds):
+        found, total = kinds[kind]
+        print(f"  {kind:13s} recall {found / total:.3f} ({found}/{total} pairs)")
+    missed = [(names[i], names[j]) for i, j in itertools.combinations(range(len(names)), 2)
+              if group_of(names[i]) == group_of(names[j]) and cluster[uids[i]] != cluster[uids[j]]]
+    for a, b in missed:
+        print(f"  missed: {a} ~ {b}")
+    for a, b in false_pairs:
+        print(f"  FALSE MERGE: {a} ~ {b}")
+
+    # The closest distinct pairs on each signature, against the thresholds that confirm pairs.
+    distinct = [(i, j) for i, j in itertools.combinations(range(len(names)), 2) if group_of(names[i]) != group_of(names[j])]
+    a, b = np.array([p[0] for p in distinct]), np.array([p[1] for p in distinct])
+    fine_sig, phash = clusters.signatures(images["fine_sig"]), images["phash"].to_numpy()
+    fine = fine_distance(fine_sig[a], fine_sig[b])
+    k = int(np.argmin(fine))
+    print(f"closest distinct pair (fine signature): {names[a[k]]} ~ {names[b[k]]}: fine distance {fine[k]:.2f} "
+          f"(threshold {cfg.fine_threshold}), pHash distance {int(np.bitwise_count(phash[a[k]] ^ phash[b[k]]))}")
+    if "struct_sig" in images.column_names:  # the structure signature (theme variants)
+        from dedupe.hashing import structure_correlation
+
+        w, h = images["width"].to_numpy().astype(float), images["height"].to_numpy().astype(float)
+        struct_sig, struct_hash = clusters.signatures(images["struct_sig"]), images["struct_hash"].to_numpy()
+        shape = np.abs(np.log(w[a] / h[a]) - np.log(w[b] / h[b])) <= clusters.MAX_ASPECT_CHANGE
+        corr = np.where(shape, structure_correlation(struct_sig[a], struct_sig[b]), -1.0)
+        k = int(np.argmax(corr))
+        print(f"closest distinct pair (structure, same shape): {names[a[k]]} ~ {names[b[k]]}: correlation {corr[k]:.2f} "
+              f"(threshold {clusters.STRUCT_MIN_CORRELATION}), structure-hash distance "
+              f"{int(np.bitwise_count(struct_hash[a[k]] ^ struct_hash[b[k]]))}")
+    if "crop_hashes" in images.column_names:  # the keypoint windows (crops)
+        windows = [np.array(h, np.uint64) for h in images["crop_hashes"].to_pylist()]
+        closest = min(((int(np.bitwise_count(windows[i][:, None] ^ windows[j][None, :]).min()), i, j) for i, j in distinct
+                       if len(windows[i]) and len(windows[j])), default=None)
+        if closest:
+            print(f"closest distinct pair (keypoint windows): {names[closest[1]]} ~ {names[closest[2]]}: "
+                  f"{closest[0]} bits (candidates within {clusters.CROP_RADIUS})")
+    print(f"BENCH dup_pair_precision={precision:.4f}")
+    print(f"BENCH dup_pair_recall={recall:.4f}")
+
+
+if __name__ == "__main__":
+    main()
