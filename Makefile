@@ -37,7 +37,9 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/regions.py
+	$(BIN)/python benchmarks/regions_real.py
 	$(BIN)/python benchmarks/dedupe.py
+	$(BIN)/python benchmarks/dedupe_real.py
 	$(BIN)/python benchmarks/caption.py
 	$(BIN)/python benchmarks/fetch.py
 	$(BIN)/python benchmarks/s3.py

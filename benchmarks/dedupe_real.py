@@ -8,7 +8,7 @@ several positions) and resizes / re-encodes. Every image goes through the real i
 (pipeline.ingest.decode.decode_validate, hashes from the <= 256 px thumbnail) and the real clustering
 (dedupe.clusters.dedupe_images); a predicted pair is two images in one cluster.
 
-    python benchmarks/dedupe_real.py [--labels /tmp/labels/skeleton.json]
+    python benchmarks/dedupe_real.py [--cache DIR]      # the set: benchmarks/real_photos (fetched on first use)
 
 Last lines, machine-readable:
     BENCH dup_pair_precision=...
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "real_photos"))
+
+import fetch as real_photos  # noqa: E402
 
 from dedupe import clusters  # noqa: E402
 from dedupe.hashing import fine_distance  # noqa: E402
@@ -36,7 +38,6 @@ from pipeline.ingest.decode import decode_validate  # noqa: E402
 from schemas.config import DedupeSection, IngestSection  # noqa: E402
 from schemas.tables import IMAGES, rows_to_table  # noqa: E402
 
-LABELS = "/tmp/labels/skeleton.json"
 
 # Derived images: (picture id, kind, parameters). Crops keep `area` of the picture at (fx, fy) (the
 # crop's top-left as a fraction of the free room), `aspect` > 1 making it wider than the picture.
@@ -59,37 +60,36 @@ DERIVED = [
 ]
 
 
-def load_set(labels: str = LABELS) -> list[tuple[str, bytes]]:
-    """(picture id, original bytes) of every picture of the set (the one place that knows where they are)."""
-    pictures = json.loads(Path(labels).read_text())["pictures"]
-    return [(p["id"], Path(p["local"]).read_bytes()) for p in pictures]
+def load_set(cache: Path | None = None) -> tuple[list[tuple[str, bytes]], dict[str, str], dict[str, str]]:
+    """(picture id, original bytes) of every picture of the set, fetched into the cache when missing
+    (benchmarks/real_photos/fetch.py), with each picture's duplicate group and each group's kind."""
+    spec = real_photos.load_set()
+    root = real_photos.fetch(cache, quiet=True)
+    pictures = [(p["id"], real_photos.picture_path(root, p).read_bytes()) for p in spec["pictures"]]
+    landscape = {p["id"]: p["width"] >= p["height"] for p in spec["pictures"]}
+    group, kind = {}, {}
+    for i, g in enumerate(spec["duplicate_groups"]):
+        for member in g["members"]:
+            group[member] = f"group{i}"
+        kind[f"group{i}"] = g["kind"]
+    for pid, is_landscape in landscape.items():  # a portrait file of a landscape picture is a crop
+        kind[pid] = "landscape" if is_landscape else "portrait"
+    return pictures, group, kind
 
 
-def group_of(pid: str) -> str:
+def group_of(pid: str, groups: dict[str, str]) -> str:
     """The picture a file shows (files of one group are duplicates of each other)."""
     pid = pid.split("~")[0]  # derived images: "<picture id>~<how>"
-    if pid.startswith("sway-"):
-        return "sway"
-    if pid.startswith("gnome43-") and pid[-2:] in ("-l", "-d"):
-        return pid[:-2]
-    if pid.startswith("gnome338-adwaita-"):
-        return "gnome338-adwaita"
-    if pid in ("lomiri-warty-final-ubuntu", "lomiri-lomiri-default-background"):
-        return "lomiri"
-    return pid
+    return groups.get(pid, pid)
 
 
-def pair_kind(a: str, b: str) -> str:
-    g = group_of(a)
+def pair_kind(a: str, b: str, groups: dict[str, str], kinds: dict[str, str]) -> str:
     if "~" in a or "~" in b:
         return "derived crop" if "~crop" in a or "~crop" in b else "derived size"
-    if g == "lomiri":
-        return "exact"
-    if g.startswith("gnome43-") or g == "gnome338-adwaita":
-        return "theme"
-    if g == "sway":
-        return "size" if a.endswith("_portrait") == b.endswith("_portrait") else "crop"
-    return "other"
+    kind = kinds.get(group_of(a, groups), "other")
+    if kind == "size and crop":
+        return "size" if kinds[a] == kinds[b] else "crop"
+    return kind
 
 
 def derive(pid: str, data: bytes, kind: str, params: dict) -> tuple[str, bytes]:
@@ -114,10 +114,10 @@ def derive(pid: str, data: bytes, kind: str, params: dict) -> tuple[str, bytes]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--labels", default=LABELS)
+    ap.add_argument("--cache", type=Path, default=None, help="picture cache (default: $LOCALCAP_REAL_PHOTOS or ~/.cache/localcap/real-photos)")
     args = ap.parse_args()
 
-    originals = load_set(args.labels)
+    originals, groups, kinds = load_set(args.cache)
     by_id = dict(originals)
     items = originals + [derive(pid, by_id[pid], kind, params) for pid, kind, params in DERIVED if pid in by_id]
     # Small sizes (sway 768x1024, the resizes) are part of the set: min_side is lowered for them.
@@ -140,38 +140,38 @@ def main() -> None:
     cluster = dict(zip(table["uid"].to_pylist(), table["cluster"].to_pylist()))
     uids = images["uid"].to_pylist()
 
-    kinds: dict[str, list[int]] = {}  # kind -> [found, total]
+    by_kind: dict[str, list[int]] = {}  # kind -> [found, total]
     tp = fp = 0
     false_pairs = []
     for i, j in itertools.combinations(range(len(names)), 2):
-        same = group_of(names[i]) == group_of(names[j])
+        same = group_of(names[i], groups) == group_of(names[j], groups)
         merged = cluster[uids[i]] == cluster[uids[j]]
         if same:
-            counts = kinds.setdefault(pair_kind(names[i], names[j]), [0, 0])
+            counts = by_kind.setdefault(pair_kind(names[i], names[j], groups, kinds), [0, 0])
             counts[0] += merged
             counts[1] += 1
             tp += merged
         elif merged:
             fp += 1
             false_pairs.append((names[i], names[j]))
-    positives = sum(t for _, t in kinds.values())
+    positives = sum(t for _, t in by_kind.values())
     precision = tp / (tp + fp) if tp + fp else 1.0
     recall = tp / positives if positives else 1.0
 
     print(f"{len(names)} images ({len(originals)} pictures, {len(names) - len(originals)} derived), "
           f"ingest {ingest_s:.1f} s, dedupe {dedupe_s:.2f} s")
-    for kind in sorted(kinds):
-        found, total = kinds[kind]
+    for kind in sorted(by_kind):
+        found, total = by_kind[kind]
         print(f"  {kind:13s} recall {found / total:.3f} ({found}/{total} pairs)")
     missed = [(names[i], names[j]) for i, j in itertools.combinations(range(len(names)), 2)
-              if group_of(names[i]) == group_of(names[j]) and cluster[uids[i]] != cluster[uids[j]]]
+              if group_of(names[i], groups) == group_of(names[j], groups) and cluster[uids[i]] != cluster[uids[j]]]
     for a, b in missed:
         print(f"  missed: {a} ~ {b}")
     for a, b in false_pairs:
         print(f"  FALSE MERGE: {a} ~ {b}")
 
     # The closest distinct pairs on each signature, against the thresholds that confirm pairs.
-    distinct = [(i, j) for i, j in itertools.combinations(range(len(names)), 2) if group_of(names[i]) != group_of(names[j])]
+    distinct = [(i, j) for i, j in itertools.combinations(range(len(names)), 2) if group_of(names[i], groups) != group_of(names[j], groups)]
     a, b = np.array([p[0] for p in distinct]), np.array([p[1] for p in distinct])
     fine_sig, phash = clusters.signatures(images["fine_sig"]), images["phash"].to_numpy()
     fine = fine_distance(fine_sig[a], fine_sig[b])

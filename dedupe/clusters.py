@@ -213,15 +213,27 @@ def confirmed_pairs(phash: np.ndarray, fine: np.ndarray, radius: int, threshold:
     return pairs[fine_distance(fine[pairs[:, 0]], fine[pairs[:, 1]]) <= threshold]
 
 
+MATCHES = ("edit", "theme", "crop")  # the kinds of near-duplicate pair, in the order they are preferred
+
+
 def all_pairs(cols: HashColumns, radius: int, threshold: float, first_new: int, search: Callable = near_pairs,
-              variants: bool = True) -> np.ndarray:
-    """Confirmed pairs of every kind: edits (pHash + fine signature), and with `variants` theme
-    variants (structure) and crops (keypoint windows); radius 0 (near search off) keeps only the first."""
-    found = [confirmed_pairs(cols.phash, cols.fine, radius, threshold, first_new, search)]
+              variants: bool = True) -> dict[str, np.ndarray]:
+    """Confirmed pairs of every kind (MATCHES): edits (pHash + fine signature), and with `variants`
+    theme variants (structure) and crops (keypoint windows); radius 0 (near search off) keeps only edits."""
+    found = {"edit": confirmed_pairs(cols.phash, cols.fine, radius, threshold, first_new, search)}
     if variants and radius > 0:
-        found += [theme_pairs(cols, first_new, search), crop_pairs(cols, first_new, threshold, search)]
-    found = [p for p in found if len(p)]
-    return _unique_pairs(np.concatenate(found)) if found else np.empty((0, 2), np.int64)
+        found["theme"] = theme_pairs(cols, first_new, search)
+        found["crop"] = crop_pairs(cols, first_new, threshold, search)
+    return {kind: _unique_pairs(p) for kind, p in found.items() if len(p)}
+
+
+def pair_kinds(pairs: dict[str, np.ndarray]) -> dict[tuple[int, int], str]:
+    """(i, j) -> how they matched, the first kind of MATCHES when several found the pair."""
+    out: dict[tuple[int, int], str] = {}
+    for kind in reversed(MATCHES):
+        for a, b in pairs.get(kind, np.empty((0, 2), np.int64)).tolist():
+            out[(a, b)] = kind
+    return out
 
 
 def _roots(pairs: np.ndarray) -> dict[int, int]:
@@ -249,8 +261,13 @@ def near_duplicates(images: pa.Table, index: pa.Table | None, radius: int, thres
     The index stays in Arrow/numpy columns: only the rows that match are turned into Python values."""
     index = index if index is not None and index.num_rows else INDEX.empty_table()
     n_pub = index.num_rows
-    pairs = all_pairs(HashColumns(index, images), radius, threshold, n_pub, search)
-    roots = _roots(pairs)
+    found = all_pairs(HashColumns(index, images), radius, threshold, n_pub, search)
+    kinds = pair_kinds(found)
+    roots = _roots(np.array(sorted(kinds), np.int64).reshape(-1, 2))
+    linked: dict[int, str] = {}  # item -> how it matched its cluster: the pair with the anchor, else any of its pairs
+    for (a, b), kind in sorted(kinds.items()):
+        linked.setdefault(a, kind)
+        linked.setdefault(b, kind)
 
     run_uids = images["uid"].to_pylist()
     run_sources = images["source_uri"].to_pylist()
@@ -275,11 +292,13 @@ def near_duplicates(images: pa.Table, index: pa.Table | None, radius: int, thres
         anchor, published = decided.get(n_pub + k, (n_pub + k, False))
         kept = anchor == n_pub + k
         anchor_uid = uid(anchor)
-        dedupe_rows.append({"uid": u, "cluster": anchor_uid, "kept": kept, "duplicate_of": None if kept else anchor_uid})
+        match = None if kept else kinds.get(tuple(sorted((anchor, n_pub + k))), linked.get(n_pub + k))
+        dedupe_rows.append({"uid": u, "cluster": anchor_uid, "kept": kept, "duplicate_of": None if kept else anchor_uid,
+                            "match": match})
         if not kept:
             reason = RejectReason.DUPLICATE_PUBLISHED if published else RejectReason.DUPLICATE_NEAR
             where = "already published (dedupe.index)" if published else f"kept: {run_sources[anchor - n_pub]}"
-            rejects.append(reject(src, u, STAGE, reason, f"near duplicate of {anchor_uid}, {where}"))
+            rejects.append(reject(src, u, STAGE, reason, f"near duplicate ({match}) of {anchor_uid}, {where}"))
     return rows_to_table(dedupe_rows, DEDUPE), rows_to_table(rejects, REJECTS)
 
 
@@ -303,7 +322,7 @@ def dedupe_images(images: pa.Table, index: pa.Table | None, exact_on: bool, near
         rows.append(near_rows)
         rejects.append(near_rejects)
     else:
-        rows.append(rows_to_table([{"uid": u, "cluster": u, "kept": True, "duplicate_of": None}
+        rows.append(rows_to_table([{"uid": u, "cluster": u, "kept": True, "duplicate_of": None, "match": None}
                                    for u in survivors["uid"].to_pylist()], DEDUPE))
     table = pa.concat_tables(rows).sort_by("uid")
     return table, pa.concat_tables(rejects) if rejects else REJECTS.empty_table()

@@ -21,7 +21,8 @@ def exact_duplicates(images: pa.Table) -> tuple[pa.Table, pa.Table]:
     for uri, uid, sha in rows:
         kept_uri, kept_uid = first_by_sha.setdefault(sha, (uri, uid))
         kept = kept_uri == uri
-        dedupe_rows.append({"uid": uid, "cluster": kept_uid, "kept": kept, "duplicate_of": None if kept else kept_uid})
+        dedupe_rows.append({"uid": uid, "cluster": kept_uid, "kept": kept, "duplicate_of": None if kept else kept_uid,
+                            "match": None if kept else "exact"})
         if not kept:
             rejects.append(reject(uri, uid, STAGE, RejectReason.DUPLICATE_EXACT, f"same bytes as {kept_uri}"))
     return rows_to_table(dedupe_rows, DEDUPE), rows_to_table(rejects, REJECTS)

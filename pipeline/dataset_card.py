@@ -27,6 +27,7 @@ from pipeline.storage import Storage, join
 from schemas.config import redact_secrets
 from schemas.tables import (
     CAPTIONS,
+    DEDUPE,
     GLOBAL_REGION,
     IMAGES,
     REGION_STATUS,
@@ -58,9 +59,10 @@ def _stats(values: list[float]) -> dict:
     return {"min": s[0], "median": s[len(s) // 2], "max": s[-1], "mean": round(sum(s) / len(s), 3)}
 
 
-def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table) -> dict:
-    """Sizes, boxes per image, box sides as fractions of the image's short side, and why images
-    got no boxes; regions and status hold the kept samples' rows of those stage tables. Only facts
+def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table, duplicates: pa.Table | None = None) -> dict:
+    """Sizes, boxes per image (and how many images have each count), box sides as fractions of the
+    image's short side, why images got no boxes, and how the dropped duplicates matched; regions and
+    status hold the kept samples' rows of those stage tables, duplicates the dedupe tables. Only facts
     about the data: a resumed run writes the same statistics as an uninterrupted one."""
     widths, heights = manifest["width"].to_pylist(), manifest["height"].to_pylist()
     short = {uid: min(w, h) for uid, w, h in zip(manifest["uid"].to_pylist(), widths, heights)}
@@ -77,10 +79,34 @@ def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table) 
         "height": _stats(heights),
         "megapixels": _stats([round(w * h / 1e6, 3) for w, h in zip(widths, heights)]),
         "boxes_per_image": _stats(manifest["boxes"].to_pylist()),
+        "images_by_box_count": _counts(manifest["boxes"].to_pylist()),
         "box_width_fraction": _stats(box_w),
         "box_height_fraction": _stats(box_h),
         "no_boxes_by_reason": dict(sorted(no_box.items())),
+        "box_side_fraction_by_size": _counts([_size_bucket(max(w, h)) for w, h in zip(box_w, box_h)]),
+        "duplicates_by_match": _counts(duplicates.filter(pc.invert(duplicates["kept"]))["match"].to_pylist()
+                                       if duplicates is not None and duplicates.num_rows and "match" in duplicates.column_names else []),
     }
+
+
+SIZE_BUCKETS = (0.125, 0.25, 0.5)  # box long side / image short side: small, medium, large, very large
+
+
+def _size_bucket(fraction: float) -> str:
+    edges = ("0", *map(str, SIZE_BUCKETS))
+    for low, high in zip(edges, SIZE_BUCKETS):
+        if fraction < high:
+            return f"{low}-{high}"
+    return f">={SIZE_BUCKETS[-1]}"
+
+
+def _counts(values: list) -> dict[str, int]:
+    """How many of each value (None counted as 'unknown'), keys sorted."""
+    out: dict[str, int] = {}
+    for v in values:
+        key = "unknown" if v is None else str(v)
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def build_entry(run_id: str, reports: list[StageReport]) -> dict:
@@ -187,7 +213,7 @@ def write_dataset_card(ctx: RunContext, n_inputs: int, reports: list[StageReport
         "created_at": built[-1]["finished_at"],  # when the data last changed, not when a no-op rerun rewrote this file
         "updated_at": builds[-1]["finished_at"],
         "counts": counts,
-        "statistics": dataset_statistics(manifest, regions, status),
+        "statistics": dataset_statistics(manifest, regions, status, read_tables(ctx.storage, ctx.stage_dir("dedupe"), "part", DEDUPE)),
         "timings": run_timings(builds, status),
         "builds": builds,
         "captions": caption_summary(ctx.config.captioner, captions) if captions is not None else None,

@@ -59,8 +59,14 @@ def box_lines(stats: dict, timings: dict) -> list[str]:
         f = stats.get(f"box_{axis}_fraction") or {}
         if f:
             out.append(f"          box {axis} / short side: min {f['min']:.3f}, median {f['median']:.3f}, max {f['max']:.3f}")
+    if stats.get("images_by_box_count"):
+        out.append("          images with n boxes: " + ", ".join(f"{k}: {v}" for k, v in stats["images_by_box_count"].items()))
+    if stats.get("box_side_fraction_by_size"):
+        out.append("          box long side / short side: " + ", ".join(f"{k}: {v}" for k, v in stats["box_side_fraction_by_size"].items()))
     if stats.get("no_boxes_by_reason"):
         out.append("          no boxes: " + ", ".join(f"{k} {v}" for k, v in stats["no_boxes_by_reason"].items()))
+    if stats.get("duplicates_by_match"):
+        out.append("duplicates dropped, by match: " + ", ".join(f"{k} {v}" for k, v in stats["duplicates_by_match"].items()))
     ms = timings.get("regions_ms_per_image") or {}
     if ms:
         out.append("          proposer ms/image: " + ", ".join(f"{k} {v}" for k, v in ms.items()))

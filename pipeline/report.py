@@ -397,6 +397,8 @@ def write_report(dataset_uri: str, out_dir: str, n_samples: int = 24, storage: S
         bar_svg("rejections by reason", by_reason),
         bar_svg("images without boxes, by reason", info.get("statistics", {}).get("no_boxes_by_reason", {})),
         bar_svg("duplicates found", {k: by_reason.get(k, 0) for k in DUPLICATES}),
+        bar_svg("duplicates dropped, by how they matched", info.get("statistics", {}).get("duplicates_by_match", {})),
+        column_svg("box long side / image short side", info.get("statistics", {}).get("box_side_fraction_by_size", {})),
         bar_svg("seconds per stage", stage_seconds(info)),
         bar_svg("throughput per stage (inputs/s, over the builds that computed it)", stage_throughput(info)),
     ]

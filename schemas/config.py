@@ -197,6 +197,9 @@ class DistinctOptions(_Section):
     scales_per_segment: int = Field(2, ge=1, description="Candidates per segment: the smallest framing scale and the next ones up.")
     margin: float = Field(1.25, ge=1, description="A box frames a segment when its side is at least this times the segment's long side.")
     candidates: int = Field(60, ge=1, description="Heaviest segments that candidates are centred on.")
+    coherence_sigma: float = Field(2.0, gt=0, description="Window (Gaussian sigma, pixels of the copy) of the edge-coherence measure.")
+    coherence_power: float = Field(
+        0.5, ge=0, description="Segments weigh (1 - coherence) ** this: edges running one way (between flat regions) weigh little.")
     detail_window: float = Field(0.05, gt=0, le=1, description="Side of the window local busyness is measured in, as a fraction of the short side.")
     detail_floor: float = Field(0.01, gt=0, description="Busyness (segments per pixel of the copy) below which a picture counts as calm.")
     detail_lift_ref: float = Field(6.0, gt=0, description="A patch this many times busier than average (minus 1) counts fully.")
@@ -206,7 +209,7 @@ class DistinctOptions(_Section):
     colour_bins: int = Field(16, ge=4, le=64, description="Bins per Lab axis of the colour histogram that ownership is measured on.")
     colour_smoothing: float = Field(1.0, ge=0, description="Gaussian smoothing of that histogram, in bins.")
     min_score: float = Field(
-        0.3, ge=0,
+        0.4, ge=0,
         description="Boxes holding less weight are not kept (a segment that owns its colour, stands out and is small weighs 1). "
         "An image with no box above it gets zero boxes, reason 'too_plain'.",
     )

@@ -162,6 +162,8 @@ DEDUPE = pa.schema(
         _field("cluster", pa.string(), "uid of the cluster's kept image"),
         _field("kept", pa.bool_(), "whether this image goes to the shards"),
         _field("duplicate_of", pa.string(), "uid it duplicates", nullable=True),
+        _field("match", pa.string(), "how it matched: exact (same bytes), edit (re-encode, resize), theme (light/dark, palette) or crop",
+               nullable=True),
     ]
 )
 

@@ -122,7 +122,7 @@ def test_rerun_captions_only_what_failed(server, build, tmp_path):
     server.script = [(200, {})] * 4 + [(500, {})] * 3  # the first 4 succeed, the next 3 fail (no retries)
     first = build(cfg, run_id="rerun")
     total = first["captions"]["total"]
-    assert total == 3 * (2 + 1)  # 2 boxes + 1 global caption per image
+    assert 3 * (1 + 1) <= total <= 3 * (2 + 1)  # 1-2 boxes (regions.k = 2) + 1 global caption per image
     failed = first["captions"]["by_status"].get("backend_error", 0)
     assert failed == 3 and first["captions"]["by_status"]["ok"] == total - 3
     sent_first = len(server.requests)
@@ -131,4 +131,4 @@ def test_rerun_captions_only_what_failed(server, build, tmp_path):
     assert len(server.requests) - sent_first == failed  # only the failed requests were sent again
     assert second["captions"]["by_status"] == {"ok": total}
     manifest_boxes = second["statistics"]["boxes_per_image"]
-    assert manifest_boxes["min"] == manifest_boxes["max"] == 2
+    assert 1 <= manifest_boxes["min"] <= manifest_boxes["max"] <= 2

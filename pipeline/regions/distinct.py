@@ -7,12 +7,14 @@ clouds, moss and bokeh: texture makes many small masks. Here a segment's weight 
   whole image, from a smoothed Lab histogram). A distinct object owns its colours; a texture or a
   repeated element shares them with every other copy, so each copy weighs little;
 - local contrast: the distance in Lab between the segment and a ring around it;
-- compactness: bounding-box fill, and a minimum thickness, so the thin blend segments along the
-  edge between two flat regions weigh nothing;
+- compactness: bounding-box fill, and a minimum thickness;
+- edge coherence: where the lightness edges around a segment all run one way (the blend pieces
+  along the edge between two flat regions) it weighs little;
 - a size prior (PS3's): segments above `small_area` of the image weigh less in proportion, and
   segments above `max_segment_fraction` (background, flat regions) nothing.
 Segments come from two felzenszwalb levels: a coarse one whose segments are objects and a fine one
-whose segments are the small details of generated scenes and icons.
+whose segments are the small details of generated scenes and icons; on the fine level a segment in a
+patch much busier than the picture on average counts as distinct too (detail_lift).
 
 Candidates are centred on the heaviest segments, at the smallest of a few box scales that frames the
 segment with a margin (and the next one up), so an object is framed rather than cut. A box's score
@@ -68,6 +70,16 @@ def segment_table(labels: np.ndarray, lab: np.ndarray, lab_sat: np.ndarray) -> d
     around = lab_sat[y2, x2] - lab_sat[y1, x2] - lab_sat[y2, x1] + lab_sat[y1, x1]  # (L, a, b, count) sums
     ring = (around[:, :3] - mean * count[:, None]) / np.maximum(around[:, 3] - count, 1.0)[:, None]
     return {"count": count, "mean": mean, "box": box, "contrast": np.linalg.norm(mean - ring, axis=1)}
+
+
+def edge_coherence(lab: np.ndarray, sigma: float) -> np.ndarray:
+    """Per pixel, how one-directional the lightness structure around it is (structure-tensor
+    coherence, 0 to 1): 1 along a straight or smooth edge, low where edges run every way (text,
+    a checker, fur, an object's outline seen whole)."""
+    light = lab[..., 0]
+    gx, gy = ndimage.sobel(light, axis=1), ndimage.sobel(light, axis=0)
+    jxx, jyy, jxy = (ndimage.gaussian_filter(v, sigma) for v in (gx * gx, gy * gy, gx * gy))
+    return np.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / np.maximum(jxx + jyy, 1e-6)
 
 
 def detail_lift(labels: np.ndarray, count: np.ndarray, window: int, floor: float) -> np.ndarray:
@@ -156,13 +168,18 @@ def distinct_boxes(pixels: np.ndarray, opts: DistinctOptions, k: int, sigma: flo
     h, w = lab.shape[:2]
     share = colour_share(lab, opts.colour_bins, opts.colour_smoothing)
     lab_sat = summed_area_stack(np.concatenate([lab, np.ones((h, w, 1))], axis=2))
+    one_way = edge_coherence(lab, opts.coherence_sigma) if opts.coherence_power > 0 else None
     boxes, weights = [], []
     for level in opts.levels:
         labels = felzenszwalb(pixels, scale=level.scale, sigma=sigma, min_size=level.min_size)
         seg = segment_table(labels, lab, lab_sat)
         lift = detail_lift(labels, seg["count"], round(opts.detail_window * min(h, w)), opts.detail_floor) if level.detail else None
+        weight = segment_weights(seg, share, h * w, opts, level.small_area, lift) * level.weight
+        if one_way is not None:  # the blend pieces along the edge between two flat regions
+            coherence = np.bincount(labels.ravel(), one_way.ravel(), minlength=len(weight)) / seg["count"]
+            weight = weight * (1.0 - coherence) ** opts.coherence_power
         boxes.append(seg["box"])
-        weights.append(segment_weights(seg, share, h * w, opts, level.small_area, lift) * level.weight)
+        weights.append(weight)
     box, weight = np.concatenate(boxes), np.concatenate(weights)
     candidates = candidate_boxes(box, weight, w, h, opts)
     if len(candidates) == 0:
