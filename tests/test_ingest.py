@@ -211,3 +211,22 @@ def test_a_damaged_file_with_a_valid_signature_is_a_decode_error(fmt, offset):
     assert fmt in got.detail and "not an image" not in got.detail
     text = decode_validate(b"plain text, not an image at all", "t.jpg", LIMITS)
     assert text.reason == RejectReason.NOT_AN_IMAGE
+
+
+def test_an_exact_copy_is_not_decoded_again(monkeypatch):
+    """Ingest hashes the bytes first: a copy of an input this process already decoded (the same
+    wallpaper under two names) gets the same row, its own source URI, and no second decode."""
+    from pipeline.ingest import decode
+
+    data = scene_jpeg(5)
+    first = decode_validate(data, "a/one.jpg", LIMITS)
+    hits = decode.EXACT_COPIES.hits
+    opened = []
+    real_open = decode.Image.open
+    monkeypatch.setattr(decode.Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    copy = decode_validate(bytes(data), "b/two.jpg", LIMITS)
+    assert decode.EXACT_COPIES.hits == hits + 1 and opened == []
+    assert copy["source_uri"] == "b/two.jpg" and copy["image"] == data
+    assert {k: v for k, v in copy.items() if k != "source_uri"} == {k: v for k, v in first.items() if k != "source_uri"}
+    other = decode_validate(data, "c/three.jpg", LIMITS.model_copy(update={"thumb_side": 128}))  # other limits: decoded
+    assert decode.EXACT_COPIES.hits == hits + 1 and len(other["thumb"]) < len(first["thumb"])

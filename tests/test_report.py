@@ -131,7 +131,7 @@ def _dataset(root: Path, samples: dict = SAMPLES, run: bool = True) -> Path:
         pq.write_table(pa.Table.from_pylist([{
             "uid": NEAR_UID, "sha256": NEAR_UID * 2, "source_uri": "/src/00000001-copy.jpg", "width": 1200, "height": 900,
             "format": "JPEG", "n_bytes": len(near), "image": near, "phash": 0, "dhash": 0, "fine_sig": bytes(256),
-            "struct_hash": 0, "struct_sig": bytes(256), "crop_hashes": [], "crop_points": [], "meta": "{}"}],
+            "struct_hash": 0, "struct_sig": bytes(256), "crop_hashes": [], "crop_points": [], "thumb": near, "meta": "{}"}],
             schema=IMAGES), run_dir / "ingest" / part_name(0))
     return ds
 
