@@ -197,6 +197,10 @@ class DistinctOptions(_Section):
     scales_per_segment: int = Field(2, ge=1, description="Candidates per segment: the smallest framing scale and the next ones up.")
     margin: float = Field(1.25, ge=1, description="A box frames a segment when its side is at least this times the segment's long side.")
     candidates: int = Field(60, ge=1, description="Heaviest segments that candidates are centred on.")
+    size_penalty: float = Field(
+        0.25, ge=0,
+        description="A candidate's score is multiplied by (smallest candidate side / its side) ** this: of two boxes "
+        "around the same object the tighter one wins unless the larger holds clearly more.")
     coherence_sigma: float = Field(2.0, gt=0, description="Window (Gaussian sigma, pixels of the copy) of the edge-coherence measure.")
     coherence_power: float = Field(
         0.5, ge=0, description="Segments weigh (1 - coherence) ** this: edges running one way (between flat regions) weigh little.")

@@ -18,7 +18,7 @@ patch much busier than the picture on average counts as distinct too (detail_lif
 
 Candidates are centred on the heaviest segments, at the smallest of a few box scales that frames the
 segment with a margin (and the next one up), so an object is framed rather than cut. A box's score
-is the weight of the segments mostly inside it. Selection is greedy and spreads the boxes: a kept box
+is the weight of the segments mostly inside it, slightly discounted for size (the tighter box wins). Selection is greedy and spreads the boxes: a kept box
 consumes its segments' weight, so the next box must find weight elsewhere (no pile-up on one
 structure); boxes do not overlap; below `min_score`, fewer than k boxes are kept rather than filler.
 """
@@ -141,13 +141,14 @@ def coverage(candidates: np.ndarray, box: np.ndarray) -> np.ndarray:
     return (inside > 0.5).astype(np.float64)
 
 
-def select_spread(candidates: np.ndarray, cover: np.ndarray, weight: np.ndarray, k: int, min_score: float) -> tuple[list[int], list[float]]:
-    """Greedy: the candidate holding the most weight not yet taken, no overlap with kept boxes, until
-    k boxes or the best remaining holds less than min_score."""
+def select_spread(candidates: np.ndarray, cover: np.ndarray, weight: np.ndarray, k: int, min_score: float,
+                  preference: np.ndarray) -> tuple[list[int], list[float]]:
+    """Greedy: the candidate holding the most weight not yet taken (times its `preference`), no overlap
+    with kept boxes, until k boxes or the best remaining holds less than min_score."""
     remaining, kept, scores = weight.copy(), [], []
     blocked = np.zeros(len(candidates), bool)
     for _ in range(k):
-        score = np.where(blocked, -1.0, cover @ remaining)
+        score = np.where(blocked, -1.0, (cover @ remaining) * preference)
         best = int(np.argmax(score)) if len(score) else -1
         if best < 0 or score[best] < min_score:
             break
@@ -184,7 +185,9 @@ def distinct_boxes(pixels: np.ndarray, opts: DistinctOptions, k: int, sigma: flo
     candidates = candidate_boxes(box, weight, w, h, opts)
     if len(candidates) == 0:
         return np.zeros((0, 4)), np.zeros(0)
-    kept, scores = select_spread(candidates, coverage(candidates, box), weight, k, opts.min_score)
+    side = candidates[:, 2] - candidates[:, 0]
+    preference = (side.min() / side) ** opts.size_penalty  # a larger box wins only by holding clearly more: tight boxes
+    kept, scores = select_spread(candidates, coverage(candidates, box), weight, k, opts.min_score, preference)
     return candidates[kept], np.asarray(scores, np.float64)
 
 
