@@ -18,10 +18,9 @@ from pipeline.regions import distinct, ocr, tiles
 from pipeline.regions.boxes import check_boxes
 from pipeline.regions.salient import (
     Proposal,
-    decode_downscaled,
     label_weights,
+    segmentation_copy,
     thumb_covers,
-    thumb_pixels,
     timed,
     top_boxes,
 )
@@ -71,10 +70,7 @@ class SalientProposer:
         if side < cfg.min_box_side:
             return Proposal.empty(NoBoxReason.TOO_SMALL, f"box side {side:.0f} px < regions.min_box_side = {cfg.min_box_side}")
         with timed(t, "decode"):
-            if data is None:
-                pixels, sx, sy = thumb_pixels(thumb, width, height, self.downscale)
-            else:
-                pixels, sx, sy = decode_downscaled(data, width, height, self.downscale)
+            pixels, sx, sy = segmentation_copy(data, thumb, width, height, self.downscale)
         with timed(t, "segment"):
             weights = self.masker(pixels, sx * sy, float(width) * height)
         with timed(t, "score"):
@@ -100,10 +96,7 @@ class DistinctProposer:
         if side < cfg.min_box_side:
             return Proposal.empty(NoBoxReason.TOO_SMALL, f"smallest box side {side:.0f} px < regions.min_box_side = {cfg.min_box_side}")
         with timed(t, "decode"):
-            if data is None:
-                pixels, sx, sy = thumb_pixels(thumb, width, height, cfg.downscale)
-            else:
-                pixels, sx, sy = decode_downscaled(data, width, height, cfg.downscale)
+            pixels, sx, sy = segmentation_copy(data, thumb, width, height, cfg.downscale)
         with timed(t, "segment"):
             boxes, scores = distinct.distinct_boxes(pixels, opts, cfg.k, cfg.felzenszwalb.sigma)
         with timed(t, "score"):

@@ -72,6 +72,14 @@ def thumb_pixels(thumb: bytes, width: int, height: int, max_side: int) -> tuple[
     return np.asarray(img), width / img.size[0], height / img.size[1]
 
 
+def segmentation_copy(data: bytes | None, thumb: bytes | None, width: int, height: int, max_side: int) -> tuple[np.ndarray, float, float]:
+    """The copy a proposer segments: from ingest's thumbnail when the stored bytes were not read
+    (data None), else from the stored bytes (a copy larger than the thumbnail)."""
+    if data is None:
+        return thumb_pixels(thumb, width, height, max_side)
+    return decode_downscaled(data, width, height, max_side)
+
+
 def thumb_covers(thumb_side: int, max_side: int) -> bool:
     """Whether thumbnails of long side `thumb_side` hold every pixel a `max_side` copy needs."""
     return max_side <= thumb_side
