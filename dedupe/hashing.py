@@ -20,24 +20,34 @@ def uid_from_sha256(sha256: str) -> str:
     return sha256[:32]
 
 
-def _to_uint64(h: imagehash.ImageHash) -> int:
+def bits_to_uint64(bits) -> int:
+    """The integer whose binary digits are `bits`, first bit highest (a 64-bit hash from 64 booleans)."""
     value = 0
-    for bit in h.hash.flatten():
+    for bit in bits:
         value = (value << 1) | int(bit)
     return value
+
+
+def _to_uint64(h: imagehash.ImageHash) -> int:
+    return bits_to_uint64(h.hash.flatten())
 
 
 FINE_GRID = 16  # fine signature: 16 x 16 block means of the grey image
 FINE_SCALE = 16  # z-scores are stored as int8 in steps of 1/16 (range +-8 standard deviations)
 
 
-def hash_input(image: Image.Image) -> Image.Image:
-    """The <= HASH_INPUT_SIDE px copy the hashes look at (the image itself when it is that small)."""
-    if max(image.size) <= HASH_INPUT_SIDE:
+def shrink(image: Image.Image, side: int) -> Image.Image:
+    """A copy with its long side at most `side` (the image itself when it is that small)."""
+    if max(image.size) <= side:
         return image
     small = image.copy()
-    small.thumbnail((HASH_INPUT_SIDE, HASH_INPUT_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    small.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return small
+
+
+def hash_input(image: Image.Image) -> Image.Image:
+    """The <= HASH_INPUT_SIDE px copy the hashes look at (the image itself when it is that small)."""
+    return shrink(image, HASH_INPUT_SIDE)
 
 
 def perceptual_hashes(image: Image.Image) -> tuple[int, int, bytes]:
@@ -108,10 +118,7 @@ def structure_hashes(image: Image.Image) -> tuple[int, bytes]:
     rgb = np.asarray(hash_input(image).convert("RGB"), np.float32)
     magnitude = _high_pass_magnitude(rgb)
     coarse = _blocks(magnitude, 8).ravel()
-    bits = coarse > np.median(coarse)
-    value = 0
-    for bit in bits:
-        value = (value << 1) | int(bit)
+    value = bits_to_uint64(coarse > np.median(coarse))
     detail = magnitude - ndimage.gaussian_filter(magnitude, 2 * STRUCT_SIGMA)
     blocks = _blocks(detail, FINE_GRID)
     z = (blocks - blocks.mean()) / max(float(blocks.std()), 1e-3)
@@ -205,10 +212,7 @@ def window_hash(gray: np.ndarray, x: float, y: float, sigma: float) -> int:
     box = (x - r - x0, y - r - y0, x + r - x0, y + r - y0)
     win = np.asarray(region.transform((32, 32), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR), np.float32)
     coeffs = dct(dct(win, axis=0, norm="ortho"), axis=1, norm="ortho")[:8, :8].ravel()[1:]
-    value = 0
-    for bit in coeffs > np.median(coeffs):
-        value = (value << 1) | int(bit)
-    return value
+    return bits_to_uint64(coeffs > np.median(coeffs))
 
 
 def crop_hashes(image: Image.Image) -> tuple[list[int], list[float]]:

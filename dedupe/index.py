@@ -12,7 +12,7 @@ from dedupe.clusters import INDEX
 from pipeline.partitions import read_table, write_table
 from pipeline.storage import Storage, join
 
-HASH_COLUMNS = ["uid", "phash", "fine_sig", "width", "height", "struct_hash", "struct_sig", "crop_hashes", "crop_points"]
+HASH_COLUMNS = [name for name in INDEX.names if name != "run_id"]  # what the index keeps of an images table
 
 
 def index_file_name(run_id: str) -> str:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import ray
 
 from dedupe import clusters, near
-from dedupe.index import index_files, read_index
+from dedupe.index import HASH_COLUMNS, index_files, read_index
 from pipeline.partitions import part_name, read_table, read_tables
 from pipeline.stage import Partition, RunContext, Stage, StageResult
 from pipeline.storage import Storage, join
@@ -19,8 +19,7 @@ from schemas.config import DedupeSection
 from schemas.tables import DEDUPE, IMAGES, REJECTS
 
 STAGE = "dedupe"
-DEDUPE_COLUMNS = ["uid", "sha256", "source_uri", "width", "height", "phash", "fine_sig", "struct_hash", "struct_sig",
-                  "crop_hashes", "crop_points"]
+DEDUPE_COLUMNS = ["sha256", "source_uri", *HASH_COLUMNS]  # exact duplicates by SHA-256, the rest by the index's hashes
 
 
 @dataclass(frozen=True)

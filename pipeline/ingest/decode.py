@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
 
-from dedupe.hashing import content_hashes, hash_input, sha256_hex, uid_from_sha256
+from dedupe.hashing import content_hashes, hash_input, sha256_hex, shrink, uid_from_sha256
 from schemas.config import IngestSection
 from schemas.tables import RejectReason
 
@@ -138,15 +138,6 @@ def spread(rgb: Image.Image) -> float:
     return max(ImageStat.Stat(rgb).stddev)
 
 
-def shrink(image: Image.Image, side: int) -> Image.Image:
-    """A copy with its long side at most `side` (the image itself when it is that small)."""
-    if max(image.size) <= side:
-        return image
-    small = image.copy()
-    small.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return small
-
-
 def _flattened_views(decoded: Image.Image, thumb_side: int) -> tuple[Image.Image, Image.Image, float, tuple[int, int, int]]:
     """(thumbnail as stored, hash thumbnail, its spread, the alpha background chosen)."""
     view = shrink(to_rgb8(decoded), thumb_side)
@@ -195,6 +186,9 @@ class ExactCopies:
     def __init__(self, capacity: int = 4096):
         self.capacity, self.hits = capacity, 0
         self._seen: OrderedDict[tuple[str, str], dict | Rejection] = OrderedDict()
+
+    def clear(self) -> None:
+        self._seen.clear()
 
     def get(self, key: tuple[str, str], data: bytes, source_uri: str) -> dict | Rejection | None:
         outcome = self._seen.get(key)

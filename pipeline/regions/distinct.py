@@ -18,9 +18,10 @@ patch much busier than the picture on average counts as distinct too (detail_lif
 
 Candidates are centred on the heaviest segments, at the smallest of a few box scales that frames the
 segment with a margin (and the next one up), so an object is framed rather than cut. A box's score
-is the weight of the segments mostly inside it, slightly discounted for size (the tighter box wins). Selection is greedy and spreads the boxes: a kept box
-consumes its segments' weight, so the next box must find weight elsewhere (no pile-up on one
-structure); boxes do not overlap; below `min_score`, fewer than k boxes are kept rather than filler.
+is the weight of the segments mostly inside it, slightly discounted for size (the tighter box wins).
+Selection is greedy and spreads the boxes: a kept box consumes its segments' weight, so the next box
+must find weight elsewhere (no pile-up on one structure); boxes do not overlap; below `min_score`,
+fewer than k boxes are kept rather than filler.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def segment_weights(seg: dict[str, np.ndarray], share: np.ndarray, n_pixels: int
 
 
 def candidate_boxes(box: np.ndarray, weight: np.ndarray, width: int, height: int, opts: DistinctOptions) -> np.ndarray:
-    """Square boxes centred on the heaviest segments: the smallest scale that frames the segment with
-    `margin`, and the next one up (the largest scale when none does); all inside the picture."""
+    """Square boxes centred on the heaviest segments, at the `scales_per_segment` smallest scales that
+    frame the segment with `margin` (none when no scale does: background); all inside the picture."""
     sides = np.asarray(opts.box_scales, np.float64) * min(width, height)
     order = np.argsort(-weight, kind="stable")[:opts.candidates]
     order = order[weight[order] > 0]
