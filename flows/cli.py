@@ -297,7 +297,7 @@ DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 @app.command()
 def demo(
     out: Path = typer.Option(DEMO_DIR, "--out", help="Folder for the demo images, work files and dataset."),
-    images: int = typer.Option(8, "--images", help="How many 2K-4K demo scenes to generate."),
+    images: int = typer.Option(16, "--images", help="How many 2K-4K demo scenes to generate."),
     config: Path = typer.Option(DEMO_CONFIG, "--config", help="Run config of the demo."),
     train: bool = typer.Option(False, "--train", help="Then train the tiny model on the demo dataset (images to checkpoint)."),
 ):

@@ -77,8 +77,8 @@ def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
     assert c["rejected_by_reason"] == {"not_an_image": 1, "too_small": 1}
     assert built["captions"]["by_status"] == {"ok": built["captions"]["total"]}
     metrics = json.loads((demo / "train" / "demo-dataset-local_contrastive" / "metrics.json").read_text())
-    steps = load_config(ROOT / "flows" / "demo.yaml").train.steps
-    assert metrics["step"] == steps and metrics["eval_on_train"] == (c["shards"] <= 1)
+    train_cfg = load_config(ROOT / "flows" / "demo.yaml").train
+    assert metrics["step"] == train_cfg.steps and metrics["eval_on_train"] == (c["shards"] <= train_cfg.data.holdout_shards)
     assert (Path(metrics["checkpoint"]) / "state.pt").is_file()
     assert f"checkpoint {metrics['checkpoint']}" in out.stdout
 

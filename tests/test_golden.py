@@ -60,7 +60,8 @@ def _fresh(name: str) -> Path:
 
 
 def build_demo_set(build, scene_vlm) -> Path:
-    """The README's demo: its config, its generated images, its captioner (the shipped scene model)."""
+    """The README's demo on its first eight generated images (of sixteen): its config, its captioner
+    (the shipped scene model)."""
     root = _fresh("demo")
     write_demo_images(root / "images", n=8)
     model = root / "tiny-scenes"
