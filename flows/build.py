@@ -7,6 +7,7 @@ deploy for a local run.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import asdict
@@ -16,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
+from flows import events
 from pipeline.dataset_card import write_dataset_card
 from pipeline.executor import StageReport, init_ray
 from pipeline.preflight import check_cluster, check_run
@@ -28,6 +30,10 @@ from schemas.config import RunConfig, check_run_id, parse_config
 
 class StageFailed(RuntimeError):
     """A stage failed for good: one line naming the stage and the error (the CLI prints it)."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(f"stage {stage} failed: {reason}")
+        self.stage, self.reason = stage, reason
 
 
 # Failures no retry can fix: the task fails at once instead of repeating them prefect.retries times.
@@ -48,7 +54,7 @@ def run_stage_task(stage_task, opts: dict, *args):
         return stage_task.with_options(**opts)(*args)
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc  # a Ray task error carries the original exception
-        raise StageFailed(f"stage {name} failed: {error_line(cause)}") from exc
+        raise StageFailed(name, error_line(cause)) from exc
 
 
 def error_line(exc: BaseException) -> str:
@@ -60,6 +66,40 @@ def error_line(exc: BaseException) -> str:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+def flow_run_id_of_run() -> str | None:
+    """The localcap run id of a Prefect flow run started without one (a deployment's): from the flow
+    run's scheduled time and id, so that Prefect's Retry of that flow run resumes the same localcap run."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return None
+    start = flow_run.scheduled_start_time
+    return start.strftime("%Y%m%d-%H%M%S") + "-" + flow_run.id.replace("-", "")[:6]
+
+
+def run_id_for(run_id: str | None) -> str:
+    return check_run_id(run_id or flow_run_id_of_run() or new_run_id())
+
+
+def slug(text: str) -> str:
+    """Prefect artifact keys: lower-case letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "dataset"
+
+
+def config_name(config) -> str:
+    if isinstance(config, RunConfig):
+        return config.run.name
+    return str(((config or {}).get("run") or {}).get("name") or "localcap")
+
+
+def build_run_name() -> str:
+    """`<dataset>-<run id>`: what a data engineer reads in the Prefect UI's list of runs."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    return f"{config_name(params.get('config'))}-{run_id_for(params.get('run_id'))}"
 
 
 @task(name="stage", cache_policy=NO_CACHE)
@@ -79,16 +119,20 @@ def report_task(ctx) -> str:
     """The HTML report of the dataset, in the run directory; linked as a Prefect artifact."""
     page = write_report(ctx.config.shards.output, join(ctx.run_dir, "report"), storage=ctx.storage)
     link = page if is_s3(page) else Path(page).resolve().as_uri()
-    create_link_artifact(link, link_text=f"localcap report of run {ctx.run_id}", key="localcap-report",
+    create_link_artifact(link, link_text=f"localcap report of run {ctx.run_id}", key=f"localcap-report-{slug(ctx.config.run.name)}",
                          description="Gallery of samples with boxes and captions, and plots")
     return page
 
 
 @task(name="publish-version", cache_policy=NO_CACHE)
-def version_task(ctx):
+def version_task(ctx, dataset: dict):
+    """The next version NAME/vN, and its `localcap.dataset.published` event (none when the build is
+    identical to the newest version: no new version either)."""
     cfg = ctx.config.publish
-    result = publish_version(ctx.storage, ctx.config.shards.output, cfg.to, cfg.concurrency, cfg.part_size_mb * 2**20, ctx.progress)
-    return asdict(result)
+    result = asdict(publish_version(ctx.storage, ctx.config.shards.output, cfg.to, cfg.concurrency, cfg.part_size_mb * 2**20, ctx.progress))
+    if not result.get("unchanged"):
+        events.published(cfg.to, result, dataset)
+    return result
 
 
 def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> str:
@@ -117,6 +161,8 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
     if cap:
         lines += ["", (f"Captions by `{cap['model']}` ({cap['backend']}, prompt `{cap['prompt_id']}`): "
                        f"{cap['by_status'].get('ok', 0)} ok of {cap['total']}; {cap['by_status']}.")]
+    else:
+        lines += ["", f"Captions: skipped (captioner.backend {dataset.get('config', {}).get('captioner', {}).get('backend', 'none')})."]
     if c["rejected_by_reason"]:
         lines += ["", "| rejection reason | count |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in c["rejected_by_reason"].items()]
@@ -132,13 +178,13 @@ def run_stages(ctx: RunContext, opts: dict) -> dict[str, StageResult]:
     return results
 
 
-@flow(name="build_dataset", log_prints=True)
+@flow(name="build_dataset", log_prints=True, flow_run_name=build_run_name)
 def build_dataset(config: dict | RunConfig, run_id: str | None = None, progress: bool = True) -> dict:
     """Ingest, dedupe, propose boxes, caption and shard the configured sources into a dataset (every
     registered stage, pipeline/stage.py); returns dataset.json's content. `config`: a run config
     mapping (a deployment's parameter), or a parsed RunConfig (the CLI's, checked already)."""
     cfg: RunConfig = config if isinstance(config, RunConfig) else parse_config(config)
-    run_id = check_run_id(run_id or new_run_id())
+    run_id = run_id_for(run_id)
     logger = get_run_logger()
     ctx = make_context(cfg, run_id, progress)
     logger.info("run %s: work in %s, dataset to %s", run_id, ctx.run_dir, cfg.shards.output)
@@ -147,18 +193,27 @@ def build_dataset(config: dict | RunConfig, run_id: str | None = None, progress:
     check_cluster(cfg)  # GPUs the stages' actors need: before any work
 
     opts = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_s, "retry_condition_fn": retryable}
-    results = run_stages(ctx, opts)
-    reports = [r.report for r in results.values()]
-    n_inputs = results["ingest"].report.rows["inputs"]
-    dataset = run_stage_task(dataset_card_task, opts, ctx, n_inputs, reports)
+    try:
+        results = run_stages(ctx, opts)
+        reports = [r.report for r in results.values()]
+        n_inputs = results["ingest"].report.rows["inputs"]
+        dataset = run_stage_task(dataset_card_task, opts, ctx, n_inputs, reports)
+    except StageFailed as exc:
+        events.stage_failed(run_id, exc.stage, exc.reason)
+        raise
     try:
         dataset["report"] = report_task(ctx)
     except Exception as exc:  # the dataset is whole; a report that fails must not fail the build
         logger.warning("report not written: %s: %s", type(exc).__name__, exc)
     if cfg.publish.to:
-        dataset["published"] = run_stage_task(version_task, opts, ctx)
-        logger.info("published %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])
-    create_markdown_artifact(report_markdown(run_id, dataset, reports), key="localcap-build", description=f"localcap run {run_id}")
+        dataset["published"] = run_stage_task(version_task, opts, ctx, dataset)
+        if dataset["published"].get("unchanged"):
+            logger.info("not published: identical to %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])
+        else:
+            logger.info("published %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])
+    create_markdown_artifact(report_markdown(run_id, dataset, reports), key=f"localcap-build-{slug(cfg.run.name)}",
+                             description=f"localcap run {run_id}")
+    events.build_completed(cfg.shards.output, run_id, dataset)
     c = dataset["counts"]
     published = c["rejected_by_reason"].get("duplicate_published", 0)
     if published:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -168,17 +169,29 @@ def publish(
     concurrency: int = typer.Option(8, "--concurrency", help="Files (and parts) uploaded at once."),
     part_size_mb: int = typer.Option(64, "--part-size-mb", help="Multipart part size."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    force: bool = typer.Option(False, "--force", help="Publish a new version even when the files are identical to the newest one's."),
 ):
     """Publish a built dataset as NAME/vN (next free N; shards first, dataset.json last, then LATEST).
-    Rerunning an interrupted publish completes the same version."""
+    Rerunning an interrupted publish completes the same version. A build whose files (dataset.json
+    aside) are byte-identical to the newest version's publishes nothing, unless --force."""
     from pipeline.versions import publish_version
 
     if not (dataset / "dataset.json").is_file():
         typer.echo(f"{dataset}: no dataset.json, not a finished build", err=True)
         raise typer.Exit(2)
-    r = publish_version(_storage(), dataset, name, concurrency, part_size_mb * 2**20, progress)
+    r = publish_version(_storage(), dataset, name, concurrency, part_size_mb * 2**20, progress, force=force)
+    if r.unchanged:
+        typer.echo(f"unchanged: identical to {r.uri} (LATEST -> {r.latest}); no new version")
+        return
     typer.echo(f"published {r.uri} ({r.uploaded} files uploaded, {r.skipped} already there"
                f"{', resumed' if r.resumed else ''}); LATEST -> {r.latest}")
+    if os.environ.get("PREFECT_API_URL"):  # a server to tell: its automations may retrain on the new version
+        from dataclasses import asdict
+
+        from flows import events
+
+        events.published(name, asdict(r), json.loads((dataset / "dataset.json").read_text()))
+        events.flush()
 
 
 @app.command()
@@ -238,9 +251,19 @@ def deploy(
     """Register the build_dataset, end_to_end (build, publish, train) and train deployments of each config
     with the Prefect server at PREFECT_API_URL: parameters from the config, deploy.cron on the flow
     deploy.flow names, one run of each at a time. Run them with `prefect worker start --pool localcap`."""
-    from flows.deploy import deploy as register, schedule_text
+    from flows.deploy import check_deployable, deploy as register, schedule_text
+    from pipeline.preflight import untrainable
 
     loaded = _configs(configs)
+    try:
+        for cfg in loaded:
+            check_deployable(cfg)
+    except ValueError as exc:
+        typer.echo(f"localcap deploy: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for cfg in loaded:
+        if untrainable(cfg):
+            typer.echo(f"note: train/{cfg.run.name} and end_to_end/{cfg.run.name} will fail if run: {untrainable(cfg)}", err=True)
     for cfg, deployments in zip(loaded, register(loaded, pool)):
         for flow_name, deployment_id in deployments.items():
             when = schedule_text(flow_name, cfg)

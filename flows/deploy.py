@@ -8,7 +8,9 @@ the flow `deploy.flow` names (default build_dataset; the others run when trigger
 deployment run end_to_end/NAME`, and a redeploy clears a schedule they had); their work pool
 `deploy.work_pool` (a process pool, created if missing: start workers with `prefect worker start
 --pool localcap`), and a deployment concurrency limit (`deploy.concurrency`, default 1, extra runs
-wait in line) so two scheduled builds of one dataset never overlap. The code is loaded from this
+wait in line) so two scheduled builds of one dataset never overlap; the train deployment runs one
+at a time, and with `deploy.retrain: on_publish` a trigger starts it on each new version of
+publish.to (its `localcap.dataset.published` event, flows/events.py). The code is loaded from this
 checkout (`flow.from_source`), so workers on the same machine or a shared file system run it as is;
 for Docker or Kubernetes pools build an image with the package (infra/) and pass it to Prefect.
 
@@ -31,6 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
+from pipeline.preflight import untrainable
 from schemas.config import RunConfig, with_absolute_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,15 +60,49 @@ def _descriptions(cfg: RunConfig) -> dict:
 def _options(flow_name: str, cfg: RunConfig) -> dict:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
+    if flow_name == "train":  # one training run of a dataset at a time
+        strategy = ConcurrencyLimitStrategy.CANCEL_NEW if cfg.deploy.retrain_when_busy == "skip" else ConcurrencyLimitStrategy.ENQUEUE
+        limit = ConcurrencyLimitConfig(limit=1, collision_strategy=strategy)
+    else:
+        limit = ConcurrencyLimitConfig(limit=cfg.deploy.concurrency, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     return {
         "name": cfg.run.name,
         "parameters": _parameters(flow_name, cfg),
-        "concurrency_limit": ConcurrencyLimitConfig(limit=cfg.deploy.concurrency, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        "concurrency_limit": limit,
         "tags": ["localcap", cfg.run.name],
         "description": _descriptions(cfg)[flow_name],
         # Always passed, [] included: redeploying with another deploy.flow (or no schedule) removes the old one.
         "schedules": _schedules(flow_name, cfg),
+        # Always passed too: a redeploy without deploy.retrain removes the trigger.
+        "triggers": _triggers(flow_name, cfg),
     }
+
+
+def _triggers(flow_name: str, cfg: RunConfig) -> list:
+    """deploy.retrain on_publish: the train deployment runs on each version of publish.to as its
+    `localcap.dataset.published` event names it (the version itself, not LATEST when the worker looks)."""
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.events import DATASET_PUBLISHED, dataset_resource_id
+
+    if flow_name != "train" or cfg.deploy.retrain != "on_publish":
+        return []
+    return [DeploymentEventTrigger(
+        name=f"retrain {cfg.run.name} on publish", expect={DATASET_PUBLISHED},
+        match={"prefect.resource.id": dataset_resource_id(cfg.publish.to)},
+        parameters={"dataset_uri": "{{ event.payload.uri }}"},
+    )]
+
+
+def check_deployable(cfg: RunConfig) -> None:
+    """Refuse, in one line, a config whose scheduled or triggered runs would fail every time: a
+    training it starts by itself (deploy.flow train or end_to_end, deploy.retrain) on data it cannot
+    train on, or a retrain trigger without a published dataset."""
+    if cfg.deploy.retrain == "on_publish" and not cfg.publish.to:
+        raise ValueError(f"{cfg.run.name}: deploy.retrain: on_publish needs publish.to (the dataset whose new versions start training)")
+    trains_by_itself = cfg.deploy.retrain != "none" or (cfg.deploy.scheduled and cfg.deploy.flow != "build_dataset")
+    if trains_by_itself and untrainable(cfg):
+        raise ValueError(untrainable(cfg))
 
 
 def _schedules(flow_name: str, cfg: RunConfig) -> list:
@@ -108,6 +145,8 @@ def deploy(configs: list[RunConfig], pool: str | None = None) -> list[dict[str, 
     {flow name: deployment id}."""
     from prefect import Flow
 
+    for cfg in configs:
+        check_deployable(cfg)
     ids = []
     for cfg in configs:
         work_pool = pool or cfg.deploy.work_pool
@@ -126,5 +165,7 @@ def serve(configs: list[RunConfig]) -> None:
     from flows.build import build_dataset
     from flows.train import end_to_end, train
 
+    for cfg in configs:
+        check_deployable(cfg)
     flows = {"build_dataset": build_dataset, "end_to_end": end_to_end, "train": train}
     prefect_serve(*(flow.to_deployment(**_options(name, cfg)) for cfg in configs for name, flow in flows.items()))

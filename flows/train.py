@@ -13,7 +13,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
-from flows.build import build_dataset
+from flows import events
+from flows.build import build_dataset, build_run_name, run_id_for, slug
 from pipeline.executor import init_ray
 from pipeline.storage import Storage
 from pipeline.train.evaluate import recall_keys
@@ -52,7 +53,17 @@ def metrics_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-@flow(name="train", log_prints=True)
+def train_run_name() -> str:
+    """`<dataset>-<version>` (scenes-v3), or the dataset folder's name: which data this run trains on."""
+    from prefect.runtime import flow_run
+
+    parts = [p for p in str(flow_run.parameters.get("dataset_uri", "")).rstrip("/").split("/") if p]
+    if len(parts) >= 2 and (parts[-1] == "LATEST" or parts[-1][:1] == "v" and parts[-1][1:].isdigit()):
+        return f"{parts[-2]}-{parts[-1]}"
+    return parts[-1] if parts else "train"
+
+
+@flow(name="train", log_prints=True, flow_run_name=train_run_name)
 def train(dataset_uri: str, train_config: dict, storage: dict | None = None, ray: dict | None = None) -> dict:
     """Train on a dataset (directory, NAME/vN, NAME/LATEST or NAME; path or s3://); returns the run's
     name, output, checkpoint and metrics (also in OUTPUT/NAME/metrics.json)."""
@@ -61,17 +72,20 @@ def train(dataset_uri: str, train_config: dict, storage: dict | None = None, ray
     init_ray(RaySection(**(ray or {})))
     logger.info("training %s on %s (%d worker(s), %s)", cfg.objective, dataset_uri, cfg.num_workers, "GPU" if cfg.use_gpu else "CPU")
     result = train_task(dataset_uri, cfg.model_dump(mode="json"), storage or {})
-    create_markdown_artifact(metrics_markdown(result), key="localcap-train", description=f"localcap training {result['name']}")
+    create_markdown_artifact(metrics_markdown(result), key=f"localcap-train-{slug(result['name'])}",
+                             description=f"localcap training {result['name']}")
     logger.info("trained %s: checkpoint %s", result["name"], result["checkpoint"])
+    events.train_completed(result)
     return result
 
 
-@flow(name="end_to_end", log_prints=True)
+@flow(name="end_to_end", log_prints=True, flow_run_name=build_run_name)
 def end_to_end(config: dict | RunConfig, run_id: str | None = None, progress: bool = True) -> dict:
     """build_dataset, then train on what it made: the published version when publish.to is set
     (NAME/vN, exactly the version just published), else the built folder. `config` as for build_dataset."""
     cfg = config if isinstance(config, RunConfig) else parse_config(config)
-    dataset = build_dataset(cfg, run_id=run_id, progress=progress)
+    # This flow run's id, not the subflow's: Prefect's Retry of end_to_end resumes the same build.
+    dataset = build_dataset(cfg, run_id=run_id_for(run_id), progress=progress)
     uri = dataset["published"]["uri"] if dataset.get("published") else cfg.shards.output
     trained = train(uri, cfg.train.model_dump(mode="json"), cfg.storage.model_dump(mode="json"), cfg.ray.model_dump(mode="json"))
     return {"dataset": dataset, "train": trained}

@@ -22,6 +22,15 @@ class PreflightError(ValueError):
     """A run that cannot work as configured; the message is one line naming the field."""
 
 
+def untrainable(cfg: RunConfig) -> str | None:
+    """Why this config's training would fail on every run (checked before it starts and at deploy
+    time), or None."""
+    if cfg.train.objective == "local_contrastive" and cfg.captioner.backend == "none":
+        return (f"{cfg.run.name}: train.objective local_contrastive needs captions, but captioner.backend is none "
+                "(caption the dataset, or train with objective mae)")
+    return None
+
+
 def check_run(cfg: RunConfig, train: bool = False) -> None:
     """Sources readable, outputs writable, models and GPUs present, before anything starts; then
     each stage's own check. Once per config object: the CLI checks before Prefect starts, and the
@@ -39,6 +48,8 @@ def check_run(cfg: RunConfig, train: bool = False) -> None:
     if cfg.dedupe.index:
         check_writable(cfg.dedupe.index, "dedupe.index", buckets)
     if train:
+        if untrainable(cfg):
+            raise PreflightError(untrainable(cfg))
         check_writable(cfg.train.output, "train.output", buckets)
     check_captioner(cfg.captioner, local_ray=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     _each_stage(cfg, "check")

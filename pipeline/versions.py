@@ -17,6 +17,10 @@ what is missing. A publish that fails aborts the multipart uploads it left under
 was killed leaves them (and, to a local NAME, temporary files): the rerun of the same publish aborts
 / removes them before uploading.
 
+A build whose files (dataset.json aside: it holds times) are byte-identical to the newest finished
+version's (its files.json: paths and sizes, then sha256) publishes nothing: rebuilding the same
+inputs does not make a new version (unless forced).
+
 LATEST only ever moves forward: it is replaced with a conditional write (If-Match on the ETag read,
 If-None-Match: * when absent), re-read and retried when another publisher moved it in between.
 """
@@ -170,14 +174,18 @@ def content_id(dataset_dir: Path, paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def claim_version(storage: Storage, name_uri: str, content_id: str) -> tuple[int, bool]:
+def claim_version(storage: Storage, name_uri: str, content_id: str, new_version: bool = False) -> tuple[int, bool]:
     """(version number, resumed): this content's unfinished (or finished) claim if there is one,
-    else the next free number, taken with a create-if-absent so that racing publishers differ."""
+    else the next free number, taken with a create-if-absent so that racing publishers differ.
+    `new_version`: a finished claim of this content is not taken (an unfinished one still is), so
+    the same content becomes a new version (`publish_version(force=True)`)."""
     claims = join(name_uri, CLAIMS)
     taken = sorted(n for n in (version_number(c) for c in storage.list_prefix(claims)) if n is not None)
     for n in reversed(taken):
         claim = json.loads(storage.read_bytes(join(claims, f"{version_name(n)}.json")))
         if claim.get("content_id") == content_id:
+            if new_version and storage.exists(join(name_uri, version_name(n), DATASET)):
+                continue
             return n, True
     n = (taken[-1] if taken else 0) + 1
     body = {"content_id": content_id, "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": os.uname().nodename}
@@ -194,7 +202,8 @@ class PublishResult:
     skipped: int
     bytes_uploaded: int
     resumed: bool
-    latest: str
+    latest: str | None  # what LATEST names after the publish (None: no LATEST, only for an unchanged publish)
+    unchanged: bool = False  # the build is byte-identical to the newest version: nothing published, `version` is that one
 
 
 def _upload(storage: Storage, f: LocalFile, uri: str, part_size: int, threads: int) -> None:
@@ -222,18 +231,84 @@ def _already_there(storage: Storage, f: LocalFile, uri: str) -> bool:
     return Path(uri).is_file() and Path(uri).stat().st_size == f.size and file_sha256(Path(uri)) == f.sha256
 
 
+def _read_latest(storage: Storage, name_uri: str) -> str | None:
+    pointer = join(name_uri, LATEST)
+    return storage.read_bytes(pointer).decode(errors="replace").strip() if storage.exists(pointer) else None
+
+
+def newest_version(storage: Storage, name_uri: str) -> str | None:
+    """The newest finished version of a dataset name: the one LATEST names (when that is a vN with
+    a dataset.json), else the highest claimed vN that has a dataset.json; None when there is none."""
+    current = _read_latest(storage, name_uri)
+    if current is not None and version_number(current) is not None and current == version_name(version_number(current)) \
+            and storage.exists(join(name_uri, current, DATASET)):
+        return current
+    for n in reversed(_claimed(storage, name_uri)):
+        if storage.exists(join(name_uri, version_name(n), DATASET)):
+            return version_name(n)
+    return None
+
+
+def _published_files(storage: Storage, version_uri: str) -> dict[str, tuple[int, str]] | None:
+    """{path: (size, sha256)} of a version's files listing, dataset.json aside; None when the
+    listing is absent or not what a publish writes (it is read from storage: not trusted)."""
+    uri = join(version_uri, FILES)
+    try:
+        if not storage.exists(uri):
+            return None
+        listing = json.loads(storage.read_bytes(uri))
+        out: dict[str, tuple[int, str]] = {}
+        for entry in listing["files"]:
+            path, size, sha = entry["path"], entry["size"], entry["sha256"]
+            if not (isinstance(path, str) and isinstance(sha, str) and isinstance(size, int)) or isinstance(size, bool):
+                return None
+            if path == DATASET:
+                continue
+            if path in out:  # listed twice: not a listing a publish writes
+                return None
+            out[path] = (size, sha)
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, FileNotFoundError):  # JSONDecodeError / UnicodeDecodeError are ValueErrors
+        return None
+
+
+def identical_to(storage: Storage, dataset_dir: Path, paths: list[Path], version_uri: str) -> bool:
+    """Whether the files of a local build (`paths`, dataset.json aside) are those `version_uri`'s
+    files listing describes: the same paths and sizes (cheap, checked first), then the same sha256."""
+    published = _published_files(storage, version_uri)
+    if published is None:
+        return False
+    local = {p.relative_to(dataset_dir).as_posix(): p for p in paths}
+    if local.keys() != published.keys():
+        return False
+    if any(p.stat().st_size != published[rel][0] for rel, p in local.items()):
+        return False
+    return all(file_sha256(p) == published[rel][1] for rel, p in local.items())
+
+
 def publish_version(storage: Storage, dataset_dir: str | Path, name_uri: str, concurrency: int = 8,
                     part_size: int = 64 * 2**20, progress: bool = True,
-                    after_upload: Callable[[str], None] | None = None) -> PublishResult:
+                    after_upload: Callable[[str], None] | None = None, *, force: bool = False) -> PublishResult:
     """Publish a built dataset directory (local) as the next version of `name_uri`.
+
+    A build whose files (shard tars and descriptors; dataset.json, which holds times, aside) are
+    byte-identical to the newest finished version's is not published: the result names that version,
+    with `unchanged` set, and nothing is claimed, uploaded or moved. `force=True` publishes it anyway,
+    as a new version.
 
     `after_upload(path)` is called after each file lands (progress hooks; tests use it to stop a
     publish half-way)."""
     dataset_dir, name_uri = Path(dataset_dir), name_uri.rstrip("/")
     dataset_json = (dataset_dir / DATASET).read_bytes()  # missing: not a finished build
     paths = dataset_paths(dataset_dir)
+    if not force:
+        newest = newest_version(storage, name_uri)
+        if newest is not None and identical_to(storage, dataset_dir, paths, join(name_uri, newest)):
+            newest_uri = join(name_uri, newest)
+            log.info("publish: %s is identical to %s: no new version", dataset_dir, newest_uri)
+            return PublishResult(newest, newest_uri, 0, len(paths), 0, False, _read_latest(storage, name_uri), unchanged=True)
     content = content_id(dataset_dir, paths)
-    n, resumed = claim_version(storage, name_uri, content)
+    n, resumed = claim_version(storage, name_uri, content, new_version=force)
     version_uri = join(name_uri, version_name(n))
     if resumed:
         log.info("publish: resuming %s (an earlier publish of the same content)", version_uri)

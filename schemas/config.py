@@ -400,6 +400,12 @@ class DeploySection(_Section):
     timezone: str = Field("UTC", description="Time zone of the cron schedule.")
     work_pool: str = Field("localcap", description="Prefect work pool whose workers run it (created as a process pool if missing).")
     concurrency: int = Field(1, ge=1, description="Runs of this dataset's build at once; later ones wait (two scheduled builds never overlap).")
+    retrain: Literal["none", "on_publish"] = Field(
+        "none", description="on_publish: every new version of publish.to (its localcap.dataset.published event) starts the "
+        "train deployment on exactly that version, NAME/vN.")
+    retrain_when_busy: Literal["queue", "skip"] = Field(
+        "queue", description="One training run of this dataset at a time: a version published while one trains waits for "
+        "it (queue) or is not trained on (skip).")
 
     @model_validator(mode="after")
     def _one_schedule(self) -> "DeploySection":

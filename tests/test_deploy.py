@@ -241,3 +241,88 @@ def test_scheduled_build_runs(server, tmp_path):
     assert dataset.exists(), sorted(p.relative_to(cwd).as_posix() for p in cwd.rglob("*"))
     assert (cwd / "work").is_dir()
     assert not (REPO / "out").exists() and not (REPO / "work").exists() and not (REPO / "incoming").exists()
+
+
+def _localcap(args: list[str], url: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A localcap command in its own process, talking to the server at `url` (its runs are recorded there)."""
+    return subprocess.run([str(BIN / "localcap"), *args], env=_env(home, PREFECT_API_URL=url), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _events(url: str, prefix: str) -> list[dict]:
+    """Events whose name starts with `prefix`, through the server's REST API (POST /events/filter)."""
+    reply = httpx.post(f"{url}/events/filter", json={"filter": {"event": {"prefix": [prefix]}}, "limit": 50}, timeout=30)
+    reply.raise_for_status()
+    return reply.json()["events"]
+
+
+@pytest.mark.slow
+def test_each_published_version_starts_one_training_on_itself(server, tmp_path):
+    """deploy.retrain on_publish: a real server and process worker; v1 published by the build flow and
+    v2 by `localcap publish` seconds later start two training runs, on v1 and on v2 (their parameters
+    name the version), one after the other (one training of a dataset at a time); publishing v2's
+    content again makes no version and no run. The events are read back through Prefect's API, the
+    build's run is named <dataset>-<run id> and its artifact is keyed by the dataset."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterName
+
+    name = "retrain-scenes"
+    _images(tmp_path / "src", n=2)
+    published = tmp_path / "published" / "scenes"
+    config = run_config(tmp_path, "src", name=name, output="a", regions={"method": "none"}, ray={"num_cpus": 1},
+                        shards={"keep_empty": True, "max_samples": 1}, publish={"to": str(published)},
+                        train={"objective": "mae", "preset": "tiny", "output": str(tmp_path / "train"), "steps": 2,
+                               "batch_size": 1, "checkpoint_every": 2, "warmup_steps": 0, "num_workers": 1,
+                               "data": {"loader_workers": 0, "shuffle_buffer": 0, "holdout_shards": 0}},
+                        deploy={"work_pool": "localcap-retrain", "retrain": "on_publish"})
+    path = tmp_path / "retrain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    home = tmp_path / "client-home"
+
+    out = _deploy(path, server.url, home, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    worker = _start_worker("localcap-retrain", server.url, tmp_path)
+    try:
+        # b (three images) first, unpublished; then a, which the build flow publishes as v1, then b as v2 at once.
+        (tmp_path / "src-b").mkdir()
+        for i, f in enumerate(sorted((tmp_path / "src").iterdir())):
+            (tmp_path / "src-b" / f.name).write_bytes(f.read_bytes())
+        (tmp_path / "src-b" / "2.jpg").write_bytes(scene_jpeg(1299, 1300, 1100))
+        b = _localcap(["run", str(path), "--run-id", "b", "--no-progress", "--set", "publish.to=null",
+                       "--set", f"shards.output={tmp_path / 'b'}", "--set", f"sources=[{{uri: '{tmp_path / 'src-b'}'}}]"], server.url, home)
+        assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+        a = _localcap(["run", str(path), "--run-id", "a", "--no-progress"], server.url, home)
+        assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
+        v2 = _localcap(["publish", str(tmp_path / "b"), str(published), "--no-progress"], server.url, home)
+        assert v2.returncode == 0 and f"published {published / 'v2'}" in v2.stdout, v2.stdout + v2.stderr
+        again = _localcap(["publish", str(tmp_path / "b"), str(published), "--no-progress"], server.url, home)
+        assert again.returncode == 0 and "unchanged" in again.stdout and not (published / "v3").exists(), again.stdout + again.stderr
+
+        with _client(server.url) as client:
+            deployment = client.read_deployment_by_name(f"train/{name}")
+            only_train = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            deadline = time.monotonic() + 420
+            while True:
+                runs = client.read_flow_runs(deployment_filter=only_train)
+                if len(runs) >= 2 and all(r.state and r.state.is_final() for r in runs):
+                    break
+                assert time.monotonic() < deadline, [(r.name, r.state) for r in runs]
+                time.sleep(2)
+            time.sleep(5)  # a third run (there must be none) would have been made by now
+            runs = sorted(client.read_flow_runs(deployment_filter=only_train), key=lambda r: r.start_time)
+            build_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{name}-a", f"{name}-b"])))
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"localcap-build-{name}"])))
+    finally:
+        _stop(worker)
+    assert [r.parameters["dataset_uri"] for r in runs] == [str(published / "v1"), str(published / "v2")]
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs] + [_tail(tmp_path / "worker.log")]
+    assert [r.name for r in runs] == ["scenes-v1", "scenes-v2"]
+    assert runs[0].end_time <= runs[1].start_time, "two trainings of one dataset overlapped"
+    assert sorted(r.name for r in build_runs) == [f"{name}-a", f"{name}-b"]
+    assert len(artifacts) == 2
+
+    events = {(e["event"], e["payload"].get("version") or e["payload"].get("run_id") or e["payload"].get("dataset"))
+              for e in _events(server.url, "localcap.")}
+    assert ("localcap.dataset.published", "v1") in events and ("localcap.dataset.published", "v2") in events
+    assert ("localcap.build.completed", "a") in events and ("localcap.build.completed", "b") in events
+    assert ("localcap.train.completed", str(published / "v1")) in events and ("localcap.train.completed", str(published / "v2")) in events
+    assert not any(e == "localcap.dataset.published" and v == "v3" for e, v in events)

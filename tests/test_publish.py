@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from pipeline.shards import open_dataset
 from pipeline.shards.pull import parse_shards, pull
 from pipeline.storage import Storage
-from pipeline.versions import claim_version, expected_etag, list_versions, publish_version, resolve
+from pipeline.versions import claim_version, dataset_paths, expected_etag, list_versions, publish_version, resolve
 from tests.helpers.config import run_config
 from tests.helpers.images import scene_jpeg
 
@@ -54,7 +54,8 @@ def test_publish_pull_and_stream_through_s3(built, s3, s3_bucket, tmp_path):
     assert (result.version, result.latest, result.resumed) == ("v1", "v1", False)
     assert resolve(s3, name) == resolve(s3, name + "/LATEST") == resolve(s3, name + "/v1") == name + "/v1"
     again = publish_version(s3, built, name, progress=False)  # same content: the same version, nothing re-sent
-    assert (again.version, again.uploaded, again.resumed) == ("v1", 0, True) and again.skipped == result.uploaded
+    assert (again.version, again.uploaded, again.resumed, again.unchanged) == ("v1", 0, False, True)
+    assert again.skipped == result.uploaded
     [v1] = list_versions(s3, name)
     assert (v1.version, v1.samples, v1.shards, v1.latest) == ("v1", N_IMAGES, 3, True)
 
@@ -100,6 +101,8 @@ def test_interrupted_publish_is_invisible_then_completed(built, s3, s3_bucket, t
     shutil.copytree(built, changed)
     info = json.loads((changed / "dataset.json").read_text())
     (changed / "dataset.json").write_text(json.dumps({**info, "run_id": "next"}))
+    tar = changed / "image" / "image_000000.tar"  # other bytes: identical files would publish no v2 at all
+    tar.write_bytes(tar.read_bytes()[:-1] + bytes([tar.read_bytes()[-1] ^ 1]))
 
     class Killed(Exception):
         pass
@@ -223,3 +226,132 @@ def test_no_secret_is_logged_or_written(built, s3_endpoint, s3_bucket, tmp_path,
         assert secret.encode() not in storage.s3.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
     for path in (tmp_path / "p").rglob("*"):
         assert path.is_dir() or secret.encode() not in path.read_bytes()
+
+
+# -- an identical rebuild publishes no new version ---------------------------------------------------
+def _rebuild(built: Path, dest: Path) -> Path:
+    """The same build run again: tars and descriptors byte-identical, dataset.json with other times."""
+    shutil.copytree(built, dest)
+    info = json.loads((dest / "dataset.json").read_text())
+    (dest / "dataset.json").write_text(json.dumps({**info, "created_at": "2099-01-01T00:00:00Z", "run_id": "again"}))
+    assert (dest / "dataset.json").read_bytes() != (built / "dataset.json").read_bytes()
+    return dest
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path) -> tuple[Storage, str]:
+    """A storage and a dataset name on it: a local folder, or a prefix on the local S3 server."""
+    if request.param == "local":
+        return Storage(), str(tmp_path / "names" / "scenes")
+    s3 = request.getfixturevalue("s3")
+    # The bucket is named after the test, cut to 50 characters: parameters may share it.
+    return s3, f"s3://{request.getfixturevalue('s3_bucket')}/{tmp_path.name}/scenes"
+
+
+def _published(storage: Storage, name: str) -> list[str]:
+    return [v.version for v in list_versions(storage, name)]
+
+
+def test_an_identical_rebuild_publishes_no_new_version(built, where, tmp_path, caplog):
+    storage, name = where
+    first = publish_version(storage, built, name, progress=False)
+    assert (first.version, first.unchanged) == ("v1", False)
+    rebuilt = _rebuild(built, tmp_path / "rebuilt")
+    with caplog.at_level("INFO", logger="localcap"):
+        again = publish_version(storage, rebuilt, name, progress=False)
+    assert (again.version, again.uri, again.unchanged, again.latest) == ("v1", f"{name}/v1", True, "v1")
+    assert (again.uploaded, again.bytes_uploaded, again.resumed) == (0, 0, False)
+    assert again.skipped == len(dataset_paths(rebuilt)) == first.uploaded
+    assert f"publish: {rebuilt} is identical to {name}/v1: no new version" in caplog.text
+    assert _published(storage, name) == ["v1"]
+    assert not storage.exists(f"{name}/_claims/v2.json") and not storage.exists(f"{name}/v2/dataset.json")
+    assert storage.read_bytes(f"{name}/LATEST") == b"v1"
+    assert storage.read_bytes(f"{name}/v1/dataset.json") == (built / "dataset.json").read_bytes()  # v1 untouched
+
+
+def test_one_changed_shard_byte_publishes_the_next_version(built, where, tmp_path):
+    storage, name = where
+    publish_version(storage, built, name, progress=False)
+    changed = _rebuild(built, tmp_path / "changed")
+    tar = changed / "image" / "image_000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the sha256 tells
+    tar.write_bytes(bytes(data))
+    result = publish_version(storage, changed, name, progress=False)
+    assert (result.version, result.latest, result.unchanged, result.resumed) == ("v2", "v2", False, False)
+    assert result.uploaded == len(dataset_paths(changed))
+    assert _published(storage, name) == ["v1", "v2"]
+    assert storage.read_bytes(f"{name}/v2/image/image_000001.tar") == bytes(data)
+
+
+def test_force_publishes_identical_content_as_a_new_version(built, where, tmp_path):
+    storage, name = where
+    publish_version(storage, built, name, progress=False)
+    forced = publish_version(storage, _rebuild(built, tmp_path / "rebuilt"), name, progress=False, force=True)
+    assert (forced.version, forced.latest, forced.unchanged, forced.resumed) == ("v2", "v2", False, False)
+    # The very same folder (same dataset.json, so the same content id as v1's claim): still a new version.
+    same = publish_version(storage, built, name, progress=False, force=True)
+    assert (same.version, same.latest, same.unchanged, same.resumed) == ("v3", "v3", False, False)
+    assert _published(storage, name) == ["v1", "v2", "v3"]
+    # Not forced: identical to the newest (v3), nothing new.
+    assert publish_version(storage, built, name, progress=False).version == "v3"
+    assert _published(storage, name) == ["v1", "v2", "v3"]
+
+
+@pytest.mark.parametrize("listing", [
+    b"{not json",
+    b"\xff\xfe",
+    b"[1, 2]",
+    b'{"files": 7}',
+    b'{"files": [{"path": "image/image_000000.tar"}]}',
+    b'{"files": [{"path": ["x"], "size": "big", "sha256": null}]}',
+    b'{"files": [1, "two"]}',
+    None,  # no files.json at all
+], ids=["not-json", "not-utf8", "a-list", "files-not-a-list", "missing-keys", "badly-typed", "entries-not-objects", "absent"])
+def test_a_broken_files_listing_in_the_newest_version_means_a_normal_publish(built, where, tmp_path, listing):
+    storage, name = where
+    publish_version(storage, built, name, progress=False)
+    if listing is None:
+        storage.delete(f"{name}/v1/files.json")
+    else:
+        storage.write_bytes(f"{name}/v1/files.json", listing)
+    result = publish_version(storage, _rebuild(built, tmp_path / "rebuilt"), name, progress=False)
+    assert (result.version, result.latest, result.unchanged) == ("v2", "v2", False)
+    assert [v.version for v in list_versions(storage, name)] == ["v1", "v2"]
+
+
+def test_a_listing_that_differs_only_in_sizes_or_paths_is_not_identical(built, tmp_path):
+    storage, name = Storage(), str(tmp_path / "names" / "scenes")
+    publish_version(storage, built, name, progress=False)
+    rebuilt = _rebuild(built, tmp_path / "rebuilt")
+    listing = json.loads(storage.read_bytes(f"{name}/v1/files.json"))
+    tampered = {**listing, "files": [{**f, "size": f["size"] + 1} if f["path"].endswith(".tar") else f for f in listing["files"]]}
+    storage.write_bytes(f"{name}/v1/files.json", json.dumps(tampered).encode())
+    assert publish_version(storage, rebuilt, name, progress=False).version == "v2"
+    (rebuilt / "image" / "extra.txt").write_text("one more file")  # v2's listing lacks it
+    assert publish_version(storage, rebuilt, name, progress=False).version == "v3"
+
+
+def test_newest_version_is_the_highest_complete_one_when_latest_is_missing(built, tmp_path):
+    storage, name = Storage(), str(tmp_path / "names" / "scenes")
+    publish_version(storage, built, name, progress=False)
+    Path(name, "LATEST").unlink()  # a publisher died before moving it (or it was lost)
+    again = publish_version(storage, _rebuild(built, tmp_path / "rebuilt"), name, progress=False)
+    assert (again.version, again.unchanged, again.latest) == ("v1", True, None)
+    Path(name, "LATEST").write_text("../../etc")  # garbage: the highest complete version is compared
+    assert publish_version(storage, built, name, progress=False).unchanged
+
+
+def test_cli_publish_says_unchanged_and_force_publishes(built, tmp_path):
+    from flows.cli import app
+
+    name = str(tmp_path / "names" / "scenes")
+    rebuilt = _rebuild(built, tmp_path / "rebuilt")
+    out = CliRunner().invoke(app, ["publish", str(built), name, "--no-progress"])
+    assert out.exit_code == 0 and f"published {name}/v1" in out.output, out.output
+    out = CliRunner().invoke(app, ["publish", str(rebuilt), name, "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert f"unchanged: identical to {name}/v1 (LATEST -> v1); no new version" in out.output
+    assert not Path(name, "v2").exists()
+    out = CliRunner().invoke(app, ["publish", str(rebuilt), name, "--no-progress", "--force"])
+    assert out.exit_code == 0 and f"published {name}/v2" in out.output and "LATEST -> v2" in out.output, out.output

@@ -174,6 +174,7 @@ class ShardDataset(_Base):
         info = parse_dataset_json(self.storage.read_bytes(join(self.root, DATASET)), join(self.root, DATASET))
         self.layout = info["layout"]
         self.samples = info["counts"]["samples"]
+        self.captioned = bool((info.get("captions") or {}).get("total"))  # built with a captioner: captions to train on
         first = folders(self.layout)[0]
         sizes_uri = join(self.root, first, SIZES)
         self.sizes = parse_sizes(self.storage.read_bytes(sizes_uri), sizes_uri, first)  # tar name -> samples

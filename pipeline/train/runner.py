@@ -105,6 +105,9 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
 
     storage = storage or Storage()
     dataset = ShardDataset(dataset_uri, decode=False, storage=storage)
+    if cfg.objective == "local_contrastive" and not dataset.captioned:
+        raise ValueError(f"{dataset.root}: train.objective local_contrastive needs captions, and this dataset was built "
+                         "without a captioner (captioner.backend none); caption it, or train with objective mae")
     name = cfg.name or run_name(dataset.root, cfg.objective)
     output = join(cfg.output, name)
     train_range, eval_range, eval_on_train = split_shards(len(dataset.shards), cfg.data.holdout_shards)
