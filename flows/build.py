@@ -25,7 +25,7 @@ from pipeline.report import write_report
 from pipeline.stage import RunContext, Stage, StageResult, make_context, stages_for
 from pipeline.storage import is_s3, join
 from pipeline.versions import publish_version
-from schemas.config import RunConfig, check_run_id, parse_config
+from schemas.config import RunConfig, check_run_id, load_config, parse_config, read_yaml
 
 
 class StageFailed(RuntimeError):
@@ -88,10 +88,24 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "dataset"
 
 
-def config_name(config) -> str:
+def run_config_of(config: str | dict | RunConfig, overrides: dict | None = None, paths_from: str | None = None) -> RunConfig:
+    """The run config a flow was given: a parsed one (the CLI's), a YAML file with overrides and the
+    folder its relative paths are relative to (a deployment's few parameters), or a mapping."""
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, str):
+        return load_config(config, overrides, base=paths_from)
+    return parse_config(config)
+
+
+def config_name(config, overrides: dict | None = None) -> str:
     if isinstance(config, RunConfig):
         return config.run.name
-    return str(((config or {}).get("run") or {}).get("name") or "localcap")
+    try:
+        data = read_yaml(config, overrides) if isinstance(config, str) else (config or {})
+        return str((data.get("run") or {}).get("name") or "localcap")
+    except (ValueError, OSError):  # the flow itself reports a bad config
+        return "localcap"
 
 
 def build_run_name() -> str:
@@ -99,7 +113,7 @@ def build_run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    return f"{config_name(params.get('config'))}-{run_id_for(params.get('run_id'))}"
+    return f"{config_name(params.get('config'), params.get('overrides'))}-{run_id_for(params.get('run_id'))}"
 
 
 @task(name="stage", cache_policy=NO_CACHE)
@@ -179,11 +193,13 @@ def run_stages(ctx: RunContext, opts: dict) -> dict[str, StageResult]:
 
 
 @flow(name="build_dataset", log_prints=True, flow_run_name=build_run_name)
-def build_dataset(config: dict | RunConfig, run_id: str | None = None, progress: bool = True) -> dict:
+def build_dataset(config: str | dict | RunConfig, run_id: str | None = None, overrides: dict | None = None,
+                  paths_from: str | None = None, progress: bool = True) -> dict:
     """Ingest, dedupe, propose boxes, caption and shard the configured sources into a dataset (every
-    registered stage, pipeline/stage.py); returns dataset.json's content. `config`: a run config
-    mapping (a deployment's parameter), or a parsed RunConfig (the CLI's, checked already)."""
-    cfg: RunConfig = config if isinstance(config, RunConfig) else parse_config(config)
+    registered stage, pipeline/stage.py); returns dataset.json's content. `config`: a run config file
+    (a deployment's parameter, read when the run starts, with `overrides` (KEY.SUB: value) and relative
+    paths against `paths_from`), a mapping, or a parsed RunConfig (the CLI's, checked already)."""
+    cfg = run_config_of(config, overrides, paths_from)
     run_id = run_id_for(run_id)
     logger = get_run_logger()
     ctx = make_context(cfg, run_id, progress)

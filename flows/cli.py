@@ -65,7 +65,7 @@ def _run(config_path: Path, run_id: str | None, sets: list[str], progress: bool,
         _fail(str(exc))
     except Exception as exc:  # Ray or Prefect failed around the stages: still one line at the end
         _fail(f"run failed: {error_line(exc)}")
-    return both["dataset"] | {"trained": both["train"]}
+    return both["dataset"] | {"trained": both["train"]}  # train None: no new version to train on
 
 
 def _fail(message: str) -> None:

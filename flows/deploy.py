@@ -2,8 +2,10 @@
 
 `deploy` registers each config with the Prefect API (PREFECT_API_URL) as deployments
 `build_dataset/<run.name>`, `end_to_end/<run.name>` (build, publish, train on the new version) and
-`train/<run.name>` (train on publish.to's LATEST, or shards.output). Their parameters come from the
-config; the schedule (`deploy.cron` + `deploy.timezone`, or every `deploy.interval_s` seconds) goes to
+`train/<run.name>` (train on publish.to's LATEST, or shards.output). The build deployments' parameters
+are a form of a few fields: the config file (read when a run starts: edit it and the next run uses
+it; redeploy for a new schedule or trigger), its --set overrides and the folder its relative paths
+are relative to; a config built in Python goes in whole. The schedule (`deploy.cron` + `deploy.timezone`, or every `deploy.interval_s` seconds) goes to
 the flow `deploy.flow` names (default build_dataset; the others run when triggered, e.g. `prefect
 deployment run end_to_end/NAME`, and a redeploy clears a schedule they had); their work pool
 `deploy.work_pool` (a process pool, created if missing: start workers with `prefect worker start
@@ -15,10 +17,9 @@ checkout (`flow.from_source`), so workers on the same machine or a shared file s
 for Docker or Kubernetes pools build an image with the package (infra/) and pass it to Prefect.
 
 A flow run of a deployment starts in the checkout (Prefect's pull step), not where `localcap deploy`
-ran, so every local path of the config is made absolute against the deploying process's working
-directory before it becomes a parameter (`load_config` already did that for configs the CLI read;
-doing it again here is a no-op for them and covers configs built in Python). The working directory
-of the run then does not matter.
+ran, so every relative path of the config is taken against the deploying process's working
+directory (`paths_from`; a config passed whole has them made absolute before it becomes a
+parameter). The working directory of the run then does not matter.
 
 The server's scheduler needs SQLAlchemy < 2.1 (pyproject.toml): with 2.1 it fails on every loop
 and schedules create no runs, though the UI shows them active.
@@ -42,12 +43,29 @@ ENTRYPOINTS = {"build_dataset": "flows/build.py:build_dataset", "end_to_end": "f
 
 
 def _parameters(flow_name: str, cfg: RunConfig) -> dict:
+    """A form of a few fields in the Prefect UI: the config file, its overrides and the folder its
+    relative paths are relative to (the flow reads the file when it runs), when the config came from a
+    file unchanged; else the whole config."""
+    origin = cfg.origin
     cfg = with_absolute_paths(cfg, os.getcwd())  # idempotent: the run's own working directory must not matter
     config = cfg.model_dump(mode="json")
     if flow_name == "train":
         return {"dataset_uri": cfg.publish.to or cfg.shards.output, "train_config": config["train"],
                 "storage": config["storage"], "ray": config["ray"]}
+    if origin and _reads_back(origin, cfg):
+        return {"config": origin["path"], "overrides": origin["overrides"], "paths_from": origin["paths_from"], "progress": False}
     return {"config": config, "progress": False}
+
+
+def _reads_back(origin: dict, cfg: RunConfig) -> bool:
+    """Whether loading the file again gives this config (not so once it was changed in Python)."""
+    from schemas.config import load_config
+
+    try:
+        again = load_config(origin["path"], origin["overrides"], base=origin["paths_from"])
+    except ValueError:
+        return False
+    return again.model_dump(mode="json") == cfg.model_dump(mode="json")
 
 
 def _descriptions(cfg: RunConfig) -> dict:

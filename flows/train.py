@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from flows import events
-from flows.build import build_dataset, build_run_name, run_id_for, slug
+from flows.build import build_dataset, build_run_name, run_config_of, run_id_for, slug
 from pipeline.executor import init_ray
 from pipeline.storage import Storage
 from pipeline.train.evaluate import recall_keys
@@ -23,7 +23,6 @@ from schemas.config import (
     RaySection,
     RunConfig,
     StorageSection,
-    parse_config,
     parse_train_config,
 )
 
@@ -80,12 +79,21 @@ def train(dataset_uri: str, train_config: dict, storage: dict | None = None, ray
 
 
 @flow(name="end_to_end", log_prints=True, flow_run_name=build_run_name)
-def end_to_end(config: dict | RunConfig, run_id: str | None = None, progress: bool = True) -> dict:
+def end_to_end(config: str | dict | RunConfig, run_id: str | None = None, overrides: dict | None = None,
+               paths_from: str | None = None, progress: bool = True) -> dict:
     """build_dataset, then train on what it made: the published version when publish.to is set
     (NAME/vN, exactly the version just published), else the built folder. `config` as for build_dataset."""
-    cfg = config if isinstance(config, RunConfig) else parse_config(config)
-    # This flow run's id, not the subflow's: Prefect's Retry of end_to_end resumes the same build.
-    dataset = build_dataset(cfg, run_id=run_id_for(run_id), progress=progress)
-    uri = dataset["published"]["uri"] if dataset.get("published") else cfg.shards.output
-    trained = train(uri, cfg.train.model_dump(mode="json"), cfg.storage.model_dump(mode="json"), cfg.ray.model_dump(mode="json"))
+    from prefect import tags
+    from prefect.runtime import flow_run
+
+    cfg = run_config_of(config, overrides, paths_from)
+    with tags(*(flow_run.tags or [])):  # the subflows carry the deployment's tags, as their parent does
+        # This flow run's id, not the subflow's: Prefect's Retry of end_to_end resumes the same build.
+        dataset = build_dataset(cfg, run_id=run_id_for(run_id), progress=progress)
+        published = dataset.get("published")
+        if published and published.get("unchanged"):
+            get_run_logger().info("no new version (identical to %s): nothing new to train on", published["uri"])
+            return {"dataset": dataset, "train": None}
+        uri = published["uri"] if published else cfg.shards.output
+        trained = train(uri, cfg.train.model_dump(mode="json"), cfg.storage.model_dump(mode="json"), cfg.ray.model_dump(mode="json"))
     return {"dataset": dataset, "train": trained}

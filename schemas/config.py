@@ -469,6 +469,7 @@ class RunConfig(_Section):
     prefect: PrefectSection = Field(default_factory=PrefectSection)
     train: TrainConfig = Field(default_factory=TrainConfig, description="What `localcap run --train` trains on the built version.")
     _checked: dict = PrivateAttr(default_factory=dict)  # preflights passed (pipeline.preflight.check_run)
+    _origin: dict | None = PrivateAttr(default=None)  # where load_config read it: path, overrides, paths_from
 
     @model_validator(mode="before")
     @classmethod
@@ -508,6 +509,12 @@ class RunConfig(_Section):
         """Whether check_run passed for this config as it is now (with the train output, for `train`)."""
         digest = self._digest()
         return self._checked.get(True) == digest or (not train and self._checked.get(False) == digest)
+
+    @property
+    def origin(self) -> dict | None:
+        """{"path", "overrides", "paths_from"}: the YAML file, --set overrides and folder relative paths
+        were taken against, when load_config made this config (a deployment passes these, not the config)."""
+        return self._origin
 
     def mark_checked(self, train: bool) -> None:
         self._checked = {**self._checked, train: self._digest()}  # a new dict: copies of the model do not share it
@@ -652,5 +659,6 @@ def with_absolute_paths(cfg: RunConfig, base: str | Path) -> RunConfig:
 def load_config(path: str | Path, overrides: dict | None = None, base: str | Path | None = None) -> RunConfig:
     """Read a YAML run config. Relative local paths in it (and in `overrides`) are made absolute
     against `base`, the caller's working directory by default, before anything reaches Prefect or Ray."""
-    cfg = parse_config(read_yaml(path, overrides), str(path))
-    return with_absolute_paths(cfg, base or os.getcwd())
+    cfg = with_absolute_paths(parse_config(read_yaml(path, overrides), str(path)), base or os.getcwd())
+    cfg._origin = {"path": str(Path(path).absolute()), "overrides": dict(overrides or {}), "paths_from": str(Path(base or os.getcwd()).absolute())}
+    return cfg

@@ -5,6 +5,7 @@ waits for the server's scheduler to create the run, with relative paths in the c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -168,12 +169,14 @@ def test_deploy_trigger_and_complete(server, tmp_path):
         assert deployment.work_pool_name == "localcap-test"
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
         assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
-        assert deployment.parameters["config"]["shards"]["output"] == str(tmp_path / "ds")
+        # A form of a few fields, not the whole config: the file (read when the run starts), its overrides,
+        # the folder its relative paths are relative to.
+        assert deployment.parameters == {"config": str(config_path), "overrides": {}, "paths_from": str(REPO), "progress": False}
         # The retrain deployments come with it, on demand (the cron belongs to deploy.flow, build_dataset).
         end_to_end = client.read_deployment_by_name("end_to_end/nightly-scenes")
         train = client.read_deployment_by_name("train/nightly-scenes")
         assert end_to_end.schedules == [] and train.schedules == []
-        assert end_to_end.parameters["config"] == deployment.parameters["config"]
+        assert end_to_end.parameters == deployment.parameters
         assert train.parameters["dataset_uri"] == str(tmp_path / "ds")
         assert train.parameters["train_config"]["objective"] == "local_contrastive"
     assert "deployed end_to_end/nightly-scenes" in out.stdout and "deployed train/nightly-scenes" in out.stdout
@@ -217,10 +220,9 @@ def test_scheduled_build_runs(server, tmp_path):
             deployment = client.read_deployment_by_name("build_dataset/every-few-seconds")
             assert [s.schedule.interval.total_seconds() for s in deployment.schedules] == [3.0]
             assert [s.active for s in deployment.schedules] == [True]
-            params = deployment.parameters["config"]
-            # Absolute against the deployer's folder, not the worker's or the checkout's.
-            assert params["shards"]["output"] == str(cwd / "out" / "dataset")
-            assert params["sources"][0]["uri"] == str(cwd / "incoming") and params["run"]["work_dir"] == str(cwd / "work")
+            params = deployment.parameters
+            # The relative paths are relative to the deployer's folder, not the worker's or the checkout's.
+            assert params["config"] == str(cwd / "nightly.yaml") and params["paths_from"] == str(cwd)
 
             deadline = time.monotonic() + 420
             runs = []
@@ -326,3 +328,62 @@ def test_each_published_version_starts_one_training_on_itself(server, tmp_path):
     assert ("localcap.build.completed", "a") in events and ("localcap.build.completed", "b") in events
     assert ("localcap.train.completed", str(published / "v1")) in events and ("localcap.train.completed", str(published / "v2")) in events
     assert not any(e == "localcap.dataset.published" and v == "v3" for e, v in events)
+
+
+def _kill_flow_run(flow_run_id) -> int:
+    """SIGKILL every process of a flow run (the worker starts it with PREFECT__FLOW_RUN_ID in its
+    environment): what a lost machine does to it. Returns how many were killed."""
+    mark = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+@pytest.mark.slow
+def test_retry_of_a_killed_build_resumes_the_same_run(server, tmp_path):
+    """The flow run of a deployment is killed mid-build (after ingest and dedupe, in regions); Prefect's
+    Retry of that flow run (AwaitingRetry, as the UI's button sets it) runs the same localcap run id
+    again, which skips the partitions already done."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import AwaitingRetry
+
+    _images(tmp_path / "src", n=8)
+    config = run_config(tmp_path, "src", name="retry-scenes", ingest={"partition_size": 1}, regions={"k": 2},
+                        shards={"keep_empty": True}, ray={"num_cpus": 1}, prefect={"retries": 0},
+                        deploy={"work_pool": "localcap-retry"})
+    path = tmp_path / "retry.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = _deploy(path, server.url, tmp_path / "client-home", cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with temporary_settings({PREFECT_API_URL: server.url}):
+        flow_run = run_deployment("build_dataset/retry-scenes", timeout=0)
+    worker = _start_worker("localcap-retry", server.url, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "work").glob("*/regions/_plan.json")):
+            assert time.monotonic() < deadline, "the build never reached regions\n" + _tail(tmp_path / "worker.log")
+            time.sleep(0.2)
+        assert _kill_flow_run(flow_run.id) >= 1
+        crashed = _wait_final(server.url, flow_run.id, time.monotonic() + 120)
+        assert crashed is not None and crashed.is_final() and not crashed.is_completed(), crashed
+        assert not (tmp_path / "ds" / "dataset.json").exists()
+        with _client(server.url) as client:
+            client.set_flow_run_state(flow_run.id, AwaitingRetry())  # the UI's Retry
+            run = client.read_flow_run(flow_run.id)
+        state = _wait_final(server.url, flow_run.id, time.monotonic() + 300)
+    finally:
+        _stop(worker)
+    assert state is not None and state.is_completed(), f"{state}\n" + _tail(tmp_path / "worker.log")
+    runs = [p.name for p in (tmp_path / "work").iterdir() if p.is_dir()]
+    assert len(runs) == 1 and run.name == f"retry-scenes-{runs[0]}", (runs, run.name)
+    record = json.loads((tmp_path / "work" / runs[0] / "run.json").read_text())
+    ingest = next(s for s in record["builds"][-1]["stages"] if s["stage"] == "ingest")
+    assert ingest["computed"] == 0 and ingest["skipped"] == ingest["partitions"] > 0, ingest
+    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["counts"]["samples"] == 8

@@ -160,7 +160,7 @@ def test_flow_leaves_markdown_artifact(paired_dataset):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["localcap-build"])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["localcap-build-localcap"])))
     text = next(a.data for a in artifacts if "`paired`" in a.data)
     assert "**7** samples in **3** shards from **8** inputs" in text
     assert "| ingest | 3 | 3 | 0 |" in text and "| not_an_image | 1 |" in text

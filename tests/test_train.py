@@ -79,7 +79,7 @@ def test_contrastive_training_beats_chance_on_held_out_regions(colour_dataset, t
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["localcap-train"])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["localcap-train-colours"])))
     text = next(a.data for a in artifacts if "`colours`" in a.data)
     assert f"| region_to_caption_r1 | {m['region_to_caption_r1']:.3f} | {m['region_to_caption_r1_chance']:.3f} |" in text
 
