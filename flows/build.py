@@ -23,6 +23,7 @@ from pipeline.executor import StageReport, init_ray
 from pipeline.preflight import check_cluster, check_run
 from pipeline.report import write_report
 from pipeline.stage import RunContext, Stage, StageResult, make_context, stages_for
+from pipeline.status import PREFECT_RUN
 from pipeline.storage import is_s3, join
 from pipeline.versions import publish_version
 from schemas.config import RunConfig, check_run_id, load_config, parse_config, read_yaml
@@ -81,6 +82,22 @@ def flow_run_id_of_run() -> str | None:
 
 def run_id_for(run_id: str | None) -> str:
     return check_run_id(run_id or flow_run_id_of_run() or new_run_id())
+
+
+def link_prefect_run(ctx: RunContext) -> None:
+    """The run directory's prefect.json: which Prefect flow run this is, and where the UI shows it
+    (`localcap status` prints it and accepts the flow run's name or id); the flow run's name holds the run id."""
+    import json
+
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    if not flow_run.id:
+        return
+    ui = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api")
+    record = {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name,
+              "ui_url": f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui else None}
+    ctx.storage.write_bytes(join(ctx.run_dir, PREFECT_RUN), json.dumps(record, indent=1).encode())
 
 
 def slug(text: str) -> str:
@@ -204,6 +221,7 @@ def build_dataset(config: str | dict | RunConfig, run_id: str | None = None, ove
     logger = get_run_logger()
     ctx = make_context(cfg, run_id, progress)
     logger.info("run %s: work in %s, dataset to %s", run_id, ctx.run_dir, cfg.shards.output)
+    link_prefect_run(ctx)
     check_run(cfg)  # paths, buckets, weights; a no-op for a config the CLI checked already
     init_ray(cfg.ray)
     check_cluster(cfg)  # GPUs the stages' actors need: before any work

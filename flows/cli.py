@@ -281,7 +281,7 @@ def serve(configs: list[Path] = typer.Argument(..., help="Run configs to serve a
 
 @app.command()
 def status(
-    run_id: str | None = typer.Argument(None, help="Run id (default: the newest run in the work dir)."),
+    run_id: str | None = typer.Argument(None, help="Run id, or its Prefect flow run name or id (default: the newest run in the work dir)."),
     work_dir: str = typer.Option("./localcap-work", "--work-dir", help="run.work_dir of the runs (path or s3://)."),
     config: Path | None = typer.Option(None, "--config", help="Take the work dir from this run config."),
 ):

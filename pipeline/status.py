@@ -23,6 +23,29 @@ def latest_run(storage: Storage, work_dir: str) -> str | None:
     return runs[-1] if runs else None
 
 
+PREFECT_RUN = "prefect.json"  # the Prefect flow run of a run: {"flow_run_id", "flow_run_name", "ui_url"}
+
+
+def find_run(storage: Storage, work_dir: str, ref: str) -> str:
+    """The run id `ref` names: a localcap run id, a Prefect flow run name (`<dataset>-<run id>`) or a
+    Prefect flow run id (from the run's prefect.json)."""
+    runs = storage.list_dirs(work_dir)
+    if ref in runs:
+        return ref
+    named = [r for r in runs if ref.endswith("-" + r)]
+    if named:
+        return max(named, key=len)
+    for r in runs:
+        uri = join(work_dir, r, PREFECT_RUN)
+        if storage.exists(uri):
+            try:
+                if json.loads(storage.read_bytes(uri)).get("flow_run_id") == ref:
+                    return r
+            except (ValueError, AttributeError):
+                continue
+    raise FileNotFoundError(f"no run {ref} in {work_dir} (a run id, a Prefect flow run name or id)")
+
+
 def stage_status(storage: Storage, run_dir: str, stage: str) -> dict:
     folder = join(run_dir, stage)
     names = storage.list_prefix(folder)
@@ -48,7 +71,7 @@ def stage_status(storage: Storage, run_dir: str, stage: str) -> dict:
 
 
 def run_status(storage: Storage, work_dir: str, run_id: str | None = None) -> dict:
-    run_id = run_id or latest_run(storage, work_dir)
+    run_id = find_run(storage, work_dir, run_id) if run_id else latest_run(storage, work_dir)
     if run_id is None:
         raise FileNotFoundError(f"no run in {work_dir}")
     run_dir = join(work_dir, run_id)
@@ -59,12 +82,22 @@ def run_status(storage: Storage, work_dir: str, run_id: str | None = None) -> di
     # Built-in stages always (pending until they start); an added stage when the run has its folder.
     names = [cls.name for cls in registered() if cls.section is None or cls.name in present]
     stages = [stage_status(storage, run_dir, s) for s in names]
+    prefect = None
+    if storage.exists(join(run_dir, PREFECT_RUN)):
+        try:
+            prefect = json.loads(storage.read_bytes(join(run_dir, PREFECT_RUN)))
+        except ValueError:
+            prefect = None
     return {"run_id": run_id, "run_dir": run_dir, "finished": bool(finished) and all(s["state"] == "done" for s in stages),
-            "counts": finished["counts"] if finished else None, "stages": stages}
+            "counts": finished["counts"] if finished else None, "stages": stages, "prefect": prefect}
 
 
 def format_status(status: dict) -> str:
     lines = [f"run {status['run_id']}  ({status['run_dir']})  {'finished' if status['finished'] else 'not finished'}"]
+    prefect = status.get("prefect") or {}
+    if prefect.get("flow_run_id"):
+        where = f"  {prefect['ui_url']}" if prefect.get("ui_url") else ""
+        lines.append(f"  Prefect flow run {prefect.get('flow_run_name')} ({prefect['flow_run_id']}){where}")
     if status["counts"]:
         c = status["counts"]
         lines.append(f"  {c['samples']} samples in {c['shards']} shards from {c['inputs']} inputs, {c['rejected']} rejected")

@@ -387,3 +387,8 @@ def test_retry_of_a_killed_build_resumes_the_same_run(server, tmp_path):
     ingest = next(s for s in record["builds"][-1]["stages"] if s["stage"] == "ingest")
     assert ingest["computed"] == 0 and ingest["skipped"] == ingest["partitions"] > 0, ingest
     assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["counts"]["samples"] == 8
+    # Linked both ways: the flow run's name holds the run id, and `localcap status` takes the flow run's id.
+    status = subprocess.run([str(BIN / "localcap"), "status", str(flow_run.id), "--work-dir", str(tmp_path / "work")],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert status.returncode == 0 and f"run {runs[0]}" in status.stdout, status.stdout + status.stderr
+    assert f"Prefect flow run {run.name} ({flow_run.id})" in status.stdout and f"/runs/flow-run/{flow_run.id}" in status.stdout

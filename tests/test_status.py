@@ -35,6 +35,14 @@ def test_status_and_report_of_a_finished_run(build, tmp_path):
     assert out.exit_code == 0 and "ingest   done" in out.output and "3 samples in 1 shards from 4 inputs" in out.output
     out = CliRunner().invoke(app, ["status", "nope", "--work-dir", str(work)])
     assert out.exit_code == 2 and "no run nope" in out.output
+    # The Prefect flow run and the localcap run name each other: its name holds the run id, the run
+    # directory holds its id, and status takes either.
+    prefect = status["prefect"]
+    assert prefect["flow_run_name"] == "localcap-20261122-status" and prefect["ui_url"].endswith(f"/runs/flow-run/{prefect['flow_run_id']}")
+    for ref in (prefect["flow_run_name"], prefect["flow_run_id"]):
+        assert run_status(Storage(), str(work), ref)["run_id"] == "20261122-status"
+    out = CliRunner().invoke(app, ["status", prefect["flow_run_id"], "--work-dir", str(work)])
+    assert out.exit_code == 0 and f"Prefect flow run localcap-20261122-status ({prefect['flow_run_id']})" in out.output
 
     page = Path(dataset["report"])  # the build wrote the HTML report into the run directory
     assert page.is_file() and page.parent == work / "20261122-status" / "report"
