@@ -30,7 +30,9 @@ from schemas.config import (
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(dataset_uri: str, train_config: dict, storage: dict) -> dict:
     section = StorageSection(**storage)
-    result = run_training(dataset_uri, parse_train_config(train_config), Storage(section.endpoint_url, section.region))
+    logger = get_run_logger()  # the loss every 10 steps, checkpoints and held-out metrics, in the run's Prefect logs
+    result = run_training(dataset_uri, parse_train_config(train_config), Storage(section.endpoint_url, section.region),
+                          on_progress=logger.info)
     return asdict(result)
 
 

@@ -58,6 +58,9 @@ def _train(dataset: str, output: Path, **fields) -> dict:
 def test_contrastive_training_beats_chance_on_held_out_regions(colour_dataset, tmp_path):
     """Acceptance: the tiny model, 2 Ray Train workers, a few dozen steps: held-out region<->caption
     recall@1 well above chance."""
+    from datetime import datetime, timezone
+
+    started = datetime.now(timezone.utc)
     result = _train(str(colour_dataset), tmp_path / "train", name="colours", steps=80, checkpoint_every=40)
     m = result["metrics"]
     assert m["step"] == 80 and m["steps_this_run"] == 80 and not m["eval_on_train"]
@@ -80,8 +83,15 @@ def test_contrastive_training_beats_chance_on_held_out_regions(colour_dataset, t
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["localcap-train-colours"])))
+        from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
+
+        logs = [log.message for log in client.read_logs(log_filter=LogFilter(timestamp=LogFilterTimestamp(after_=started)), limit=200)]
     text = next(a.data for a in artifacts if "`colours`" in a.data)
     assert f"| region_to_caption_r1 | {m['region_to_caption_r1']:.3f} | {m['region_to_caption_r1_chance']:.3f} |" in text
+    # Training progress in the run's Prefect logs, not only on the Ray Train worker's stdout.
+    assert any(line.startswith("step 10/80 loss ") for line in logs), logs
+    assert any(line.startswith("step 40/80 loss ") and line.endswith("checkpoint saved") for line in logs), logs
+    assert any(line.startswith("eval: ") for line in logs), logs
 
 
 def test_mae_loss_falls(colour_dataset, tmp_path):

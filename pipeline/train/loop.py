@@ -150,6 +150,18 @@ def evaluate(model, cfg: TrainConfig, dataset: ShardDataset, tokenizer, device) 
     return retrieval_metrics(model, views, encode_texts, cfg.eval.batch_size, device)
 
 
+def progress(loop_config: dict, line: str) -> None:
+    """A progress line on the worker's stdout and, when the driver listens (run_training's
+    on_progress), into its queue: the driver logs it where the run is watched (Prefect's logs)."""
+    print(line, flush=True)
+    queue = loop_config.get("progress")
+    if queue is not None:
+        try:
+            queue.put_nowait(line)
+        except Exception:  # a full or lost queue must not stop training
+            pass
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
     import ray.train
@@ -205,7 +217,7 @@ def train_worker(loop_config: dict) -> None:
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             _report(parts | {"resumed_from": resumed_from}, rank, model, optimizer, step, cfg, loop_config, history)
         elif rank == 0 and (step % 10 == 0 or step == 1):
-            print(f"step {step}/{cfg.steps} loss {parts['loss']:.4f} ({parts['images_per_s']:.1f} images/s)", flush=True)
+            progress(loop_config, f"step {step}/{cfg.steps} loss {parts['loss']:.4f} ({parts['images_per_s']:.1f} images/s)")
 
     # The last checkpoint carries the held-out metrics (Ray Train's result is the last checkpoint's report).
     metrics = {"step": step, "resumed_from": resumed_from, "steps_this_run": step - (resumed_from or 0),
@@ -213,7 +225,7 @@ def train_worker(loop_config: dict) -> None:
     if rank == 0:
         eval_set = ShardDataset(root, 0, cfg.seed, decode=False, storage=storage, shards=range(*loop_config["eval_shards"]), split=False)
         metrics |= evaluate(model, cfg, eval_set, tokenizer, device)
-        print("eval: " + json.dumps(metrics), flush=True)
+        progress(loop_config, "eval: " + json.dumps(metrics))
     _report(metrics, rank, model, optimizer, step, cfg, loop_config, history)
 
 
@@ -255,4 +267,5 @@ def _report(metrics: dict, rank: int, model, optimizer, step: int, cfg: TrainCon
     with tempfile.TemporaryDirectory() as folder:
         save_state(folder, model, optimizer, step, cfg, loop_config.get("tokenizer_json"), history)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    print(f"step {step}/{cfg.steps}: checkpoint saved", flush=True)
+    loss = metrics.get("loss", metrics.get("last_loss"))
+    progress(loop_config, f"step {step}/{cfg.steps}" + (f" loss {loss:.4f}" if loss is not None else "") + ": checkpoint saved")

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.shards.loader import ShardDataset
@@ -96,8 +98,42 @@ def _ray_storage(output: str, storage: Storage):
     return output[len("s3://"):], fs.S3FileSystem(**kwargs)
 
 
-def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = None) -> TrainResult:
-    """Train on a dataset (directory, NAME/vN, NAME/LATEST or NAME) with Ray Train; Ray must be up."""
+def fit_reporting(trainer, queue, on_progress: Callable[[str], None] | None):
+    """trainer.fit(), handing the workers' progress lines to `on_progress` while it runs: the Ray
+    queue they put into (loop_config["progress"]) drained by a thread here."""
+    if queue is None or on_progress is None:
+        return trainer.fit()
+    from ray.util.queue import Empty
+
+    done = threading.Event()
+
+    def drain(block: bool) -> None:
+        while True:
+            try:
+                on_progress(queue.get(block=block, timeout=0.5))
+            except Empty:
+                return
+
+    def listen() -> None:
+        while not done.is_set():
+            drain(block=True)
+
+    listener = threading.Thread(target=listen, name="train-progress", daemon=True)
+    listener.start()
+    try:
+        return trainer.fit()
+    finally:
+        done.set()
+        listener.join(timeout=5)
+        drain(block=False)
+        queue.shutdown()
+
+
+def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = None,
+                 on_progress: Callable[[str], None] | None = None) -> TrainResult:
+    """Train on a dataset (directory, NAME/vN, NAME/LATEST or NAME) with Ray Train; Ray must be up.
+    `on_progress(line)` gets rank 0's progress lines (loss every 10 steps, checkpoints, the held-out
+    metrics) as training runs, in this process (the train flow logs them to Prefect)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -119,6 +155,10 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
         "train_shards": train_range, "eval_shards": eval_range,
         **settle_tokenizer(cfg, dataset, dataset.shards[slice(*train_range)], storage, output),
     }
+    if on_progress is not None:
+        from ray.util.queue import Queue
+
+        loop_config["progress"] = Queue(maxsize=1000)  # rank 0's progress lines, for on_progress
     storage_path, filesystem = _ray_storage(cfg.output, storage)
     found = latest_checkpoint(storage, output)
     if found:
@@ -135,7 +175,7 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
-    result = trainer.fit()
+    result = fit_reporting(trainer, loop_config.get("progress"), on_progress)
     metrics = dict(result.metrics or {})
     metrics |= {"dataset": dataset.root, "name": name, "objective": cfg.objective, "eval_on_train": eval_on_train,
                 "train_shards": list(train_range), "eval_shards": list(eval_range)}
