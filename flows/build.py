@@ -7,6 +7,7 @@ deploy for a local run.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -69,7 +70,7 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
 
-def flow_run_id_of_run() -> str | None:
+def run_id_of_flow_run() -> str | None:
     """The localcap run id of a Prefect flow run started without one (a deployment's): from the flow
     run's scheduled time and id, so that Prefect's Retry of that flow run resumes the same localcap run."""
     from prefect.runtime import flow_run
@@ -81,14 +82,13 @@ def flow_run_id_of_run() -> str | None:
 
 
 def run_id_for(run_id: str | None) -> str:
-    return check_run_id(run_id or flow_run_id_of_run() or new_run_id())
+    """The run id a flow works under: the one it was given, else its flow run's, else a new one."""
+    return check_run_id(run_id or run_id_of_flow_run() or new_run_id())
 
 
 def link_prefect_run(ctx: RunContext) -> None:
     """The run directory's prefect.json: which Prefect flow run this is, and where the UI shows it
     (`localcap status` prints it and accepts the flow run's name or id); the flow run's name holds the run id."""
-    import json
-
     from prefect.runtime import flow_run
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
