@@ -22,7 +22,7 @@ from flows import events
 from pipeline.dataset_card import write_dataset_card
 from pipeline.executor import StageReport, init_ray
 from pipeline.preflight import check_cluster, check_run
-from pipeline.report import write_report
+from pipeline.report import read_text_boxes, write_report
 from pipeline.stage import RunContext, Stage, StageResult, make_context, stages_for
 from pipeline.status import PREFECT_RUN
 from pipeline.storage import is_s3, join
@@ -166,7 +166,21 @@ def version_task(ctx, dataset: dict):
     return result
 
 
-def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> str:
+def samples_markdown(samples: list[tuple[str, dict]], report: str | None) -> list[str]:
+    """The first samples as a table, and where the HTML report is, for the build's artifact: what the
+    build made, readable in the Prefect UI."""
+    lines = []
+    if samples:
+        lines += ["", "| sample | boxes | box captions | global caption |", "|---|---|---|---|"]
+        for key, s in samples:
+            texts = "; ".join(t.replace("|", "/") for t in s.get("text", []) if t) or "-"
+            lines.append(f"| `{key[:12]}` | {len(s.get('box', []))} | {texts[:300]} | {(s.get('global_text') or '-').replace('|', '/')[:200]} |")
+    if report:
+        lines += ["", f"HTML report (gallery with the boxes drawn, rejects, duplicates, plots): `{report}`"]
+    return lines
+
+
+def report_markdown(run_id: str, dataset: dict, reports: list[StageReport], extra: list[str] = ()) -> str:
     c = dataset["counts"]
     lines = [
         f"# localcap run `{run_id}`",
@@ -197,7 +211,7 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport]) -> s
     if c["rejected_by_reason"]:
         lines += ["", "| rejection reason | count |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in c["rejected_by_reason"].items()]
-    return "\n".join(lines)
+    return "\n".join(lines + list(extra))
 
 
 def run_stages(ctx: RunContext, opts: dict) -> dict[str, StageResult]:
@@ -245,8 +259,13 @@ def build_dataset(config: str | dict | RunConfig, run_id: str | None = None, ove
             logger.info("not published: identical to %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])
         else:
             logger.info("published %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])
-    create_markdown_artifact(report_markdown(run_id, dataset, reports), key=f"localcap-build-{slug(cfg.run.name)}",
-                             description=f"localcap run {run_id}")
+    try:
+        samples = read_text_boxes(ctx.storage, cfg.shards.output, cfg.shards.layout, limit=5)
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("samples not read for the artifact: %s: %s", type(exc).__name__, exc)
+        samples = []
+    create_markdown_artifact(report_markdown(run_id, dataset, reports, samples_markdown(samples, dataset.get("report"))),
+                             key=f"localcap-build-{slug(cfg.run.name)}", description=f"localcap run {run_id}")
     events.build_completed(cfg.shards.output, run_id, dataset)
     c = dataset["counts"]
     published = c["rejected_by_reason"].get("duplicate_published", 0)

@@ -68,13 +68,16 @@ def thumbnail(data: bytes, side: int = THUMB_SIDE) -> bytes:
     return out.getvalue()
 
 
-def read_text_boxes(storage: Storage, root: str, layout: str) -> list[tuple[str, dict]]:
-    """(key, sample JSON) of every sample: the text_box tars (or combined tars' JSON) only."""
+def read_text_boxes(storage: Storage, root: str, layout: str, limit: int | None = None) -> list[tuple[str, dict]]:
+    """(key, sample JSON) of every sample (or the first `limit`): the text_box tars (or combined
+    tars' JSON) only, read no further than needed."""
     folder = "text_box" if layout == "paired" else "combined"
     sizes = json.loads(storage.read_bytes(join(root, folder, SIZES)))
     out = []
     for tar in sorted(sizes):
         for key, group in read_tar_groups(storage, join(root, folder, tar)):
+            if limit is not None and len(out) >= limit:
+                return out
             out.append((key, json.loads(group["json"])))
     return out
 

@@ -164,3 +164,6 @@ def test_flow_leaves_markdown_artifact(paired_dataset):
     text = next(a.data for a in artifacts if "`paired`" in a.data)
     assert "**7** samples in **3** shards from **8** inputs" in text
     assert "| ingest | 3 | 3 | 0 |" in text and "| not_an_image | 1 |" in text
+    # What the build made, readable in the UI: its first samples, and where the HTML report is.
+    assert "| sample | boxes | box captions | global caption |" in text and text.count("\n| `") == 5
+    assert "HTML report" in text and "index.html" in text
