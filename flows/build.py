@@ -235,10 +235,10 @@ def build_dataset(config: str | dict | RunConfig, run_id: str | None = None, ove
     logger = get_run_logger()
     ctx = make_context(cfg, run_id, progress)
     logger.info("run %s: work in %s, dataset to %s", run_id, ctx.run_dir, cfg.shards.output)
-    link_prefect_run(ctx)
     check_run(cfg)  # paths, buckets, weights; a no-op for a config the CLI checked already
     init_ray(cfg.ray)
     check_cluster(cfg)  # GPUs the stages' actors need: before any work
+    link_prefect_run(ctx)  # the run directory's first file: after the checks, which must leave no trace
 
     opts = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_s, "retry_condition_fn": retryable}
     try:
