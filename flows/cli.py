@@ -249,8 +249,10 @@ def deploy(
     pool: str | None = typer.Option(None, "--pool", help="Work pool (default: deploy.work_pool of each config)."),
 ):
     """Register the build_dataset, end_to_end (build, publish, train) and train deployments of each config
-    with the Prefect server at PREFECT_API_URL: parameters from the config, deploy.cron on the flow
-    deploy.flow names, one run of each at a time. Run them with `prefect worker start --pool localcap`."""
+    with the Prefect server at PREFECT_API_URL: parameters the config file (read when a run starts), its
+    overrides and the folder relative paths are taken against; deploy.cron on the flow deploy.flow names;
+    with deploy.retrain: on_publish, a trigger that trains train/NAME on each new version of publish.to;
+    one run of each at a time. Run them with `prefect worker start --pool localcap`."""
     from flows.deploy import check_deployable, deploy as register, schedule_text
     from pipeline.preflight import untrainable
 
