@@ -264,8 +264,8 @@ def deploy(
         typer.echo(f"localcap deploy: {exc}", err=True)
         raise typer.Exit(2) from None
     for cfg in loaded:
-        if untrainable(cfg):
-            typer.echo(f"note: train/{cfg.run.name} and end_to_end/{cfg.run.name} will fail if run: {untrainable(cfg)}", err=True)
+        if reason := untrainable(cfg):
+            typer.echo(f"note: train/{cfg.run.name} and end_to_end/{cfg.run.name} will fail if run: {reason}", err=True)
     for cfg, deployments in zip(loaded, register(loaded, pool)):
         for flow_name, deployment_id in deployments.items():
             when = schedule_text(flow_name, cfg)

@@ -119,8 +119,8 @@ def check_deployable(cfg: RunConfig) -> None:
     if cfg.deploy.retrain == "on_publish" and not cfg.publish.to:
         raise ValueError(f"{cfg.run.name}: deploy.retrain: on_publish needs publish.to (the dataset whose new versions start training)")
     trains_by_itself = cfg.deploy.retrain != "none" or (cfg.deploy.scheduled and cfg.deploy.flow != "build_dataset")
-    if trains_by_itself and untrainable(cfg):
-        raise ValueError(untrainable(cfg))
+    if trains_by_itself and (reason := untrainable(cfg)):
+        raise ValueError(reason)
 
 
 def _schedules(flow_name: str, cfg: RunConfig) -> list:

@@ -48,8 +48,8 @@ def check_run(cfg: RunConfig, train: bool = False) -> None:
     if cfg.dedupe.index:
         check_writable(cfg.dedupe.index, "dedupe.index", buckets)
     if train:
-        if untrainable(cfg):
-            raise PreflightError(untrainable(cfg))
+        if reason := untrainable(cfg):
+            raise PreflightError(reason)
         check_writable(cfg.train.output, "train.output", buckets)
     check_captioner(cfg.captioner, local_ray=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     _each_stage(cfg, "check")

@@ -26,6 +26,18 @@ def latest_run(storage: Storage, work_dir: str) -> str | None:
 PREFECT_RUN = "prefect.json"  # the Prefect flow run of a run: {"flow_run_id", "flow_run_name", "ui_url"}
 
 
+def read_prefect_run(storage: Storage, run_dir: str) -> dict | None:
+    """The run's prefect.json, or None when it has none or it is not a JSON object."""
+    uri = join(run_dir, PREFECT_RUN)
+    if not storage.exists(uri):
+        return None
+    try:
+        record = json.loads(storage.read_bytes(uri))
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def find_run(storage: Storage, work_dir: str, ref: str) -> str:
     """The run id `ref` names: a localcap run id, a Prefect flow run name (`<dataset>-<run id>`) or a
     Prefect flow run id (from the run's prefect.json)."""
@@ -36,13 +48,8 @@ def find_run(storage: Storage, work_dir: str, ref: str) -> str:
     if named:
         return max(named, key=len)
     for r in runs:
-        uri = join(work_dir, r, PREFECT_RUN)
-        if storage.exists(uri):
-            try:
-                if json.loads(storage.read_bytes(uri)).get("flow_run_id") == ref:
-                    return r
-            except (ValueError, AttributeError):
-                continue
+        if (read_prefect_run(storage, join(work_dir, r)) or {}).get("flow_run_id") == ref:
+            return r
     raise FileNotFoundError(f"no run {ref} in {work_dir} (a run id, a Prefect flow run name or id)")
 
 
@@ -82,12 +89,7 @@ def run_status(storage: Storage, work_dir: str, run_id: str | None = None) -> di
     # Built-in stages always (pending until they start); an added stage when the run has its folder.
     names = [cls.name for cls in registered() if cls.section is None or cls.name in present]
     stages = [stage_status(storage, run_dir, s) for s in names]
-    prefect = None
-    if storage.exists(join(run_dir, PREFECT_RUN)):
-        try:
-            prefect = json.loads(storage.read_bytes(join(run_dir, PREFECT_RUN)))
-        except ValueError:
-            prefect = None
+    prefect = read_prefect_run(storage, run_dir)
     return {"run_id": run_id, "run_dir": run_dir, "finished": bool(finished) and all(s["state"] == "done" for s in stages),
             "counts": finished["counts"] if finished else None, "stages": stages, "prefect": prefect}
 

@@ -111,8 +111,7 @@ def list_versions(storage: Storage, name_uri: str) -> list[VersionInfo]:
     """Published (complete) versions, oldest first; a version without dataset.json is not listed,
     one whose dataset.json (or files.json) cannot be read is listed with `broken` set."""
     name_uri = name_uri.rstrip("/")
-    pointer = join(name_uri, LATEST)
-    latest = storage.read_bytes(pointer).decode(errors="replace").strip() if storage.exists(pointer) else None
+    latest = _read_latest(storage, name_uri)
     out = []
     for n in _claimed(storage, name_uri):
         uri = join(name_uri, version_name(n))
