@@ -179,6 +179,7 @@ def publish(
     if not (dataset / "dataset.json").is_file():
         typer.echo(f"{dataset}: no dataset.json, not a finished build", err=True)
         raise typer.Exit(2)
+    name = absolute_path(name, os.getcwd())  # a relative local NAME: its event names the same dataset as the config's publish.to
     r = publish_version(_storage(), dataset, name, concurrency, part_size_mb * 2**20, progress, force=force)
     if r.unchanged:
         typer.echo(f"unchanged: identical to {r.uri} (LATEST -> {r.latest}); no new version")

@@ -245,9 +245,9 @@ def test_scheduled_build_runs(server, tmp_path):
     assert not (REPO / "out").exists() and not (REPO / "work").exists() and not (REPO / "incoming").exists()
 
 
-def _localcap(args: list[str], url: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def _localcap(args: list[str], url: str, home: Path, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """A localcap command in its own process, talking to the server at `url` (its runs are recorded there)."""
-    return subprocess.run([str(BIN / "localcap"), *args], env=_env(home, PREFECT_API_URL=url), cwd=REPO,
+    return subprocess.run([str(BIN / "localcap"), *args], env=_env(home, PREFECT_API_URL=url), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -294,9 +294,11 @@ def test_each_published_version_starts_one_training_on_itself(server, tmp_path):
         assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
         a = _localcap(["run", str(path), "--run-id", "a", "--no-progress"], server.url, home)
         assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
-        v2 = _localcap(["publish", str(tmp_path / "b"), str(published), "--no-progress"], server.url, home)
+        # As a data engineer types it, from the folder the datasets are in: relative paths name the
+        # same dataset (and its event the same resource) as the config's absolute publish.to.
+        v2 = _localcap(["publish", "b", "published/scenes", "--no-progress"], server.url, home, cwd=tmp_path)
         assert v2.returncode == 0 and f"published {published / 'v2'}" in v2.stdout, v2.stdout + v2.stderr
-        again = _localcap(["publish", str(tmp_path / "b"), str(published), "--no-progress"], server.url, home)
+        again = _localcap(["publish", "b", "published/scenes", "--no-progress"], server.url, home, cwd=tmp_path)
         assert again.returncode == 0 and "unchanged" in again.stdout and not (published / "v3").exists(), again.stdout + again.stderr
 
         with _client(server.url) as client:
