@@ -346,6 +346,73 @@ def demo(
         _echo_trained(dataset["trained"])
 
 
+SWEEP_DEMO_CONFIG = Path(__file__).with_name("sweep-demo.yaml")
+SWEEP_DEMO_DIR = Path("sweep-demo")
+
+
+def _sweep_demo_dataset(out: Path, images: int) -> str:
+    """Generate demo scenes and build the sweep demo's dataset from them (no captioner: MAE needs none)."""
+    from pipeline.synthetic import write_demo_images
+
+    paths = write_demo_images(out / "images", n=images)
+    typer.echo(f"wrote {len(paths)} demo inputs to {out / 'images'} (two are meant to be rejected at ingest)")
+    sets = [f"sources=[{{uri: '{out / 'images'}'}}]", f"run.work_dir={out / 'work'}", f"shards.output={out / 'dataset'}",
+            "run.name=localcap-sweep-demo", "captioner.backend=none", "captioner.model=null", "shards.max_samples=4"]
+    dataset = _run(DEMO_CONFIG, "sweep-demo", sets, progress=True)
+    return dataset["config"]["shards"]["output"]
+
+
+@app.command()
+def sweep(
+    config: Path | None = typer.Argument(None, help="Sweep config YAML (see configs/sweep.yaml); not with --demo."),
+    set_: list[str] = typer.Option([], "--set", help="Override a sweep field, e.g. --set grid.images=[100,1000] "
+                                   "--set train.steps=2000 (repeatable)."),
+    demo: bool = typer.Option(False, "--demo", help="Build a dataset from generated scenes, then run the built-in CI-sized "
+                              "grid on it (3 data sizes x 3 resolutions x 2 model sizes of MAE, a few minutes on 2 CPUs)."),
+    out: Path = typer.Option(SWEEP_DEMO_DIR, "--out", help="--demo: the folder for its images, dataset and sweep."),
+    images: int = typer.Option(30, "--images", help="--demo: how many scenes to generate (the largest data size plus the held-out shard)."),
+):
+    """A scaling study: train one model per grid point (training images x resolution x model size x objective)
+    as Ray Tune trials on one dataset, each ending with a held-out metric (a k-NN probe on frozen features by
+    default), then fit scaling laws to the results: the paper's two-factor form in log space and
+    alternatives, with bootstrap uncertainties, leave-one-out error and the data x resolution predicted for
+    a target. Writes OUTPUT/NAME/: results.parquet, fit.json, plots and index.html. Rerun the same command
+    to resume: finished trials are not rerun."""
+    from schemas.sweep import load_sweep_config
+
+    if demo == (config is not None):
+        raise typer.BadParameter("give a sweep CONFIG, or --demo (not both)")
+    try:
+        overrides = _parse_sets(set_)
+        if demo:
+            overrides = {"dataset": str(out / "dataset"), "output": str(out / "sweeps")} | overrides
+        cfg = load_sweep_config(config or SWEEP_DEMO_CONFIG, overrides)
+    except ValueError as exc:  # ConfigError names the field
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if demo:
+        _sweep_demo_dataset(out, images)
+    from flows.sweep import sweep as sweep_flow
+
+    try:
+        result = sweep_flow(cfg)
+    except Exception as exc:
+        _fail(f"sweep failed: {type(exc).__name__}: {exc}")
+    finished = sum(r["status"] == "finished" for r in result["rows"])
+    typer.echo(f"sweep {cfg.name}: {finished} of {len(result['rows'])} trials finished ({result['ran']} run now)")
+    for group in result["fit"]["groups"]:
+        best = group.get("best")
+        law = group["laws"].get(best, {}) if best else {}
+        if law.get("status") == "ok":
+            params = ", ".join(f"{k}={v:.3g}" for k, v in law["params"].items())
+            loo = law.get("loo_rmse")
+            typer.echo(f"  {group['objective']}/{group['model']}: best law {best} ({params}), leave-one-out RMSE "
+                       + (f"{loo:.3g}" if loo is not None else "n/a"))
+        else:
+            typer.echo(f"  {group['objective']}/{group['model']}: no law fitted")
+    typer.echo(f"  page: {result['page']}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -60,6 +60,8 @@ class DataOptions(_Section):
     shuffle_buffer: int = Field(256, ge=0, description="Samples mixed in memory per reader (0: stream order).")
     holdout_shards: int = Field(1, ge=0, description="The dataset's last N shards are held out for evaluation and never trained on.")
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per train worker (decode and augment).")
+    max_images: int | None = Field(None, ge=1, description="Train on only the first N images of the training shards (in shard "
+                                   "order: a larger N only adds images), e.g. a scaling study's data size. None: all of them.")
 
     @model_validator(mode="after")
     def _scale(self) -> DataOptions:
@@ -82,6 +84,20 @@ class EvalOptions(_Section):
     batch_size: int = Field(32, ge=1)
 
 
+class ProbeOptions(_Section):
+    """A k-NN probe on the trained model's frozen features, at the end of training: a held-out figure of what
+    the representation knows (MAE's reconstruction loss does not say that)."""
+
+    task: Literal["scenes", "captions"] = Field(
+        "scenes", description="scenes: the planted objects of generated labelled scenes, labelled by `label` (their true boxes and kinds); "
+        "captions: the held-out shards' captioned boxes, labelled by their caption text.")
+    images: int = Field(32, ge=2, description="Scenes generated (scenes), or held-out images read at most (captions).")
+    label: Literal["kind", "colour", "kind_colour"] = Field("kind", description="scenes: what a planted object is labelled by.")
+    scene_size: tuple[int, int] = Field((1024, 768), description="scenes: width and height of the generated scenes.")
+    seed: int = Field(1_000_000, description="scenes: the first scene's seed (far from the demo's and the tests' seeds).")
+    k: int = Field(5, ge=1, description="Neighbours that vote; a region's neighbours come from other images only.")
+
+
 class TrainConfig(_Section):
     objective: Literal["local_contrastive", "mae"] = Field("local_contrastive")
     output: str = Field("train-output", min_length=1, description="Where runs keep checkpoints and metrics: OUTPUT/NAME/ (path or s3://).")
@@ -93,6 +109,7 @@ class TrainConfig(_Section):
     data: DataOptions = Field(default_factory=DataOptions)
     mae: MaeOptions = Field(default_factory=MaeOptions)
     eval: EvalOptions = Field(default_factory=EvalOptions)
+    probe: ProbeOptions | None = Field(None, description="Also run a k-NN probe on frozen features at the end (metrics probe_acc, probe_chance).")
     steps: int = Field(10000, ge=1, description="Optimizer steps in all (a resumed run continues to this count).")
     batch_size: int = Field(32, ge=1, description="Images per train worker per step.")
     lr: float = Field(3e-4, gt=0)

@@ -150,6 +150,20 @@ def _sample(key: str, image: bytes, text_json: bytes, decode: bool) -> dict:
             "type": meta.type}
 
 
+def first_samples(shards: list[str], sizes: dict[str, int], max_samples: int | None) -> dict[str, int]:
+    """{shard: samples to read} holding the first `max_samples` samples of `shards` in their order (the
+    last one cut short); {} for no limit. The subsets are nested: a larger limit only adds samples."""
+    if max_samples is None:
+        return {}
+    take, left = {}, max_samples
+    for shard in shards:
+        if left <= 0:
+            break
+        take[shard] = min(left, sizes[shard])
+        left -= take[shard]
+    return take
+
+
 def _node() -> tuple[int, int]:
     """(rank, world size) from torch.distributed when initialised, else RANK / WORLD_SIZE."""
     try:
@@ -165,7 +179,7 @@ def _node() -> tuple[int, int]:
 class ShardDataset(_Base):
     def __init__(self, uri: str, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True,
                  storage: Storage | None = None, shards: range | None = None, split: bool = True,
-                 on_count_mismatch: str = "raise"):
+                 on_count_mismatch: str = "raise", max_samples: int | None = None):
         if on_count_mismatch not in ON_COUNT_MISMATCH:
             raise ValueError(f"on_count_mismatch must be one of {ON_COUNT_MISMATCH}, got {on_count_mismatch!r}")
         self.on_count_mismatch = on_count_mismatch
@@ -181,6 +195,10 @@ class ShardDataset(_Base):
         self.shards = sorted(self.sizes)
         if shards is not None:
             self.shards = [s for i, s in enumerate(self.shards) if i in shards]
+        self.take = first_samples(self.shards, self.sizes, max_samples)
+        if max_samples is not None:
+            self.shards = [s for s in self.shards if s in self.take]
+            self.samples = sum(self.take.values())
         self.shuffle_buffer, self.seed, self.decode = shuffle_buffer, seed, decode
         self.split = split  # False: this reader reads everything (e.g. evaluation on one rank)
         self.epoch = 0
@@ -224,9 +242,12 @@ class ShardDataset(_Base):
         return ("combined", shard) if self.layout == "combined" else ("text_box", text_box_tar(shard))
 
     def iter_shard(self, shard: str) -> Iterator[dict]:
-        """A shard's samples; at its end, their number checked against sizes.json."""
-        streamed = 0
+        """A shard's samples; at its end, their number checked against sizes.json (unless `max_samples`
+        cut this shard short: then only its first samples)."""
+        limit, streamed = self.take.get(shard), 0
         for sample in self._iter_shard(shard):
+            if limit is not None and streamed >= limit:
+                return
             streamed += 1
             yield sample
         self._check_count(shard, streamed)

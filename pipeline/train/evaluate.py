@@ -48,22 +48,30 @@ def recall(items: torch.Tensor, item_texts: list[str], texts: torch.Tensor, text
 
 
 @torch.no_grad()
+def region_embeddings(model, jobs: list[tuple[dict, np.ndarray]], batch_size: int, device) -> torch.Tensor:
+    """The local (in-box, high-res) embedding of each (eval view, box patch map), selecting patches
+    bottom-up only (no caption asks for them); (len(jobs), embed_dim) on the CPU."""
+    out, zero_text = [], None
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        low = torch.from_numpy(np.stack([v["low"] for v, _ in chunk])).to(device)
+        high = torch.from_numpy(np.stack([v["high"] for v, _ in chunk])).to(device)
+        maps = torch.from_numpy(np.stack([m for _, m in chunk])).to(device)
+        if zero_text is None or zero_text.shape[0] != len(chunk):
+            zero_text = torch.zeros(len(chunk), model.opts.embed_dim, device=device)
+        local, _, _, _ = model.region_features(low, high, maps, zero_text)
+        out.append(local.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def retrieval_metrics(model, views: list[dict], encode_texts, batch_size: int, device) -> dict:
     """Region->caption, caption->region and global retrieval over eval views (data.eval_view)."""
     model.eval()
-    regions, region_texts, globals_, global_texts = [], [], [], []
+    globals_, global_texts = [], []
     jobs = [(v, m, t) for v in views for m, t in zip(v["maps"], v["texts"])]
-    zero_text = None
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        low = torch.from_numpy(np.stack([v["low"] for v, _, _ in chunk])).to(device)
-        high = torch.from_numpy(np.stack([v["high"] for v, _, _ in chunk])).to(device)
-        maps = torch.from_numpy(np.stack([m for _, m, _ in chunk])).to(device)
-        if zero_text is None or zero_text.shape[0] != len(chunk):
-            zero_text = torch.zeros(len(chunk), model.opts.embed_dim, device=device)  # bottom-up selection only
-        local, _, _, _ = model.region_features(low, high, maps, zero_text)
-        regions.append(local.float().cpu())
-        region_texts += [t for _, _, t in chunk]
+    regions = region_embeddings(model, [(v, m) for v, m, _ in jobs], batch_size, device) if jobs else None
+    region_texts = [t for _, _, t in jobs]
     with_global = [v for v in views if v["global_text"]]
     for start in range(0, len(with_global), batch_size):
         chunk = with_global[start:start + batch_size]
@@ -74,7 +82,7 @@ def retrieval_metrics(model, views: list[dict], encode_texts, batch_size: int, d
     metrics = {"eval_images": len(views), "eval_regions": len(region_texts), "eval_global": len(global_texts)}
     if region_texts:
         names = list(dict.fromkeys(region_texts))
-        metrics |= recall(torch.cat(regions), region_texts, encode_texts(names), names, "region", "caption")
+        metrics |= recall(regions, region_texts, encode_texts(names), names, "region", "caption")
         metrics["distinct_region_captions"] = len(names)
     if global_texts:
         names = list(dict.fromkeys(global_texts))

@@ -191,7 +191,7 @@ def train_worker(loop_config: dict) -> None:
         model = model.to(device)
 
     train_set = ShardDataset(root, cfg.data.shuffle_buffer, cfg.seed + step, decode=False, storage=storage,
-                             shards=range(*loop_config["train_shards"]))
+                             shards=range(*loop_config["train_shards"]), max_samples=cfg.data.max_images)
     loader = torch.utils.data.DataLoader(
         TrainStream(train_set, cfg, cfg.seed + 7919 * rank + step), batch_size=cfg.batch_size,
         num_workers=cfg.data.loader_workers, collate_fn=Collate(tokenizer, getattr(_unwrap(model), "max_text_len", 0)),
@@ -221,10 +221,15 @@ def train_worker(loop_config: dict) -> None:
 
     # The last checkpoint carries the held-out metrics (Ray Train's result is the last checkpoint's report).
     metrics = {"step": step, "resumed_from": resumed_from, "steps_this_run": step - (resumed_from or 0),
-               "first_loss": _mean_loss(history[:5]), "last_loss": _mean_loss(history[-5:])}
+               "first_loss": _mean_loss(history[:5]), "last_loss": _mean_loss(history[-5:]),
+               "params": sum(p.numel() for p in _unwrap(model).parameters())}
     if rank == 0:
         eval_set = ShardDataset(root, 0, cfg.seed, decode=False, storage=storage, shards=range(*loop_config["eval_shards"]), split=False)
         metrics |= evaluate(model, cfg, eval_set, tokenizer, device)
+        if cfg.probe is not None:
+            from pipeline.train.probe import probe_metrics
+
+            metrics |= probe_metrics(_unwrap(model), cfg, iter(eval_set), device)
         progress(loop_config, "eval: " + json.dumps(metrics))
     _report(metrics, rank, model, optimizer, step, cfg, loop_config, history)
 

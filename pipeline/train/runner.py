@@ -147,6 +147,12 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
     name = cfg.name or run_name(dataset.root, cfg.objective)
     output = join(cfg.output, name)
     train_range, eval_range, eval_on_train = split_shards(len(dataset.shards), cfg.data.holdout_shards)
+    train_images = sum(dataset.sizes[s] for s in dataset.shards[slice(*train_range)])
+    if cfg.data.max_images is not None:
+        if cfg.data.max_images > train_images:
+            raise ValueError(f"train.data.max_images is {cfg.data.max_images} but {dataset.root} has only {train_images} "
+                             f"training images (after holding out {cfg.data.holdout_shards} shard(s))")
+        train_images = cfg.data.max_images
     if eval_on_train:
         log.warning("%s has %d shard(s), not more than data.holdout_shards=%d: evaluating on the training shards",
                     dataset.root, len(dataset.shards), cfg.data.holdout_shards)
@@ -178,7 +184,7 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
     result = fit_reporting(trainer, loop_config.get("progress"), on_progress)
     metrics = dict(result.metrics or {})
     metrics |= {"dataset": dataset.root, "name": name, "objective": cfg.objective, "eval_on_train": eval_on_train,
-                "train_shards": list(train_range), "eval_shards": list(eval_range)}
+                "train_shards": list(train_range), "eval_shards": list(eval_range), "train_images": train_images}
     checkpoint = None
     if result.checkpoint is not None:
         checkpoint = ("s3://" + result.checkpoint.path) if is_s3(cfg.output) else result.checkpoint.path
