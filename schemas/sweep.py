@@ -60,7 +60,8 @@ class SweepConfig(Section):
     dataset: str = Field(..., min_length=1, description="The dataset every trial trains on: directory, NAME/vN, NAME/LATEST or NAME (path or s3://).")
     output: str = Field("sweep-output", min_length=1, description="OUTPUT/NAME/ holds trials/, results.parquet, fit.json, the plots and index.html.")
     metric: str = Field("probe_acc", description="The held-out figure the laws are fitted to: a key of the trials' metrics "
-                        "(probe_acc; region_to_caption_r1 for local_contrastive; eval_loss for mae).")
+                        "(probe_acc, with train.probe's defaults when it is unset; region_to_caption_r1 for local_contrastive; "
+                        "eval_loss for mae).")
     grid: SweepGrid | None = None
     trials: list[TrialPoint] | None = Field(None, description="An explicit list of points instead of (or besides) `grid`.")
     models: dict[str, dict] = Field({}, description="Named model sizes: fields of train.model (hidden_size, layers, ...) over train.model.")
@@ -91,8 +92,6 @@ class SweepConfig(Section):
             if p.model not in names:
                 raise ValueError(f"model {p.model!r} is neither in `models` nor built in ({sorted(BUILT_IN_MODELS)})")
             trial_config(self, p)  # each point's train config must be valid (e.g. resolution a multiple of the patch size)
-        if self.train.probe is None and self.metric.startswith("probe_"):
-            raise ValueError(f"metric {self.metric} needs train.probe (e.g. train: {{probe: {{task: scenes}}}})")
         return self
 
     def points(self) -> list[TrialPoint]:
@@ -153,6 +152,7 @@ TRIAL_SCHEMA = pa.schema([
     pa.field("metric", pa.float64()),  # the sweep's `metric`, copied out of metrics_json
     pa.field("probe_acc", pa.float64()),
     pa.field("probe_chance", pa.float64()),
+    pa.field("probe_acc_init", pa.float64()),  # the probe on the trial's untrained weights (same seed): what training added
     pa.field("last_loss", pa.float64()),
     pa.field("params", pa.int64()),  # trainable parameters of the trial's model
     pa.field("seconds", pa.float64()),

@@ -124,6 +124,13 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=-1, description="Worker failures Ray Train recovers from (restarting from the last checkpoint); -1: no limit.")
     seed: int = Field(0)
 
+    @model_validator(mode="after")
+    def _mae_grid(self) -> TrainConfig:
+        side, patch = self.mae_options().image_size, self.model_options().patch_size
+        if self.objective == "mae" and side % patch:
+            raise ValueError(f"mae.image_size ({side}) must be a multiple of patch_size ({patch})")
+        return self
+
     def mae_options(self) -> MaeOptions:
         """The MAE sizes this run uses: a small decoder under the tiny preset."""
         if self.preset == "tiny":

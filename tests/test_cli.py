@@ -27,10 +27,12 @@ def localcap(*args: str, tmp_path: Path, timeout: int = 600) -> subprocess.Compl
 def test_help_explains_each_command(tmp_path):
     out = localcap("--help", tmp_path=tmp_path)
     assert out.returncode == 0
-    for command in ("run", "inspect", "demo", "train"):
+    for command in ("run", "inspect", "demo", "train", "sweep"):
         assert command in out.stdout
     run_help = localcap("run", "--help", tmp_path=tmp_path).stdout
     assert "--run-id" in run_help and "resume" in run_help.lower() and "--train" in run_help
+    sweep_help = " ".join(localcap("sweep", "--help", tmp_path=tmp_path).stdout.split())
+    assert "--demo" in sweep_help and "Ray Tune" in sweep_help and "finished trials are not rerun" in sweep_help
     train_help = " ".join(localcap("train", "--help", tmp_path=tmp_path).stdout.split())
     assert "NAME/LATEST" in train_help and "--config" in train_help and "resumes from its last checkpoint" in train_help
 

@@ -70,11 +70,14 @@ def test_shipped_configs_are_valid():
 
     import yaml
 
+    from schemas.sweep import load_sweep_config
     from schemas.train import TrainConfig
 
     root = Path(__file__).resolve().parents[1]
-    for path in list((root / "configs").glob("*.yaml")) + [root / "flows" / "demo.yaml"]:
+    for path in list((root / "configs").glob("*.yaml")) + [root / "flows" / "demo.yaml", root / "flows" / "sweep-demo.yaml"]:
         if path.name == "train.yaml":  # a train config of its own (`localcap train --config`)
             TrainConfig.model_validate(yaml.safe_load(path.read_text()))
+        elif path.name.startswith("sweep"):  # sweep configs (`localcap sweep CONFIG`)
+            load_sweep_config(path)
         else:
             load_config(path)

@@ -222,3 +222,14 @@ def test_fit_sweep_groups_filters_and_serialises():
     assert needed["law"] == "log_product" and needed["cheapest"]["reachable"]
     assert [row["resolution"] for row in needed["rows"]] == [64.0, 128.0, 256.0, 512.0, 1024.0]
     assert fit_sweep([], "knn")["groups"] == []
+
+
+def test_a_target_met_with_the_fewest_images_is_reached_there():
+    # Flat in images, rising with resolution: more images never help, but at 128 px the target is already met.
+    ref = {"images": 8, "resolution": 32}
+    grid = {"images": [8, 32], "resolution": [32, 128]}
+    out = predict_needed("log_linear", {"b": 0.3, "a": 0.0, "c": 0.2}, ref, grid, 0.5, [32, 128])
+    low, high = out["rows"]
+    assert not low["reachable"] and "not increasing in images" in low["warning"]
+    assert high["reachable"] and high["images"] == pytest.approx(8) and "smallest trial's images (8) already" in high["warning"]
+    assert out["cheapest"]["resolution"] == 128

@@ -14,7 +14,8 @@ Laws (x = ln(N/N0), z = ln(R/R0); N0, R0 = the smallest N and R of the group's t
   alpha_ppi = c, beta_ppi = 1 - c*ln R0.
 * ``log_linear``: y = b + a*x + c*z (no interaction).
 * ``saturating``: y = y_max - A*(N/N0)^-alpha - B*(R/R0)^-beta, an additive Chinchilla-like power law with a
-  ceiling.  alpha, beta are bounded to [0, 5]; A and B are left unbounded so that a metric that decreases with N or R
+  ceiling.  alpha, beta are bounded to [0.1, 5] (near 0 the law degenerates into a log-linear one with a meaningless
+  ceiling of millions); A and B are left unbounded so that a metric that decreases with N or R
   still gets a sensible fit (forcing A, B >= 0 makes such fits collapse onto the bounds).  predict_needed treats a
   law with A <= 0 or alpha == 0 as non-increasing in N, so the target is then reported unreachable.
 
@@ -53,6 +54,9 @@ PARAMS: dict[str, tuple[str, ...]] = {
 # distinct N levels and R levels each law needs to be identifiable
 _MIN_LEVELS: dict[str, tuple[int, int]] = {"log_product": (2, 2), "log_linear": (2, 2), "saturating": (3, 3)}
 _EXP_MAX = 5.0  # upper bound on the saturating exponents
+# Lower bound: an exponent near 0 with a huge A (and y_max) is a log-linear law in disguise, a "ceiling" of
+# millions that means nothing; bounded away from 0 the saturating law stays one, and its parameters readable.
+_EXP_MIN = 0.1
 _EXTRAP_IMAGES = 10.0  # images beyond this multiple of the grid's largest N count as extrapolation
 _EXTRAP_RESOLUTION = 2.0  # same for resolution
 _LOG_HUGE = 690.0  # ln of ~1e300: larger N is reported as unreachable rather than overflowing
@@ -151,7 +155,7 @@ def _starts(law: str, x: np.ndarray, z: np.ndarray, y: np.ndarray, keep: int = 3
             (bb, aa), rss = _lstsq([f, x * f], y)
             cand.append((rss, np.array([bb, aa, cc])))
     else:
-        grid = np.concatenate([[0.0], np.geomspace(0.05, _EXP_MAX, 12)])
+        grid = np.geomspace(_EXP_MIN, _EXP_MAX, 13)
         for al in grid:
             ex = np.exp(-al * x)
             for be in grid:
@@ -165,7 +169,7 @@ def _bounds(law: str) -> tuple[np.ndarray, np.ndarray]:
     k = len(PARAMS[law])
     lo, hi = np.full(k, -np.inf), np.full(k, np.inf)
     if law == "saturating":
-        lo[[2, 4]], hi[[2, 4]] = 0.0, _EXP_MAX
+        lo[[2, 4]], hi[[2, 4]] = _EXP_MIN, _EXP_MAX
     return lo, hi
 
 
@@ -184,11 +188,11 @@ def _refine_saturating(x, z, y, starts: list[np.ndarray]) -> tuple[np.ndarray, f
     """
     best: tuple[np.ndarray, float] | None = None
     for p0 in starts:
-        t0 = np.clip(np.asarray(p0, dtype=float)[[2, 4]], 0.0, _EXP_MAX)
+        t0 = np.clip(np.asarray(p0, dtype=float)[[2, 4]], _EXP_MIN, _EXP_MAX)
         if not np.all(np.isfinite(t0)):
             continue
         try:
-            res = least_squares(lambda t: _sat_linear(t, x, z, y)[1], t0, bounds=([0.0, 0.0], [_EXP_MAX, _EXP_MAX]),
+            res = least_squares(lambda t: _sat_linear(t, x, z, y)[1], t0, bounds=([_EXP_MIN, _EXP_MIN], [_EXP_MAX, _EXP_MAX]),
                                 method="trf", diff_step=1e-6, max_nfev=200)
         except (ValueError, np.linalg.LinAlgError, FloatingPointError):
             continue
@@ -433,12 +437,18 @@ def predict_needed(law: str, params: dict, ref: dict, grid: dict, target: float,
             log_n, why = None, "no finite number of images reaches the target"
         if log_n is not None and log_n > _LOG_HUGE:
             log_n, why = None, f"needs an astronomically large number of images (about e^{log_n:.0f})"
+        note = None
+        if log_n is None:  # more images do not help: is the target met with the fewest the grid tried?
+            at_smallest = float(law_value(law, params, n_min, res, ref))
+            if math.isfinite(at_smallest) and at_smallest >= target:
+                log_n, note = math.log(n_min), (f"reached with the smallest trial's images ({n_min:g}) already; "
+                                                f"more images do not raise it under {law}")
         if log_n is None:
             row["warning"] = why
             rows.append(row)
             continue
         images = math.exp(log_n)
-        row.update(images=images, reachable=True)
+        row.update(images=images, reachable=True, warning=note)
         far_n = images > _EXTRAP_IMAGES * n_max or images < n_min
         far_r = res > _EXTRAP_RESOLUTION * r_max or res < r_min
         if far_n or far_r:
@@ -449,7 +459,7 @@ def predict_needed(law: str, params: dict, ref: dict, grid: dict, target: float,
                 parts.append(f"below the smallest trial's images ({n_min:g})")
             if res < r_min:
                 parts.append(f"below the smallest trial's resolution ({r_min:g})")
-            row["warning"] = "extrapolation: " + ", ".join(parts)
+            row["warning"] = "; ".join(filter(None, ["extrapolation: " + ", ".join(parts), note]))
         rows.append(row)
     reach = [row for row in rows if row["reachable"]]
     cheapest = min(reach, key=lambda row: row["images"] * row["resolution"] ** 2) if reach else None

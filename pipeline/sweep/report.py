@@ -240,8 +240,10 @@ def _line_plot(groups: list[dict], fit: dict, metric: str, along: str) -> bytes:
     others = sorted({r[other] for r in finished if _finite(r.get(other))})
     colour = {v: f"C{i % 10}" for i, v in enumerate(others)}
     what = "training images N" if along == "images" else "resolution R (pixels per side)"
-    fig, axes = _panels(len(groups), f"{metric} vs {what}: points = finished trials, "
-                                     f"lines = each group's best-fit law, one colour per {other}")
+    untrained = any(_finite(r.get(metric + "_init")) for r in finished)
+    fig, axes = _panels(len(groups), f"{metric} vs {what}: points = finished trials"
+                                     + (" (hollow: untrained)" if untrained else "")
+                                     + f", lines = each group's best-fit law, one colour per {other}")
     if not groups:
         axes[0].text(0.5, 0.5, "no trials", ha="center", va="center", transform=axes[0].transAxes)
         axes[0].set_axis_off()
@@ -263,11 +265,17 @@ def _line_plot(groups: list[dict], fit: dict, metric: str, along: str) -> bytes:
         xs_all = [float(r[along]) for r in pts if r[along] > 0]
         lo, hi = _span(xs_all or [float(r[along]) for r in pts])  # the curves span the finished points
         grid = np.geomspace(lo, hi, 120) if lo > 0 else np.linspace(lo, hi, 120)
+        drawn_init = False
         for v in sorted({r[other] for r in pts}):
             mine = sorted((r for r in pts if r[other] == v), key=lambda r: r[along])
             c = colour.get(v, "k")
             ax.plot([r[along] for r in mine], [metric_value(r, metric) for r in mine], "o", color=c,
                     ms=5, label=f"{other} {fmt(v)}")
+            untrained = [r for r in mine if _finite(r.get(metric + "_init"))]  # the same trial before training
+            if untrained:
+                ax.plot([r[along] for r in untrained], [float(r[metric + "_init"]) for r in untrained], "o", mfc="none",
+                        color=c, ms=6, alpha=0.7, label="untrained (same init)" if not drawn_init else None)
+                drawn_init = True
             y = _curve(group, grid, **{other: v})
             if y is not None:
                 ax.plot(grid, y, "-", color=c, lw=1.5, alpha=0.85)

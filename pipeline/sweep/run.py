@@ -82,7 +82,7 @@ def result_row(trial: Trial, status: str, metrics: dict, metric: str, seconds: f
     p = trial.point
     return {"trial_id": trial.id, "objective": p.objective, "model": p.model, "images": p.images, "resolution": p.resolution,
             "steps": trial.train.steps, "status": status, "metric": number(metric), "probe_acc": number("probe_acc"),
-            "probe_chance": number("probe_chance"), "last_loss": number("last_loss"),
+            "probe_chance": number("probe_chance"), "probe_acc_init": number("probe_acc_init"), "last_loss": number("last_loss"),
             "params": int(metrics["params"]) if isinstance(metrics.get("params"), int) else None,
             "seconds": seconds, "checkpoint": metrics.get("checkpoint"), "error": error,
             "metrics_json": json.dumps(metrics, default=str, sort_keys=True)}

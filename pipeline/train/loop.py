@@ -230,6 +230,8 @@ def train_worker(loop_config: dict) -> None:
             from pipeline.train.probe import probe_metrics
 
             metrics |= probe_metrics(_unwrap(model), cfg, iter(eval_set), device)
+            torch.manual_seed(cfg.seed)  # the weights this run started from (as built above): what training added
+            metrics["probe_acc_init"] = probe_metrics(build_model(cfg, tokenizer).to(device), cfg, iter(eval_set), device)["probe_acc"]
         progress(loop_config, "eval: " + json.dumps(metrics))
     _report(metrics, rank, model, optimizer, step, cfg, loop_config, history)
 
