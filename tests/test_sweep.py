@@ -129,12 +129,13 @@ def test_the_probe_runs_on_an_untrained_model_of_each_objective():
     from schemas.train import TrainConfig
 
     mae = TrainConfig(objective="mae", preset="tiny", probe={"images": 6})
-    out = probe_metrics(build_model(mae, None), mae, None, torch.device("cpu"))
+    out = probe_metrics({"": build_model(mae, None)}, mae, None, torch.device("cpu"))
     assert out["probe_regions"] == 24 and out["probe_classes"] >= 2 and 0 <= out["probe_acc"] <= 1
     assert 0 < out["probe_chance"] < 1
     contrastive = TrainConfig(preset="tiny", probe={"images": 6, "label": "kind_colour"})
-    out = probe_metrics(LocalContrastiveModel(contrastive.model_options(), 400), contrastive, None, torch.device("cpu"))
-    assert out["probe_regions"] == 24 and out["probe_classes"] > 4 and out["probe_acc"] is not None
+    out = probe_metrics({"": LocalContrastiveModel(contrastive.model_options(), 400), "_init": LocalContrastiveModel(contrastive.model_options(), 400)},
+                        contrastive, None, torch.device("cpu"))
+    assert out["probe_regions"] == 24 and out["probe_classes"] > 4 and out["probe_acc"] is not None and out["probe_acc_init"] is not None
 
 
 # -- `localcap sweep`, as a user runs it -----------------------------------------------------------
@@ -217,7 +218,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(demo_sweep, tm
     assert 1 <= len(finished) < 3, finished
     checkpoints = {name: sorted(p.name for p in (trials / name).glob("checkpoint_*")) for name in finished}
 
-    out = subprocess.run([LOCALCAP, "sweep", "resume.yaml"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    out = subprocess.run([LOCALCAP, "sweep", "resume.yaml", "--set", "max_concurrent_trials=2"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert f"3 trials, {len(finished)} finished before, {3 - len(finished)} to run" in out.stdout + out.stderr
     assert "3 of 3 trials finished" in out.stdout

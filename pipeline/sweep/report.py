@@ -240,10 +240,8 @@ def _line_plot(groups: list[dict], fit: dict, metric: str, along: str) -> bytes:
     others = sorted({r[other] for r in finished if _finite(r.get(other))})
     colour = {v: f"C{i % 10}" for i, v in enumerate(others)}
     what = "training images N" if along == "images" else "resolution R (pixels per side)"
-    untrained = any(_finite(r.get(metric + "_init")) for r in finished)
-    fig, axes = _panels(len(groups), f"{metric} vs {what}: points = finished trials"
-                                     + (" (hollow: untrained)" if untrained else "")
-                                     + f", lines = each group's best-fit law, one colour per {other}")
+    fig, axes = _panels(len(groups), f"{metric} vs {what}: points = finished trials, "
+                                     f"lines = each group's best-fit law, one colour per {other}")
     if not groups:
         axes[0].text(0.5, 0.5, "no trials", ha="center", va="center", transform=axes[0].transAxes)
         axes[0].set_axis_off()
@@ -274,7 +272,7 @@ def _line_plot(groups: list[dict], fit: dict, metric: str, along: str) -> bytes:
             untrained = [r for r in mine if _finite(r.get(metric + "_init"))]  # the same trial before training
             if untrained:
                 ax.plot([r[along] for r in untrained], [float(r[metric + "_init"]) for r in untrained], "o", mfc="none",
-                        color=c, ms=6, alpha=0.7, label="untrained (same init)" if not drawn_init else None)
+                        color="0.3", ms=7, label="untrained (same init)" if not drawn_init else None)
                 drawn_init = True
             y = _curve(group, grid, **{other: v})
             if y is not None:

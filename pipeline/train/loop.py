@@ -229,9 +229,9 @@ def train_worker(loop_config: dict) -> None:
         if cfg.probe is not None:
             from pipeline.train.probe import probe_metrics
 
-            metrics |= probe_metrics(_unwrap(model), cfg, iter(eval_set), device)
             torch.manual_seed(cfg.seed)  # the weights this run started from (as built above): what training added
-            metrics["probe_acc_init"] = probe_metrics(build_model(cfg, tokenizer).to(device), cfg, iter(eval_set), device)["probe_acc"]
+            untrained = build_model(cfg, tokenizer).to(device)
+            metrics |= probe_metrics({"": _unwrap(model), "_init": untrained}, cfg, iter(eval_set), device)
         progress(loop_config, "eval: " + json.dumps(metrics))
     _report(metrics, rank, model, optimizer, step, cfg, loop_config, history)
 

@@ -140,23 +140,28 @@ def contrastive_region_features(model, images: list[Image.Image], regions: list[
     return region_embeddings(model, jobs, batch_size, device).numpy()
 
 
-def probe_metrics(model, cfg: TrainConfig, held_out, device) -> dict:
-    """The probe's figures: probe_acc (k-NN, leave-one-image-out), probe_chance (the commonest label's
-    share), probe_regions, probe_classes, probe_task. `held_out`: the evaluation samples (captions task)."""
+def probe_metrics(models: dict, cfg: TrainConfig, held_out, device) -> dict:
+    """The probe's figures for each of `models` ({suffix: model}; "" is the trained one): probe_acc{suffix}
+    (k-NN, leave-one-image-out), and once probe_chance (the commonest label's share), probe_regions,
+    probe_classes, probe_task. The labelled regions are made once for all. `held_out`: the evaluation
+    samples (the captions task reads them)."""
     opts = cfg.probe
     side = cfg.mae_options().image_size if cfg.objective == "mae" else cfg.model_options().high_res
     if opts.task == "scenes":
         images, regions = scene_regions(opts)
     else:
         images, regions = caption_regions(held_out, opts, side)
-    out = {"probe_task": opts.task, "probe_regions": len(regions), "probe_classes": len({r.label for r in regions})}
-    if len({r.image for r in regions}) < 2:
-        return out | {"probe_acc": None, "probe_chance": None}
-    model.eval()
-    if cfg.objective == "mae":
-        features = mae_region_features(model, images, regions, side, cfg.model_options().patch_size, cfg.eval.batch_size, device)
-    else:
-        features = contrastive_region_features(model, images, regions, cfg.eval.batch_size, device)
     labels = [r.label for r in regions]
-    return out | {"probe_acc": knn_accuracy(features, labels, [r.image for r in regions], opts.k),
-                  "probe_chance": majority_share(labels)}
+    out = {"probe_task": opts.task, "probe_regions": len(regions), "probe_classes": len(set(labels)),
+           "probe_chance": majority_share(labels) if regions else None}
+    for suffix, model in models.items():
+        out[f"probe_acc{suffix}"] = None
+        if len({r.image for r in regions}) < 2:
+            continue
+        model.eval()
+        if cfg.objective == "mae":
+            features = mae_region_features(model, images, regions, side, cfg.model_options().patch_size, cfg.eval.batch_size, device)
+        else:
+            features = contrastive_region_features(model, images, regions, cfg.eval.batch_size, device)
+        out[f"probe_acc{suffix}"] = knn_accuracy(features, labels, [r.image for r in regions], opts.k)
+    return out
