@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/fetch.py
 	$(BIN)/python benchmarks/s3.py
 	$(BIN)/python benchmarks/train_cost.py
+	$(BIN)/python benchmarks/sweep.py
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -392,6 +392,14 @@ def sweep(
         raise typer.Exit(2) from None
     if demo:
         _sweep_demo_dataset(out, images)
+    from pipeline.storage import Storage
+    from pipeline.sweep.run import preflight
+
+    try:
+        preflight(cfg, Storage(cfg.storage.endpoint_url, cfg.storage.region))  # before Ray and Prefect start
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     from flows.sweep import sweep as sweep_flow
 
     try:

@@ -68,7 +68,8 @@ class SweepConfig(Section):
     epochs: float | None = Field(None, gt=0, description="None: every trial takes train.steps steps (equal compute, the data-size axis "
                                  "measures diversity); set: each trial makes this many passes over its images (compute grows with data).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: as many as the cluster's CPUs (GPUs) hold at once.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Every trial's training config, before the point's changes.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Every trial's training config, before the point's changes "
+                               "(its name and output are the trial's: OUTPUT/NAME/trials/ID).")
     fit: FitOptions = Field(default_factory=FitOptions)
     storage: StorageSection = Field(default_factory=StorageSection)
     ray: RaySection = Field(default_factory=RaySection)

@@ -248,3 +248,17 @@ def test_rerunning_a_finished_sweep_runs_no_trial_and_keeps_the_fit_as_an_artifa
     assert "18 of 18 trials finished; metric `probe_acc`" in text and str(folder / "index.html") in text
     for group in result["fit"]["groups"]:
         assert f"## mae / {group['model']} (9 trials)" in text and f"Best law `{group['best']}`" in text
+
+
+@pytest.mark.slow
+def test_a_grid_the_dataset_cannot_feed_is_refused_before_any_trial(demo_sweep, tmp_path):
+    cwd, _, _ = demo_sweep
+    config = tmp_path / "big.yaml"
+    config.write_text(yaml.safe_dump(yaml.safe_load(SWEEP_DEMO.read_text()) | {"dataset": str(cwd / "sweep-demo" / "dataset"), "output": "out"}))
+    out = subprocess.run([LOCALCAP, "sweep", "big.yaml", "--set", "grid.images=[6,1000]"], cwd=tmp_path, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "asks for up to 1000 training images but" in out.stderr and "has 28" in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
+    out = subprocess.run([LOCALCAP, "sweep", "big.yaml", "--set", "grid.objective=[local_contrastive]"], cwd=tmp_path,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "built without captions" in out.stderr, out.stderr

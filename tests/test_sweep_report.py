@@ -190,12 +190,12 @@ def test_formatting():
     assert report.fmt_si(1_234_567) == "1.23M"
 
 
-def test_local_law_matches_formulas():
+def test_the_plotted_curves_follow_the_documented_formulas():
     ref = {"images": 100, "resolution": 32}
-    y = report._local_law_value("saturating", {"y_max": 1.0, "A": 0.5, "alpha": 0.5, "B": 0.2, "beta": 1.0},
-                                [400], [64], ref)
+    y = report.law_value("saturating", {"y_max": 1.0, "A": 0.5, "alpha": 0.5, "B": 0.2, "beta": 1.0},
+                         [400], [64], ref)
     assert y[0] == pytest.approx(1.0 - 0.5 * 4 ** -0.5 - 0.2 * 2 ** -1.0)
-    y = report._local_law_value("log_linear", {"a": 0.1, "b": 0.5, "c": 0.2}, [100 * math.e], [32], ref)
+    y = report.law_value("log_linear", {"a": 0.1, "b": 0.5, "c": 0.2}, [100 * math.e], [32], ref)
     assert y[0] == pytest.approx(0.6)
 
 

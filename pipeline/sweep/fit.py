@@ -453,8 +453,11 @@ def predict_needed(law: str, params: dict, ref: dict, grid: dict, target: float,
         far_r = res > _EXTRAP_RESOLUTION * r_max or res < r_min
         if far_n or far_r:
             row["extrapolation"] = True
-            parts = [f"{_ratio(images / n_max)}x the largest trial's images ({n_max:g})",
-                     f"{_ratio(res / r_max)}x its resolution ({r_max:g})"]
+            parts = []
+            if images > _EXTRAP_IMAGES * n_max:
+                parts.append(f"{_ratio(images / n_max)}x the largest trial's images ({n_max:g})")
+            if res > _EXTRAP_RESOLUTION * r_max:
+                parts.append(f"{_ratio(res / r_max)}x the largest trial's resolution ({r_max:g})")
             if images < n_min:
                 parts.append(f"below the smallest trial's images ({n_min:g})")
             if res < r_min:

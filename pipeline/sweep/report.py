@@ -33,9 +33,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from pipeline.sweep.fit import LAWS, law_value
+
 DPI = 110
 PLOT_NAMES = ("metric_vs_images.png", "metric_vs_resolution.png", "heatmap.png")
-LAWS = ("log_product", "log_linear", "saturating")
 STANDARD = ("trial_id", "status", "objective", "model", "images", "resolution", "steps", "params",
             "seconds", "error")
 ERROR_SHOWN = 4000  # characters of a trial's error kept on the page (the tail: where a traceback ends)
@@ -129,29 +130,6 @@ def best_law(group_fit: dict | None) -> tuple[str, dict] | None:
     if not entry or entry.get("status") != "ok" or not entry.get("params") or not group_fit.get("ref"):
         return None
     return name, entry
-
-
-def _local_law_value(law: str, params: dict, images, resolution, ref: dict) -> np.ndarray:
-    """The laws' formulas, used only when pipeline.sweep.fit cannot be imported."""
-    n = np.log(np.asarray(images, dtype=float) / float(ref["images"]))
-    r = np.log(np.asarray(resolution, dtype=float) / float(ref["resolution"]))
-    p = params
-    if law == "log_product":
-        return (p["b"] + p["a"] * n) * (1 + p["c"] * r)
-    if law == "log_linear":
-        return p["b"] + p["a"] * n + p["c"] * r
-    if law == "saturating":
-        return p["y_max"] - p["A"] * np.exp(-p["alpha"] * n) - p["B"] * np.exp(-p["beta"] * r)
-    raise ValueError(f"unknown law {law!r}")
-
-
-def law_value(law: str, params: dict, images, resolution, ref: dict) -> np.ndarray:
-    try:
-        from pipeline.sweep.fit import law_value as fitted
-    except ImportError:
-        fitted = _local_law_value
-    return np.asarray(fitted(law, params, np.asarray(images, dtype=float),
-                             np.asarray(resolution, dtype=float), ref), dtype=float)
 
 
 def _curve(group: dict, xs: np.ndarray, images=None, resolution=None) -> np.ndarray | None:

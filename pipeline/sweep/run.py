@@ -60,6 +60,25 @@ def plan(sweep: SweepConfig, folder: str) -> list[Trial]:
     return trials
 
 
+def preflight(sweep: SweepConfig, storage: Storage) -> None:
+    """What would fail every trial alike, refused before any starts: a dataset that is not there, a
+    grid asking for more training images than it holds, local_contrastive on a dataset without captions."""
+    from pipeline.shards.loader import ShardDataset
+    from pipeline.train.runner import training_images
+
+    try:
+        dataset = ShardDataset(sweep.dataset, decode=False, storage=storage)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"sweep dataset {sweep.dataset}: {exc}") from None
+    available = training_images(dataset, sweep.train.data.holdout_shards)
+    largest = max(p.images for p in sweep.points())
+    if largest > available:
+        raise ValueError(f"the sweep asks for up to {largest} training images but {dataset.root} has {available} "
+                         f"(after holding out {sweep.train.data.holdout_shards} shard(s)): lower grid.images or use a larger version")
+    if not dataset.captioned and any(p.objective == "local_contrastive" for p in sweep.points()):
+        raise ValueError(f"{dataset.root} was built without captions: local_contrastive trials cannot train on it (use objective mae)")
+
+
 def read_result(storage: Storage, folder: str, tid: str) -> dict | None:
     """A trial's result.json, or None when it has none or it is unreadable (then the trial runs again)."""
     uri = join(folder, "trials", tid, RESULT)
@@ -143,12 +162,12 @@ def run_trials(sweep: SweepConfig, folder: str, todo: list[Trial], storage: Stor
     """Run `todo` as Ray Tune trials (Ray must be up)."""
     from ray import tune
 
-    from pipeline.train.runner import _ray_storage
+    from pipeline.train.runner import ray_storage
 
     by_id = {t.id: t for t in todo}
     space = [{"trial_id": t.id, "dataset": sweep.dataset, "train": t.train.model_dump(mode="json"),
               "storage": sweep.storage.model_dump(mode="json")} for t in todo]
-    storage_path, filesystem = _ray_storage(join(folder, "tune"), storage)
+    storage_path, filesystem = ray_storage(join(folder, "tune"), storage)
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"memory": 1}),
         param_space=tune.grid_search(space),
@@ -186,6 +205,7 @@ def run_sweep(sweep: SweepConfig, storage: Storage | None = None, on_trial: Call
               log_line: Callable[[str], None] = print) -> SweepResult:
     """Run a sweep to its end (Ray must be up): the unfinished trials, then the fit and the outputs."""
     storage = storage or Storage()
+    preflight(sweep, storage)
     folder = join(sweep.output, sweep.name)
     trials = plan(sweep, folder)
     done = {t.id: r for t in trials if (r := read_result(storage, folder, t.id)) and r.get("status") == FINISHED}

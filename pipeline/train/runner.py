@@ -50,6 +50,12 @@ def split_shards(n_shards: int, holdout: int) -> tuple[tuple[int, int], tuple[in
     return (0, n_shards), (0, n_shards), True
 
 
+def training_images(dataset: ShardDataset, holdout: int) -> int:
+    """Samples in the shards a run trains on: all but the last `holdout` (split_shards)."""
+    train_range, _, _ = split_shards(len(dataset.shards), holdout)
+    return sum(dataset.sizes[s] for s in dataset.shards[slice(*train_range)])
+
+
 def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, train_shards: list[str], storage: Storage, output: str) -> dict:
     """Where workers get their tokenizer: the pretrained model's or a given directory, else one trained
     on the training shards' captions, kept in OUTPUT/NAME so that a resumed run reuses it."""
@@ -84,7 +90,7 @@ def latest_checkpoint(storage: Storage, run_dir: str) -> tuple[str, int] | None:
     return best
 
 
-def _ray_storage(output: str, storage: Storage):
+def ray_storage(output: str, storage: Storage):
     """(storage_path, storage_filesystem) for Ray Train: S3 through pyarrow with our endpoint."""
     if not is_s3(output):
         return os.path.abspath(output), None
@@ -147,7 +153,7 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
     name = cfg.name or run_name(dataset.root, cfg.objective)
     output = join(cfg.output, name)
     train_range, eval_range, eval_on_train = split_shards(len(dataset.shards), cfg.data.holdout_shards)
-    train_images = sum(dataset.sizes[s] for s in dataset.shards[slice(*train_range)])
+    train_images = training_images(dataset, cfg.data.holdout_shards)
     if cfg.data.max_images is not None:
         if cfg.data.max_images > train_images:
             raise ValueError(f"train.data.max_images is {cfg.data.max_images} but {dataset.root} has only {train_images} "
@@ -165,7 +171,7 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
         from ray.util.queue import Queue
 
         loop_config["progress"] = Queue(maxsize=1000)  # rank 0's progress lines, for on_progress
-    storage_path, filesystem = _ray_storage(cfg.output, storage)
+    storage_path, filesystem = ray_storage(cfg.output, storage)
     found = latest_checkpoint(storage, output)
     if found:
         from ray.train import Checkpoint
