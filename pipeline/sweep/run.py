@@ -69,7 +69,7 @@ def preflight(sweep: SweepConfig, storage: Storage) -> None:
     try:
         dataset = ShardDataset(sweep.dataset, decode=False, storage=storage)
     except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"sweep dataset {sweep.dataset}: {exc}") from None
+        raise ValueError(f"sweep dataset: {exc}") from None
     available = training_images(dataset, sweep.train.data.holdout_shards)
     largest = max(p.images for p in sweep.points())
     if largest > available:
