@@ -12,6 +12,7 @@ A paired dataset of generated 4K JPEG samples is written locally, then, in the s
 The last lines are machine-readable:
     BENCH upload_ratio=<publish MB/s / plain copy MB/s>
     BENCH stream_ratio=<loader MB/s / plain GET MB/s>
+    BENCH loader_samples_per_s_{1,2,4}w=<samples/s through a torch DataLoader with 1, 2 and 4 workers>
 """
 
 from __future__ import annotations
@@ -77,6 +78,22 @@ def make_dataset(root: Path, samples: int, per_shard: int) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
+def loader_samples_per_s(uri: str, storage: Storage, workers: int, expected: int) -> float:
+    """Samples/s through a torch DataLoader with `workers` spawned processes (the trainer's set-up)."""
+    import torch
+
+    from pipeline.shards import open_dataset
+
+    loader = torch.utils.data.DataLoader(open_dataset(uri, decode=False, storage=storage), batch_size=None,
+                                         num_workers=workers, multiprocessing_context="spawn")
+    it = iter(loader)
+    first = next(it)  # the workers' start-up (spawn, imports) is not what is measured
+    t0 = time.perf_counter()
+    n = 1 + sum(1 for _ in it)
+    assert n == expected and first["key"], n
+    return (n - 1) / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=96)
@@ -127,12 +144,17 @@ def main() -> None:
             assert n == args.samples, n
             print(f"stream: plain GETs {tar_mb / plain_get:.1f} MiB/s ({plain_get:.2f} s); loader {tar_mb / ours_get:.1f} MiB/s "
                   f"({ours_get:.2f} s, {n} paired samples, {n / ours_get:.0f} samples/s)")
+            per_workers = {w: loader_samples_per_s("s3://bench/datasets/bench", storage, w, args.samples) for w in (1, 2, 4)}
+            print("DataLoader (spawned workers, shards dealt across them, samples pickled back): "
+                  + ", ".join(f"{w} worker(s) {r:.0f} samples/s" for w, r in per_workers.items()))
     finally:
         moto.terminate()
     print(f"BENCH upload_mib_per_s={mb / ours_up:.1f}")
     print(f"BENCH stream_mib_per_s={tar_mb / ours_get:.1f}")
     print(f"BENCH upload_ratio={plain_up / ours_up:.2f}")
     print(f"BENCH stream_ratio={plain_get / ours_get:.2f}")
+    for w, rate in per_workers.items():
+        print(f"BENCH loader_samples_per_s_{w}w={rate:.0f}")
 
 
 if __name__ == "__main__":

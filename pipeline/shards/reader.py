@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import webdataset as wds
 
 from pipeline.shards.layout import IMAGE_EXTS, SIZES
-from pipeline.shards.metadata import check_member, parse_sizes
+from pipeline.shards.metadata import BadMetadata, check_member, parse_sizes
 from pipeline.storage import Storage, join
 from schemas.sample import TextBoxSample, validate_sample_json
 
@@ -26,19 +26,111 @@ IMAGE_KEYS = IMAGE_EXTS
 READ_SIZE = 4 << 20  # a streamed tar's read size: tarfile's default 10 KB reads cost a Python round trip each on an HTTP body
 
 
+BLOCK = tarfile.BLOCKSIZE
+EXTENDED_HEADER_MAX = 1 << 20  # a pax or GNU long-name header's data: names and times, never megabytes
+
+
+def _bad(uri: str, reason: str) -> BadMetadata:
+    return BadMetadata(f"{uri}: {reason}")
+
+
+def _read_exact(stream, n: int) -> bytes:
+    """n bytes, or fewer only at the end of the stream (a file object's read may return short)."""
+    data = stream.read(n)
+    if len(data) == n or not data:
+        return data
+    parts, got = [data], len(data)
+    while got < n and (more := stream.read(n - got)):
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _pax_records(data: bytes, uri: str) -> dict[str, str]:
+    """A pax extended header's `LENGTH KEY=VALUE\n` records (POSIX.1-2001)."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise _bad(uri, "a malformed pax header") from None
+        end = pos + length
+        if space < 0 or length <= 0 or end > len(data) or data[end - 1:end] != b"\n":
+            raise _bad(uri, "a malformed pax header")
+        key, _, value = data[space + 1:end - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos = end
+    return records
+
+
+def _stream_members(stream, uri: str, select: Callable[[str], bool] | None) -> Iterator[tuple[str, bytes]]:
+    """The members of a tar read straight off a stream: each header parsed by tarfile.TarInfo.frombuf,
+    each member's bytes one read of exactly its size (tarfile's stream mode re-joins its buffer on
+    every read, copying each image several times). pax headers and GNU long names apply to the next
+    member; sparse members are refused; a stream that ends inside a member raises BadMetadata, one
+    that ends where a header would start is the end of the tar (the count check then speaks)."""
+    pax: dict[str, str] = {}
+    long_name: str | None = None
+    while True:
+        header = _read_exact(stream, BLOCK)
+        if len(header) < BLOCK or header.count(0) == BLOCK:
+            if header and header.count(0) != len(header):
+                raise _bad(uri, "the tar ends inside a header (cut short)")
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise _bad(uri, f"not a readable tar ({exc})") from None
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            if info.size > EXTENDED_HEADER_MAX:
+                raise _bad(uri, f"a tar extended header of {info.size} bytes; refused")
+            data = _read_exact(stream, -(-info.size // BLOCK) * BLOCK)[:info.size]
+            if len(data) < info.size:
+                raise _bad(uri, "the tar ends inside an extended header (cut short)")
+            if info.type == tarfile.XHDTYPE:
+                pax = _pax_records(data, uri)
+            elif info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue  # a global pax header or a GNU long link name: nothing a member of ours uses
+        if "path" in pax or long_name is not None:
+            info.name = pax.get("path", long_name)
+        if "linkpath" in pax:
+            info.linkname = pax["linkpath"]
+        if "size" in pax:
+            if not pax["size"].isdigit():
+                raise _bad(uri, f"tar member {info.name!r} has a pax size {pax['size']!r}")
+            info.size = int(pax["size"])
+        pax, long_name = {}, None
+        if info.type == tarfile.GNUTYPE_SPARSE:
+            raise _bad(uri, f"tar member {info.name!r} is a sparse file; refused")
+        wanted = check_member(info, uri) and (select is None or select(info.name))
+        size = info.size if info.isreg() else 0
+        data = _read_exact(stream, size)
+        if len(data) < size:
+            raise _bad(uri, f"the tar ends inside member {info.name!r} (cut short)")
+        if len(_read_exact(stream, -size % BLOCK)) < -size % BLOCK:
+            raise _bad(uri, f"the tar ends inside member {info.name!r} (cut short)")
+        if wanted:
+            yield info.name, data
+
+
 def iter_tar(source, uri: str = "tar", *, seekable: bool = False, bufsize: int = READ_SIZE,
              select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
     """(member name, bytes) of each regular file member of a tar, in order.
 
-    `source` is a local path (opened with mode "r:", members read one by one) or a file object:
-    read as a non-seekable stream (mode "r|", `bufsize` bytes a read) unless `seekable`.
+    `source` is a local path (opened with mode "r:", members read one by one), a seekable file
+    object (`seekable`: tarfile, so that `select` skips members without reading them), or a stream,
+    parsed here as it is read (`_stream_members`; wrap a raw stream in a buffered reader of `bufsize`).
     Directories are skipped; links, devices and absolute or '..' names raise BadMetadata naming
-    `uri`. With `select`, only members whose name it accepts are read (the others are skipped
-    without reading their data)."""
+    `uri`. With `select`, only members whose name it accepts are returned."""
+    if not seekable and not isinstance(source, (str, os.PathLike)):
+        yield from _stream_members(source, uri, select)
+        return
     if isinstance(source, (str, os.PathLike)):
         how = {"name": source, "mode": "r:"}
     else:
-        how = {"fileobj": source, "mode": "r:" if seekable else "r|", "bufsize": bufsize}
+        how = {"fileobj": source, "mode": "r:", "bufsize": bufsize}
     with tarfile.open(**how) as tar:
         for member in tar:
             if not check_member(member, uri) or (select is not None and not select(member.name)):

@@ -17,7 +17,7 @@ Laws (x = ln(N/N0), z = ln(R/R0); N0, R0 = the smallest N and R of the group's t
   ceiling.  alpha, beta are bounded to [0.1, 5] (near 0 the law degenerates into a log-linear one with a meaningless
   ceiling of millions); A and B are left unbounded so that a metric that decreases with N or R
   still gets a sensible fit (forcing A, B >= 0 makes such fits collapse onto the bounds).  predict_needed treats a
-  law with A <= 0 or alpha == 0 as non-increasing in N, so the target is then reported unreachable.
+  law with A <= 0 as non-increasing in N, so the target is then reported unreachable.
 
 Fits are least squares (scipy.optimize.least_squares) from several starting points; the starting points come from
 variable projection (for a fixed c, or fixed alpha/beta, the law is linear in the remaining parameters, which are
@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-LAWS: tuple[str, ...] = ("log_product", "log_linear", "saturating")
+from schemas.sweep import LAWS  # the laws' names, as a sweep config names them
+
 PARAMS: dict[str, tuple[str, ...]] = {
     "log_product": ("b", "a", "c"),
     "log_linear": ("b", "a", "c"),
