@@ -31,7 +31,8 @@ import queue
 import random
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from pipeline.shards.layout import (
     IMAGE_EXTS,
@@ -64,19 +65,22 @@ except ImportError:  # pragma: no cover - exercised only without torch
 
 
 class ReadAhead(io.RawIOBase):
-    """Reads a stream in a background thread, up to `depth` chunks ahead, so that the network and
-    the tar parsing overlap (the body of a GET otherwise waits while samples are handed out)."""
+    """Opens and reads a stream in a background thread, up to `depth` chunks ahead, so that the
+    network and the tar parsing overlap (the body of a GET otherwise waits while samples are handed
+    out), and so that a stream can be started before it is needed (the next shard's GETs while this
+    shard is read). `open_stream` is called in that thread; its errors reach the reader."""
 
-    def __init__(self, stream, chunk: int = READ_SIZE, depth: int = 4):
+    def __init__(self, open_stream: Callable[[], BinaryIO], chunk: int = READ_SIZE, depth: int = 4):
         self._queue: queue.Queue = queue.Queue(depth)
         self._buffer = memoryview(b"")
-        self._stream = stream
+        self._open, self._stream = open_stream, None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(chunk,), daemon=True)
         self._thread.start()
 
     def _fill(self, chunk: int) -> None:
         try:
+            self._stream = self._open()
             while not self._stop.is_set():
                 data = self._stream.read(chunk)
                 self._queue.put(data)
@@ -109,7 +113,8 @@ class ReadAhead(io.RawIOBase):
                 self._queue.get_nowait()
             except queue.Empty:
                 self._thread.join(0.05)
-        self._stream.close()
+        if self._stream is not None:
+            self._stream.close()
         super().close()
 
 
@@ -134,10 +139,20 @@ def _grouped(members: Iterator[tuple[str, str, bytes]]) -> Iterator[tuple[str, d
         yield key, group
 
 
+def start_tar(storage: Storage, uri: str) -> ReadAhead:
+    """A tar's stream, its GET (or file open) begun now in the background."""
+    return ReadAhead(lambda: storage.open_read(uri))
+
+
+def tar_groups(stream: ReadAhead, uri: str, buffer_size: int = READ_SIZE) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of a started tar's samples, in order; the stream is closed at the end."""
+    with stream:
+        yield from _grouped(_tar_members(io.BufferedReader(stream, buffer_size), uri))
+
+
 def read_tar_groups(storage: Storage, uri: str, buffer_size: int = READ_SIZE) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of a tar's samples, in order: one streamed GET (or file read), read ahead."""
-    with ReadAhead(storage.open_read(uri)) as stream:
-        yield from _grouped(_tar_members(io.BufferedReader(stream, buffer_size), uri))
+    yield from tar_groups(start_tar(storage, uri), uri, buffer_size)
 
 
 def _sample(key: str, image: bytes, text_json: bytes, decode: bool) -> dict:
@@ -225,27 +240,42 @@ class ShardDataset(_Base):
         return order if len(order) < readers else order[reader::readers]
 
     def _my_samples(self) -> Iterator[dict]:
+        """This reader's samples, shard after shard; each next shard's GETs begin as the one before
+        it starts being read, so that no shard waits for its request's round trip."""
         reader, readers = self._reader()
         by_sample = len(self.shards) < readers
         position = 0
-        for shard in self.my_shards():
-            for sample in self.iter_shard(shard):
-                if not by_sample or position % readers == reader:
-                    yield sample
-                position += 1
+        shards = self.my_shards()
+        ahead = self._start(shards[0]) if shards else None
+        try:
+            for i, shard in enumerate(shards):
+                streams, ahead = ahead, self._start(shards[i + 1]) if i + 1 < len(shards) else None
+                for sample in self.iter_shard(shard, streams):
+                    if not by_sample or position % readers == reader:
+                        yield sample
+                    position += 1
+        finally:
+            for stream in (ahead or {}).values():  # started, never read: stop its thread, free its connection
+                stream.close()
 
-    def _stream(self, folder: str, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        return read_tar_groups(self.storage, join(self.root, folder, name))
+    def _tar_uris(self, shard: str) -> dict[str, str]:
+        """{folder: uri} of the tars that make a shard."""
+        if self.layout == "combined":
+            return {"combined": join(self.root, "combined", shard)}
+        return {"image": join(self.root, "image", shard), "text_box": join(self.root, *self.text_tar(shard))}
+
+    def _start(self, shard: str) -> dict[str, ReadAhead]:
+        return {folder: start_tar(self.storage, uri) for folder, uri in self._tar_uris(shard).items()}
 
     def text_tar(self, shard: str) -> tuple[str, str]:
         """(folder, tar name) holding the sample JSONs of a shard (named by its first folder's tar)."""
         return ("combined", shard) if self.layout == "combined" else ("text_box", text_box_tar(shard))
 
-    def iter_shard(self, shard: str) -> Iterator[dict]:
-        """A shard's samples; at its end, their number checked against sizes.json (unless `max_samples`
-        cut this shard short: then only its first samples)."""
+    def iter_shard(self, shard: str, streams: dict[str, ReadAhead] | None = None) -> Iterator[dict]:
+        """A shard's samples (from its `streams` when already started); at its end, their number
+        checked against sizes.json (unless `max_samples` cut this shard short: then only its first samples)."""
         limit, streamed = self.take.get(shard), 0
-        for sample in self._iter_shard(shard):
+        for sample in self._iter_shard(shard, streams or self._start(shard)):
             if limit is not None and streamed >= limit:
                 return
             streamed += 1
@@ -264,14 +294,22 @@ class ShardDataset(_Base):
         log.warning("%s", message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _iter_shard(self, shard: str) -> Iterator[dict]:
+    def _iter_shard(self, shard: str, streams: dict[str, ReadAhead]) -> Iterator[dict]:
+        try:
+            yield from self._shard_samples(shard, streams)
+        finally:  # however the reading ended: no thread left filling, no connection held
+            for stream in streams.values():
+                stream.close()
+
+    def _shard_samples(self, shard: str, streams: dict[str, ReadAhead]) -> Iterator[dict]:
+        uris = self._tar_uris(shard)
         if self.layout == "combined":
-            for key, group in self._stream("combined", shard):
+            for key, group in tar_groups(streams["combined"], uris["combined"]):
                 yield _sample(key, next(group[e] for e in IMAGE_EXTS if e in group), group["json"], self.decode)
             return
-        texts = self._stream(*self.text_tar(shard))
+        texts = tar_groups(streams["text_box"], uris["text_box"])
         position = 0
-        for position, (key, group) in enumerate(self._stream("image", shard), start=1):
+        for position, (key, group) in enumerate(tar_groups(streams["image"], uris["image"]), start=1):
             text_key, text = next(texts, (None, None))
             if text_key != key:
                 raise PairingError(f"{shard} position {position - 1}: image key {key} but text_box key {text_key}")
