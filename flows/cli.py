@@ -320,6 +320,16 @@ def report(
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 
 
+def _demo_inputs(out: Path, images: int) -> list[str]:
+    """Write `images` demo scenes (and the two inputs meant to be rejected) to OUT/images; the --set
+    overrides that point the demo's run config at them, OUT/work and OUT/dataset."""
+    from pipeline.synthetic import write_demo_images
+
+    paths = write_demo_images(out / "images", n=images)
+    typer.echo(f"wrote {len(paths)} demo inputs to {out / 'images'} (two are meant to be rejected at ingest)")
+    return [f"sources=[{{uri: '{out / 'images'}'}}]", f"run.work_dir={out / 'work'}", f"shards.output={out / 'dataset'}"]
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(DEMO_DIR, "--out", help="Folder for the demo images, work files and dataset."),
@@ -329,11 +339,8 @@ def demo(
 ):
     """Generate demo images, build a dataset from them with the real flow, and inspect it."""
     from pipeline.inspection import describe_dataset
-    from pipeline.synthetic import write_demo_images
 
-    paths = write_demo_images(out / "images", n=images)
-    typer.echo(f"wrote {len(paths)} demo inputs to {out / 'images'} (two are meant to be rejected at ingest)")
-    sets = [f"sources=[{{uri: '{out / 'images'}'}}]", f"run.work_dir={out / 'work'}", f"shards.output={out / 'dataset'}"]
+    sets = _demo_inputs(out, images)
     if config.resolve() == DEMO_CONFIG.resolve():
         from captioners.tiny import SCENES_MODEL
 
@@ -350,16 +357,11 @@ SWEEP_DEMO_CONFIG = Path(__file__).with_name("sweep-demo.yaml")
 SWEEP_DEMO_DIR = Path("sweep-demo")
 
 
-def _sweep_demo_dataset(out: Path, images: int) -> str:
+def _sweep_demo_dataset(out: Path, images: int) -> None:
     """Generate demo scenes and build the sweep demo's dataset from them (no captioner: MAE needs none)."""
-    from pipeline.synthetic import write_demo_images
-
-    paths = write_demo_images(out / "images", n=images)
-    typer.echo(f"wrote {len(paths)} demo inputs to {out / 'images'} (two are meant to be rejected at ingest)")
-    sets = [f"sources=[{{uri: '{out / 'images'}'}}]", f"run.work_dir={out / 'work'}", f"shards.output={out / 'dataset'}",
-            "run.name=localcap-sweep-demo", "captioner.backend=none", "captioner.model=null", "shards.max_samples=4"]
-    dataset = _run(DEMO_CONFIG, "sweep-demo", sets, progress=True)
-    return dataset["config"]["shards"]["output"]
+    sets = _demo_inputs(out, images) + ["run.name=localcap-sweep-demo", "captioner.backend=none", "captioner.model=null",
+                                        "shards.max_samples=4"]
+    _run(DEMO_CONFIG, "sweep-demo", sets, progress=True)
 
 
 @app.command()
@@ -408,10 +410,11 @@ def sweep(
         _fail(f"sweep failed: {type(exc).__name__}: {exc}")
     finished = sum(r["status"] == "finished" for r in result["rows"])
     typer.echo(f"sweep {cfg.name}: {finished} of {len(result['rows'])} trials finished ({result['ran']} run now)")
+    from pipeline.sweep.report import best_law
+
     for group in result["fit"]["groups"]:
-        best = group.get("best")
-        law = group["laws"].get(best, {}) if best else {}
-        if law.get("status") == "ok":
+        if found := best_law(group):
+            best, law = found
             params = ", ".join(f"{k}={v:.3g}" for k, v in law["params"].items())
             loo = law.get("loo_rmse")
             typer.echo(f"  {group['objective']}/{group['model']}: best law {best} ({params}), leave-one-out RMSE "

@@ -36,13 +36,14 @@ def fit_markdown(name: str, folder: str, page: str, rows: list[dict], fit: dict)
     finished = sum(r["status"] == "finished" for r in rows)
     lines = [f"# localcap sweep `{name}`", "", f"{finished} of {len(rows)} trials finished; metric `{fit['metric']}`.",
              f"Folder `{folder}`; the page with the plots: `{page}`.", ""]
+    from pipeline.sweep.report import best_law
+
     for group in fit["groups"]:
-        best = group.get("best")
-        law = group["laws"].get(best) if best else None
         lines.append(f"## {group['objective']} / {group['model']} ({group['n_trials']} trials)")
-        if not law or law.get("status") != "ok":
+        if not (found := best_law(group)):
             lines += ["No law could be fitted.", ""]
             continue
+        best, law = found
         params = ", ".join(f"{k} = {_number(v)} ± {_number((law.get('std') or {}).get(k))}" for k, v in law["params"].items())
         lines += [f"Best law `{best}` (leave-one-out RMSE {_number(law.get('loo_rmse'))}): {params}.", ""]
         needed = group.get("needed")

@@ -48,6 +48,11 @@ def random_crop(width: int, height: int, scale: tuple[float, float], rng: random
     return x, y, x + w, y + h
 
 
+def scale_box(box, sx: float, sy: float) -> Box:
+    """`box` (x1, y1, x2, y2) in the pixels of an image resized by (sx, sy)."""
+    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+
+
 def move_box(box: Box, crop: Box, out_w: float, out_h: float) -> Box | None:
     """`box` (image pixels) in the coordinates of `crop` resized to out_w x out_h; clipped; None if outside."""
     cx1, cy1, cx2, cy2 = crop
@@ -106,7 +111,7 @@ def contrastive_example(sample: dict, low_res: int, high_res: int, patch: int, g
     box_map = np.zeros((grid, grid), dtype=bool)
     is_global = target.box is None
     if not is_global:
-        moved = move_box((target.box[0] * fx, target.box[1] * fy, target.box[2] * fx, target.box[3] * fy), crop, high_res, high_res)
+        moved = move_box(scale_box(target.box, fx, fy), crop, high_res, high_res)
         if moved is None:  # cropped away: fall back to the global view if there is a caption for it
             if not sample["global_caption"]:
                 return None
@@ -140,7 +145,7 @@ def eval_view(sample: dict, low_res: int, high_res: int, patch: int) -> dict:
     return {
         "high": high,
         "low": low,
-        "maps": [box_patch_map((b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy), high_res, patch) for b, _ in pairs],
+        "maps": [box_patch_map(scale_box(b, sx, sy), high_res, patch) for b, _ in pairs],
         "texts": [c for _, c in pairs],
         "global_text": sample["global_caption"] or None,
     }

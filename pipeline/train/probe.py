@@ -22,11 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.train.data import box_patch_map, decode_reduced, to_tensor_array, views
+from pipeline.train.data import Box, box_patch_map, decode_reduced, scale_box, to_tensor_array, views
 from schemas.train import ProbeOptions, TrainConfig
-
-Box = tuple[float, float, float, float]
-
 
 @dataclass(frozen=True)
 class Region:
@@ -61,7 +58,7 @@ def caption_regions(samples, opts: ProbeOptions, side: int) -> tuple[list[Image.
             continue
         img, fx, fy = decode_reduced(sample["image"], side)
         for b, caption in pairs:
-            regions.append(Region(len(images), (b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy), caption))
+            regions.append(Region(len(images), scale_box(b, fx, fy), caption))
         images.append(img)
     return images, regions
 
@@ -114,8 +111,7 @@ def mae_region_features(model, images: list[Image.Image], regions: list[Region],
             for row, i in enumerate(chunk):
                 sx, sy = side / images[i].width, side / images[i].height
                 for n in by_image[i]:
-                    b = regions[n].box
-                    mask = torch.from_numpy(box_patch_map((b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy), side, patch).reshape(-1))
+                    mask = torch.from_numpy(box_patch_map(scale_box(regions[n].box, sx, sy), side, patch).reshape(-1))
                     out[n] = tokens[row][mask].mean(0).numpy()
     finally:
         config.mask_ratio = ratio
@@ -135,8 +131,7 @@ def contrastive_region_features(model, images: list[Image.Image], regions: list[
             high, low = views(img, opts.low_res, opts.high_res)
             cached[region.image] = {"high": high, "low": low}
         sx, sy = opts.high_res / img.width, opts.high_res / img.height
-        b = region.box
-        jobs.append((cached[region.image], box_patch_map((b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy), opts.high_res, opts.patch_size)))
+        jobs.append((cached[region.image], box_patch_map(scale_box(region.box, sx, sy), opts.high_res, opts.patch_size)))
     return region_embeddings(model, jobs, batch_size, device).numpy()
 
 
