@@ -91,6 +91,7 @@ CROP_SIGMAS = tuple(1.6 * 2 ** (k / 3) for k in range(12))  # DoG scale levels o
 CROP_WINDOW = 3.0  # window half-side, in keypoint sigmas
 CROP_WINDOW_BLUR = 1.0  # the window is taken from the thumbnail blurred by this many keypoint sigmas
 CROP_MIN_RESPONSE = 0.5  # |DoG| (grey levels) below which no keypoint is taken
+WINDOW_BLOCK_SIGMAS = 1 / 3  # window_hash: block side, in blur sigmas, that a window is averaged over before its blur
 CROP_CANDIDATES = 400  # strongest raw extrema refined per image (the rest cannot make the top CROP_POINTS)
 
 
@@ -139,10 +140,11 @@ def _parabola(m: float, c: float, p: float) -> float:
     return 0.0 if d == 0 else float(np.clip(0.5 * (m - p) / d, -0.5, 0.5))
 
 
-def _gaussian_levels(gray: np.ndarray, sigmas: tuple[float, ...]) -> np.ndarray:
-    """len(sigmas) x H x W Gaussian blurs of a grey image, through one FFT of the image padded by
-    reflection (as ndimage.gaussian_filter does at the border), faster than filtering each level
-    (the large sigmas have long kernels)."""
+def _dog_magnitudes(gray: np.ndarray, sigmas: tuple[float, ...]) -> np.ndarray:
+    """(len(sigmas) - 1) x H x W |differences of Gaussian blurs| of a grey image: one FFT of the image
+    padded by reflection (as ndimage.gaussian_filter does at the border), each difference made in
+    the frequency domain and transformed back on its own (faster than filtering each level, whose
+    large sigmas have long kernels, and than scipy's batched inverse, 2.7x slower per level here)."""
     from scipy import fft
 
     pad = int(np.ceil(3 * max(sigmas)))
@@ -154,8 +156,22 @@ def _gaussian_levels(gray: np.ndarray, sigmas: tuple[float, ...]) -> np.ndarray:
     fy = (np.fft.fftfreq(shape[0]).astype(np.float32)[:, None]) ** 2
     fx = (np.fft.rfftfreq(shape[1]).astype(np.float32)[None, :]) ** 2
     freq = np.float32(-2 * np.pi ** 2) * (fy + fx)
-    transfers = np.exp(freq[None] * np.float32(np.square(sigmas))[:, None, None])
-    return fft.irfft2(spectrum[None] * transfers, s=shape, axes=(1, 2))[:, top:top + h, left:left + w].astype(np.float32)
+    transfers = [np.exp(freq * np.float32(sigma ** 2)) for sigma in sigmas]
+    out = np.empty((len(sigmas) - 1, h, w), np.float32)
+    for k in range(len(sigmas) - 1):
+        level = fft.irfft2(spectrum * (transfers[k + 1] - transfers[k]), s=shape)
+        np.abs(level[top:top + h, left:left + w], out=out[k])
+    return out
+
+
+def _local_maxima(values: np.ndarray) -> np.ndarray:
+    """Where a 3-d array equals the maximum of its 3 x 3 x 3 neighbourhood, borders reflected:
+    ndimage.maximum_filter(size=3) == values, as three shifted maxima (several times faster)."""
+    m = np.pad(values, 1, mode="edge")  # for a 3-wide window, reflecting the border repeats it
+    m = np.maximum(np.maximum(m[:-2], m[1:-1]), m[2:])
+    m = np.maximum(np.maximum(m[:, :-2], m[:, 1:-1]), m[:, 2:])
+    m = np.maximum(np.maximum(m[:, :, :-2], m[:, :, 1:-1]), m[:, :, 2:])
+    return values == m
 
 
 def crop_keypoints(gray: np.ndarray, limit: int = CROP_POINTS) -> list[tuple[float, float, float]]:
@@ -163,11 +179,8 @@ def crop_keypoints(gray: np.ndarray, limit: int = CROP_POINTS) -> list[tuple[flo
     windows lie inside the image: scale-space extrema of |difference of Gaussians|. Every level is
     blurred from the thumbnail itself, at full resolution: an octave pyramid or incremental blurs are
     cheaper but move the keypoints enough to cost recall on crops."""
-    from scipy import ndimage
-
-    levels = _gaussian_levels(gray, CROP_SIGMAS)
-    dog = np.abs(levels[1:] - levels[:-1])
-    peaks = np.argwhere((dog == ndimage.maximum_filter(dog, size=3)) & (dog > CROP_MIN_RESPONSE))
+    dog = _dog_magnitudes(gray, CROP_SIGMAS)
+    peaks = np.argwhere(_local_maxima(dog) & (dog > CROP_MIN_RESPONSE))
     if len(peaks) > CROP_CANDIDATES:  # refine only the strongest: the loop below is Python
         strength = dog[peaks[:, 0], peaks[:, 1], peaks[:, 2]] * np.asarray(CROP_SIGMAS)[peaks[:, 0]]
         peaks = peaks[np.argsort(-strength, kind="stable")[:CROP_CANDIDATES]]
@@ -199,7 +212,9 @@ def window_hash(gray: np.ndarray, x: float, y: float, sigma: float) -> int:
     """pHash of the square window of half-side CROP_WINDOW * sigma around (x, y) of a grey image,
     blurred by CROP_WINDOW_BLUR * sigma first (a blur relative to the window, so a crop's sharper
     thumbnail and the original's coarser one give the same window): 63 DCT signs against their
-    median (the DC term left out)."""
+    median (the DC term left out). A wide window is averaged over f x f pixel blocks before its blur
+    (f = WINDOW_BLOCK_SIGMAS of the blur, the blur reduced by the blocks' own variance): the hash keeps
+    only its 8 x 8 lowest frequencies, which this leaves as they were, at f^3 less cost."""
     from scipy import ndimage
     from scipy.fftpack import dct
 
@@ -208,8 +223,14 @@ def window_hash(gray: np.ndarray, x: float, y: float, sigma: float) -> int:
     h, w = gray.shape
     x0, y0 = max(0, int(x - margin)), max(0, int(y - margin))
     x1, y1 = min(w, int(np.ceil(x + margin)) + 1), min(h, int(np.ceil(y + margin)) + 1)
-    region = Image.fromarray(ndimage.gaussian_filter(gray[y0:y1, x0:x1], blur), "F")
-    box = (x - r - x0, y - r - y0, x + r - x0, y + r - y0)
+    region = gray[y0:y1, x0:x1]
+    f = max(1, min(int(blur * WINDOW_BLOCK_SIGMAS), *region.shape))
+    if f > 1:
+        rows, cols = region.shape[0] // f, region.shape[1] // f
+        region = region[:rows * f, :cols * f].reshape(rows, f, cols, f).mean(axis=(1, 3))
+        blur = np.sqrt(blur ** 2 - (f ** 2 - 1) / 12) / f
+    region = Image.fromarray(ndimage.gaussian_filter(region, blur), "F")
+    box = ((x - r - x0) / f, (y - r - y0) / f, (x + r - x0) / f, (y + r - y0) / f)
     win = np.asarray(region.transform((32, 32), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR), np.float32)
     coeffs = dct(dct(win, axis=0, norm="ortho"), axis=1, norm="ortho")[:8, :8].ravel()[1:]
     return bits_to_uint64(coeffs > np.median(coeffs))

@@ -105,7 +105,7 @@ class IngestSection(_Section):
     crop_hashes: bool = Field(
         True,
         description="Store window hashes around keypoints of each thumbnail, so dedupe finds crops of an image (down to a "
-        "third of its area). Costs about 35 ms of CPU per image; off, crops are kept as separate samples.",
+        "third of its area). Costs about 20 ms of CPU per image; off, crops are kept as separate samples.",
     )
     thumb_side: int = Field(
         384, ge=64, le=2048,
