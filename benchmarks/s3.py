@@ -12,7 +12,11 @@ A paired dataset of generated 4K JPEG samples is written locally, then, in the s
 The last lines are machine-readable:
     BENCH upload_ratio=<publish MB/s / plain copy MB/s>
     BENCH stream_ratio=<loader MB/s / plain GET MB/s>
-    BENCH loader_samples_per_s_{1,2,4}w=<samples/s through a torch DataLoader with 1, 2 and 4 workers>
+    BENCH loader_samples_per_s_{1,2,4}w=<raw samples/s through a torch DataLoader with 1, 2 and 4 workers>
+    BENCH trainer_samples_per_s_{1,2,4}w=<the same with the trainer's per-sample work in the workers>
+
+The raw figure pickles each 2.5 MB sample back to the main process; the trainer's workers decode
+(at reduced size), crop and return 224 px arrays, batched, as `localcap train`'s do.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -30,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import boto3  # noqa: E402
+import torch  # noqa: E402
 
 from pipeline.shards.layout import SIZES, TAR_SUFFIX, shard_files  # noqa: E402
 from pipeline.shards.writer import write_tar  # noqa: E402
@@ -78,20 +84,36 @@ def make_dataset(root: Path, samples: int, per_shard: int) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def loader_samples_per_s(uri: str, storage: Storage, workers: int, expected: int) -> float:
-    """Samples/s through a torch DataLoader with `workers` spawned processes (the trainer's set-up)."""
-    import torch
+class TrainerExamples(torch.utils.data.IterableDataset):
+    """What a DataLoader worker of `localcap train` does per sample (pipeline/train/data.mae_example:
+    a reduced decode, a random crop, a 224 px float array), over a ShardDataset."""
 
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        from pipeline.train.data import mae_example
+
+        rng = random.Random(0)
+        for sample in self.dataset:
+            yield mae_example(sample, 224, (0.5, 1.0), rng)
+
+
+def loader_samples_per_s(uri: str, storage: Storage, workers: int, expected: int, trainer: bool = False) -> float:
+    """Samples/s through a torch DataLoader with `workers` spawned processes: raw samples one by one,
+    or (`trainer`) the trainer's examples in batches of 8."""
     from pipeline.shards import open_dataset
 
-    loader = torch.utils.data.DataLoader(open_dataset(uri, decode=False, storage=storage), batch_size=None,
+    dataset = open_dataset(uri, decode=False, storage=storage)
+    loader = torch.utils.data.DataLoader(TrainerExamples(dataset) if trainer else dataset, batch_size=8 if trainer else None,
                                          num_workers=workers, multiprocessing_context="spawn")
     it = iter(loader)
     first = next(it)  # the workers' start-up (spawn, imports) is not what is measured
+    size = len(first["key"]) if trainer else 1
     t0 = time.perf_counter()
-    n = 1 + sum(1 for _ in it)
-    assert n == expected and first["key"], n
-    return (n - 1) / (time.perf_counter() - t0)
+    n = sum(len(b["key"]) if trainer else 1 for b in it)
+    assert n + size == expected and first["key"], n
+    return n / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -147,6 +169,10 @@ def main() -> None:
             per_workers = {w: loader_samples_per_s("s3://bench/datasets/bench", storage, w, args.samples) for w in (1, 2, 4)}
             print("DataLoader (spawned workers, shards dealt across them, samples pickled back): "
                   + ", ".join(f"{w} worker(s) {r:.0f} samples/s" for w, r in per_workers.items()))
+            per_trainer = {w: loader_samples_per_s("s3://bench/datasets/bench", storage, w, args.samples, trainer=True)
+                           for w in (1, 2, 4)}
+            print("DataLoader with the trainer's work (224 px examples, batches of 8): "
+                  + ", ".join(f"{w} worker(s) {r:.0f} samples/s" for w, r in per_trainer.items()))
     finally:
         moto.terminate()
     print(f"BENCH upload_mib_per_s={mb / ours_up:.1f}")
@@ -155,6 +181,8 @@ def main() -> None:
     print(f"BENCH stream_ratio={plain_get / ours_get:.2f}")
     for w, rate in per_workers.items():
         print(f"BENCH loader_samples_per_s_{w}w={rate:.0f}")
+    for w, rate in per_trainer.items():
+        print(f"BENCH trainer_samples_per_s_{w}w={rate:.0f}")
 
 
 if __name__ == "__main__":
