@@ -213,8 +213,9 @@ def window_hash(gray: np.ndarray, x: float, y: float, sigma: float) -> int:
     blurred by CROP_WINDOW_BLUR * sigma first (a blur relative to the window, so a crop's sharper
     thumbnail and the original's coarser one give the same window): 63 DCT signs against their
     median (the DC term left out). A wide window is averaged over f x f pixel blocks before its blur
-    (f = WINDOW_BLOCK_SIGMAS of the blur, the blur reduced by the blocks' own variance): the hash keeps
-    only its 8 x 8 lowest frequencies, which this leaves as they were, at f^3 less cost."""
+    (f = WINDOW_BLOCK_SIGMAS of the blur, the blur reduced by the blocks' own variance), at f^3 less
+    cost: the hash keeps only the window's 8 x 8 lowest frequencies, which this barely moves (on 40
+    real photos 92 % of the window hashes came out identical, 5 % 2 bits apart)."""
     from scipy import ndimage
     from scipy.fftpack import dct
 
