@@ -12,8 +12,8 @@ buffer that PIL maps without a copy, with merged chroma upsampling (libjpeg's fa
 faster still but doubles the error against the source pixels, so the accurate one is kept):
 34 ms of CPU for a 4K JPEG at full scale against PIL's 44 (PIL unpacks scanline by scanline into its
 own buffer; benchmarks/caption.py). Scaled decodes cost the same either way, as Huffman decoding
-dominates them. Anything else, and any JPEG simplejpeg refuses (CMYK, damaged), goes through PIL,
-whose errors are the ones callers already handle.
+dominates them. Anything else goes through PIL: CMYK and YCCK JPEGs (so their colours stay PIL's
+reading of them), other formats and damaged files (so callers see the errors they already handle).
 """
 
 from __future__ import annotations
@@ -66,15 +66,13 @@ def decode_scale(width: int, height: int, boxes: list[list[int]], max_pixels: in
     return max(s for s in (1, 2, 4, 8) if s <= linear)
 
 
-JPEG_SIGNATURE = b"\xff\xd8\xff"
-SIMPLEJPEG_COLORSPACES = {"Gray", "YCbCr", "RGB"}  # CMYK and YCCK would need a colour transform libjpeg lacks
+SIMPLEJPEG_COLORSPACES = {"Gray", "YCbCr", "RGB"}  # CMYK and YCCK are left to PIL's colour conversion
 
 
 def decode_jpeg_rgbx(data: bytes, min_width: int, min_height: int) -> Image.Image | None:
     """An RGBX image of a JPEG at the smallest libjpeg scale of at least min_width x min_height,
-    or None when simplejpeg cannot give one (PIL then decodes it)."""
-    if not data.startswith(JPEG_SIGNATURE):
-        return None
+    or None when it is not such a JPEG or simplejpeg cannot decode it (PIL then does). Other formats
+    fail the header read, which costs microseconds."""
     try:
         if simplejpeg.decode_jpeg_header(data)[2] not in SIMPLEJPEG_COLORSPACES:
             return None
