@@ -31,8 +31,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(BIN)/localcap demo --train
 
+# --durations=25: every run (CI's included) ends with the 25 slowest tests, so a change that slows the suite shows.
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 bench: install
 	$(BIN)/python benchmarks/ingest.py
@@ -44,6 +45,7 @@ bench: install
 	$(BIN)/python benchmarks/fetch.py
 	$(BIN)/python benchmarks/s3.py
 	$(BIN)/python benchmarks/train_cost.py
+	$(BIN)/python benchmarks/train_start.py
 	$(BIN)/python benchmarks/sweep.py
 
 clean:

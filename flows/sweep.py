@@ -7,7 +7,6 @@ links the sweep's HTML page. Rerunning the flow on the same config resumes: fini
 
 from __future__ import annotations
 
-import os
 
 from prefect import flow, get_run_logger
 
@@ -67,9 +66,6 @@ def sweep(config: str | dict | SweepConfig, overrides: dict | None = None, paths
 
     cfg = sweep_config_of(config, overrides, paths_from)
     logger = get_run_logger()
-    # Ray Train's controller polls its workers every 2 s by default: with many short trials the wait for
-    # a finished one is a real share of the sweep. Applies to a local Ray started here (a cluster keeps its own).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(cfg.ray)
     result = run_sweep(cfg, Storage(cfg.storage.endpoint_url, cfg.storage.region), log_line=logger.info)
     create_markdown_artifact(fit_markdown(cfg.name, result.folder, result.page, result.rows, result.fit),

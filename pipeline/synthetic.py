@@ -172,20 +172,26 @@ DEMO_SIZES = [(2048, 1536), (3840, 2160), (2160, 3840), (4096, 3072), (2560, 144
 
 def write_demo_images(folder: str | Path, n: int = 6, seed: int = 0) -> list[Path]:
     """The built-in demo set: n labelled scenes of 2K-4K as JPEGs (objects of a named kind and colour,
-    what the demo's captioner was trained on), plus two inputs the run must reject."""
+    what the demo's captioner was trained on), plus two inputs the run must reject. A file that already
+    holds the same bytes is left alone: its mtime is part of the ingest fingerprint, so rewriting it
+    would make a second demo re-ingest everything."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         w, h = DEMO_SIZES[i % len(DEMO_SIZES)]
         img, _ = generate_labelled_scene(seed + i, w, h, n_objects=4)
-        path = folder / f"scene_{i:03d}.jpg"
-        path.write_bytes(encode(img, "JPEG", quality=90))
-        paths.append(path)
+        paths.append(_write_if_changed(folder / f"scene_{i:03d}.jpg", encode(img, "JPEG", quality=90)))
     small, _ = generate_scene(seed + 1000, 640, 480, n_objects=1)
-    (folder / "thumbnail_too_small.jpg").write_bytes(encode(small))
-    (folder / "notes.jpg").write_text("not an image, just a text file with a .jpg name\n")
-    return paths + [folder / "thumbnail_too_small.jpg", folder / "notes.jpg"]
+    paths.append(_write_if_changed(folder / "thumbnail_too_small.jpg", encode(small)))
+    paths.append(_write_if_changed(folder / "notes.jpg", b"not an image, just a text file with a .jpg name\n"))
+    return paths
+
+
+def _write_if_changed(path: Path, data: bytes) -> Path:
+    if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+        path.write_bytes(data)
+    return path
 
 
 def generate_document(seed: int, width: int = 1700, height: int = 2200, n_lines: int = 12) -> tuple[Image.Image, list[PlantedObject]]:

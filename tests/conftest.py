@@ -105,6 +105,10 @@ def scene_vlm(tmp_path_factory):
 # @pytest.mark.no_ps3_conformance (for datasets broken on purpose), and LOCALCAP_PS3_CONFORMANCE=0.
 
 _PS3_CHECKED: dict = {}  # dataset folder -> its signature when last seen
+# The tmp_paths of finished tests: nothing writes there any more, so they are not walked again (the
+# walk of the whole basetemp after each test grew with the session). Module and session folders
+# (tmp_path_factory.mktemp) stay walked: a later test may rebuild a dataset in them.
+_PS3_FINISHED: set = set()
 # Tests that break a built dataset on purpose, until their files carry @pytest.mark.no_ps3_conformance.
 _PS3_OPT_OUT = {"tests/test_shards.py::test_iter_paired_detects_mismatch"}
 _ps3_previous_configure = globals().get("pytest_configure")
@@ -125,7 +129,11 @@ def _ps3_conformance(request, tmp_path_factory):
 
     skip = request.node.get_closest_marker("no_ps3_conformance") is not None or request.node.nodeid in _PS3_OPT_OUT
     failures = []
-    for folder in find_datasets(tmp_path_factory.getbasetemp()):
+    live = [entry for entry in tmp_path_factory.getbasetemp().iterdir() if entry not in _PS3_FINISHED]
+    own = request.node.funcargs.get("tmp_path")
+    if own is not None:
+        _PS3_FINISHED.add(own)
+    for folder in (found for entry in live for found in find_datasets(entry)):
         signature = dataset_signature(folder)
         if _PS3_CHECKED.get(folder) == signature:
             continue

@@ -13,13 +13,14 @@ import pytest
 
 from captioners.tiny import SCENES_MODEL
 from schemas.config import load_config
+from tests.helpers.prefect_home import prefect_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def localcap(*args: str, tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_HOME"] = prefect_home(tmp_path / "prefect-home")
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -84,18 +85,29 @@ def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
     assert (Path(metrics["checkpoint"]) / "state.pt").is_file()
     assert f"checkpoint {metrics['checkpoint']}" in out.stdout
 
+    # A second `localcap demo` writes the same scenes again and leaves their files alone (their mtimes
+    # are part of the ingest fingerprint): the build resumes and computes no ingest partition.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (demo / "images").iterdir()}
+    second = localcap("demo", "--out", str(demo), "--images", "4", tmp_path=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (demo / "images").iterdir()} == mtimes
+    record = json.loads((demo / "work" / "demo" / "run.json").read_text())
+    ingest = next(s for s in record["builds"][-1]["stages"] if s["stage"] == "ingest")
+    assert ingest["computed"] == 0 and ingest["skipped"] == ingest["partitions"] > 0, ingest
+
     # The same through `localcap run CONFIG --train` on the demo set, typed as a user types it from the
     # checkout's root (the config, and the captioner path inside it, relative): the build resumes (run
-    # id demo, every partition done: the relative model path is the shipped model), then a fresh training run.
+    # id demo, every partition done: the relative model path is the shipped model), then a fresh
+    # training run (a short one: the demo's full training is the first command's).
     sets = [f"sources=[{{uri: '{demo / 'images'}'}}]", f"run.work_dir={demo / 'work'}", f"shards.output={demo / 'dataset'}",
-            f"train.output={demo / 'train-again'}"]
+            f"train.output={demo / 'train-again'}", "train.steps=10"]
     assert load_config(ROOT / "flows" / "demo.yaml", base=ROOT).captioner.model == str(SCENES_MODEL)
     again = localcap("run", "flows/demo.yaml", "--run-id", "demo", "--train", "--no-progress",
                      *[arg for s in sets for arg in ("--set", s)], tmp_path=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"run demo: {c['samples']} samples in {c['shards']} shards" in again.stdout
     assert "trained demo-dataset-local_contrastive" in again.stdout
-    assert (demo / "train-again" / "demo-dataset-local_contrastive" / "metrics.json").is_file()
+    assert json.loads((demo / "train-again" / "demo-dataset-local_contrastive" / "metrics.json").read_text())["step"] == 10
     manifest = pq.read_table(demo / "dataset" / "manifest.parquet").to_pylist()
     assert len(manifest) == c["samples"] and all(min(m["width"], m["height"]) >= 1440 for m in manifest)
     rerun = json.loads((demo / "dataset" / "dataset.json").read_text())

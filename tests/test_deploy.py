@@ -22,6 +22,7 @@ import yaml
 
 from tests.helpers.config import run_config
 from tests.helpers.images import scene_jpeg
+from tests.helpers.prefect_home import prefect_home
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -91,7 +92,7 @@ def server(tmp_path_factory) -> Server:
     log = home / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                                env=_env(home / "home", **FAST_SCHEDULER), cwd=home, stdout=out, stderr=subprocess.STDOUT,
+                                env=_env(Path(prefect_home(home / "home")), **FAST_SCHEDULER), cwd=home, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 180  # the first start migrates the database: ~15 s on 2 idle cores
@@ -129,6 +130,19 @@ def _start_worker(pool: str, url: str, tmp_path: Path) -> subprocess.Popen:
                                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+POOL = "localcap-test"  # one work pool and one process worker for the module (a worker's start costs seconds)
+
+
+@pytest.fixture(scope="module")
+def worker(server, tmp_path_factory) -> Path:
+    """`prefect worker start` on POOL for this module's tests; its log. It creates the pool (a deploy
+    after it finds the pool there)."""
+    folder = tmp_path_factory.mktemp("prefect-worker")
+    proc = _start_worker(POOL, server.url, folder)
+    yield folder / "worker.log"
+    _stop(proc)
+
+
 def _deploy(config_path: Path, url: str, home: Path, cwd: Path) -> subprocess.CompletedProcess:
     """`localcap deploy CONFIG` in its own process, as a data engineer runs it."""
     return subprocess.run([str(BIN / "localcap"), "deploy", str(config_path)], env=_env(home, PREFECT_API_URL=url), cwd=cwd,
@@ -151,12 +165,12 @@ def _images(folder: Path, n: int = 2) -> None:
 
 
 @pytest.mark.slow
-def test_deploy_trigger_and_complete(server, tmp_path):
+def test_deploy_trigger_and_complete(server, worker, tmp_path):
     from prefect.deployments import run_deployment
 
     _images(tmp_path / "src")
     config = run_config(tmp_path, "src", name="nightly-scenes", regions={"method": "none"}, shards={"keep_empty": True},
-                        ray={"num_cpus": 1}, deploy={"cron": "0 3 * * *", "work_pool": "localcap-test"})
+                        ray={"num_cpus": 1}, deploy={"cron": "0 3 * * *", "work_pool": POOL})
     config_path = tmp_path / "nightly.yaml"
     config_path.write_text(yaml.safe_dump(config))
 
@@ -166,7 +180,7 @@ def test_deploy_trigger_and_complete(server, tmp_path):
 
     with _client(server.url) as client:
         deployment = client.read_deployment_by_name("build_dataset/nightly-scenes")
-        assert deployment.work_pool_name == "localcap-test"
+        assert deployment.work_pool_name == POOL
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
         assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
         # A form of a few fields, not the whole config: the file (read when the run starts), its overrides,
@@ -185,17 +199,13 @@ def test_deploy_trigger_and_complete(server, tmp_path):
 
     with temporary_settings({PREFECT_API_URL: server.url}):
         flow_run = run_deployment("build_dataset/nightly-scenes", timeout=0)  # triggered through the API
-    worker = _start_worker("localcap-test", server.url, tmp_path)
-    try:
-        state = _wait_final(server.url, flow_run.id, time.monotonic() + 420)
-    finally:
-        _stop(worker)
-    assert state is not None and state.is_completed(), f"{state}\n" + _tail(tmp_path / "worker.log")
+    state = _wait_final(server.url, flow_run.id, time.monotonic() + 420)
+    assert state is not None and state.is_completed(), f"{state}\n" + _tail(worker)
     assert (tmp_path / "ds" / "dataset.json").exists()
 
 
 @pytest.mark.slow
-def test_scheduled_build_runs(server, tmp_path):
+def test_scheduled_build_runs(server, worker, tmp_path):
     """The issue: a schedule that never made a run (the scheduler failed on SQLAlchemy 2.1) and relative
     paths that landed in the checkout. Here nothing triggers the run: the server's scheduler makes it
     from deploy.interval_s, a worker runs it in the checkout, and the dataset is where the config's
@@ -207,11 +217,10 @@ def test_scheduled_build_runs(server, tmp_path):
     config = {"run": {"name": "every-few-seconds", "work_dir": "./work"}, "sources": [{"uri": "./incoming"}],
               "regions": {"method": "none"}, "captioner": {"backend": "none"},
               "shards": {"output": "./out/dataset", "keep_empty": True}, "ray": {"num_cpus": 1},
-              "deploy": {"interval_s": 3, "work_pool": "localcap-scheduled"}}
+              "deploy": {"interval_s": 3, "work_pool": POOL}}
     (cwd / "nightly.yaml").write_text(yaml.safe_dump(config))
 
-    # The worker first (it makes the pool if the deploy has not yet: either may create it).
-    worker = _start_worker("localcap-scheduled", server.url, tmp_path)
+    # The module's worker is already polling POOL (it made the pool; the deploy finds it there).
     try:
         out = _deploy(Path("nightly.yaml"), server.url, tmp_path / "client-home", cwd=cwd)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -234,15 +243,30 @@ def test_scheduled_build_runs(server, tmp_path):
             first = min(runs, key=lambda r: r.expected_start_time)
             assert first.auto_scheduled and "auto-scheduled" in first.tags
         state = _wait_final(server.url, first.id, deadline)
-        with _client(server.url) as client:
-            client.delete_deployment(deployment.id)  # and its scheduled runs: no more builds
-    finally:
-        _stop(worker)
-    assert state is not None and state.is_completed(), f"{state}\n" + _tail(tmp_path / "worker.log")
+    finally:  # no more builds on the shared worker: the deployment (and its scheduled runs) go, a running one is cancelled
+        _forget_deployment(server.url, "build_dataset/every-few-seconds")
+    assert state is not None and state.is_completed(), f"{state}\n" + _tail(worker)
     dataset = cwd / "out" / "dataset" / "dataset.json"
     assert dataset.exists(), sorted(p.relative_to(cwd).as_posix() for p in cwd.rglob("*"))
     assert (cwd / "work").is_dir()
     assert not (REPO / "out").exists() and not (REPO / "work").exists() and not (REPO / "incoming").exists()
+
+
+def _forget_deployment(url: str, name: str) -> None:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Cancelling
+
+    with _client(url) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+        client.delete_deployment(deployment.id)
+        for run in runs:
+            if run.state is not None and run.state.is_running():
+                client.set_flow_run_state(run.id, Cancelling(), force=True)
 
 
 def _localcap(args: list[str], url: str, home: Path, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -259,7 +283,7 @@ def _events(url: str, prefix: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_each_published_version_starts_one_training_on_itself(server, tmp_path):
+def test_each_published_version_starts_one_training_on_itself(server, worker, tmp_path):
     """deploy.retrain on_publish: a real server and process worker; v1 published by the build flow and
     v2 by `localcap publish` seconds later start two training runs, on v1 and on v2 (their parameters
     name the version), one after the other (one training of a dataset at a time); publishing v2's
@@ -275,50 +299,46 @@ def test_each_published_version_starts_one_training_on_itself(server, tmp_path):
                         train={"objective": "mae", "preset": "tiny", "output": str(tmp_path / "train"), "steps": 2,
                                "batch_size": 1, "checkpoint_every": 2, "warmup_steps": 0, "num_workers": 1,
                                "data": {"loader_workers": 0, "shuffle_buffer": 0, "holdout_shards": 0}},
-                        deploy={"work_pool": "localcap-retrain", "retrain": "on_publish"})
+                        deploy={"work_pool": POOL, "retrain": "on_publish"})
     path = tmp_path / "retrain.yaml"
     path.write_text(yaml.safe_dump(config))
     home = tmp_path / "client-home"
 
     out = _deploy(path, server.url, home, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
-    worker = _start_worker("localcap-retrain", server.url, tmp_path)
-    try:
-        # b (three images) first, unpublished; then a, which the build flow publishes as v1, then b as v2 at once.
-        (tmp_path / "src-b").mkdir()
-        for i, f in enumerate(sorted((tmp_path / "src").iterdir())):
-            (tmp_path / "src-b" / f.name).write_bytes(f.read_bytes())
-        (tmp_path / "src-b" / "2.jpg").write_bytes(scene_jpeg(1299, 1300, 1100))
-        b = _localcap(["run", str(path), "--run-id", "b", "--no-progress", "--set", "publish.to=null",
-                       "--set", f"shards.output={tmp_path / 'b'}", "--set", f"sources=[{{uri: '{tmp_path / 'src-b'}'}}]"], server.url, home)
-        assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
-        a = _localcap(["run", str(path), "--run-id", "a", "--no-progress"], server.url, home)
-        assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
-        # As a data engineer types it, from the folder the datasets are in: relative paths name the
-        # same dataset (and its event the same resource) as the config's absolute publish.to.
-        v2 = _localcap(["publish", "b", "published/scenes", "--no-progress"], server.url, home, cwd=tmp_path)
-        assert v2.returncode == 0 and f"published {published / 'v2'}" in v2.stdout, v2.stdout + v2.stderr
-        again = _localcap(["publish", "b", "published/scenes", "--no-progress"], server.url, home, cwd=tmp_path)
-        assert again.returncode == 0 and "unchanged" in again.stdout and not (published / "v3").exists(), again.stdout + again.stderr
+    # b (three images) first, unpublished; then a, which the build flow publishes as v1, then b as v2 at once.
+    (tmp_path / "src-b").mkdir()
+    for i, f in enumerate(sorted((tmp_path / "src").iterdir())):
+        (tmp_path / "src-b" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "src-b" / "2.jpg").write_bytes(scene_jpeg(1299, 1300, 1100))
+    b = _localcap(["run", str(path), "--run-id", "b", "--no-progress", "--set", "publish.to=null",
+                   "--set", f"shards.output={tmp_path / 'b'}", "--set", f"sources=[{{uri: '{tmp_path / 'src-b'}'}}]"], server.url, home)
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    a = _localcap(["run", str(path), "--run-id", "a", "--no-progress"], server.url, home)
+    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
+    # As a data engineer types it, from the folder the datasets are in: relative paths name the
+    # same dataset (and its event the same resource) as the config's absolute publish.to.
+    v2 = _localcap(["publish", "b", "published/scenes", "--no-progress"], server.url, home, cwd=tmp_path)
+    assert v2.returncode == 0 and f"published {published / 'v2'}" in v2.stdout, v2.stdout + v2.stderr
+    again = _localcap(["publish", "b", "published/scenes", "--no-progress"], server.url, home, cwd=tmp_path)
+    assert again.returncode == 0 and "unchanged" in again.stdout and not (published / "v3").exists(), again.stdout + again.stderr
 
-        with _client(server.url) as client:
-            deployment = client.read_deployment_by_name(f"train/{name}")
-            only_train = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
-            deadline = time.monotonic() + 420
-            while True:
-                runs = client.read_flow_runs(deployment_filter=only_train)
-                if len(runs) >= 2 and all(r.state and r.state.is_final() for r in runs):
-                    break
-                assert time.monotonic() < deadline, [(r.name, r.state) for r in runs]
-                time.sleep(2)
-            time.sleep(5)  # a third run (there must be none) would have been made by now
-            runs = sorted(client.read_flow_runs(deployment_filter=only_train), key=lambda r: r.start_time)
-            build_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{name}-a", f"{name}-b"])))
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"localcap-build-{name}"])))
-    finally:
-        _stop(worker)
+    with _client(server.url) as client:
+        deployment = client.read_deployment_by_name(f"train/{name}")
+        only_train = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        deadline = time.monotonic() + 420
+        while True:
+            runs = client.read_flow_runs(deployment_filter=only_train)
+            if len(runs) >= 2 and all(r.state and r.state.is_final() for r in runs):
+                break
+            assert time.monotonic() < deadline, [(r.name, r.state) for r in runs]
+            time.sleep(2)
+        time.sleep(5)  # a third run (there must be none) would have been made by now
+        runs = sorted(client.read_flow_runs(deployment_filter=only_train), key=lambda r: r.start_time)
+        build_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{name}-a", f"{name}-b"])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"localcap-build-{name}"])))
     assert [r.parameters["dataset_uri"] for r in runs] == [str(published / "v1"), str(published / "v2")]
-    assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs] + [_tail(tmp_path / "worker.log")]
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs] + [_tail(worker)]
     assert [r.name for r in runs] == ["scenes-v1", "scenes-v2"]
     assert runs[0].end_time <= runs[1].start_time, "two trainings of one dataset overlapped"
     assert sorted(r.name for r in build_runs) == [f"{name}-a", f"{name}-b"]
@@ -348,7 +368,7 @@ def _kill_flow_run(flow_run_id) -> int:
 
 
 @pytest.mark.slow
-def test_retry_of_a_killed_build_resumes_the_same_run(server, tmp_path):
+def test_retry_of_a_killed_build_resumes_the_same_run(server, worker, tmp_path):
     """The flow run of a deployment is killed mid-build (after ingest and dedupe, in regions); Prefect's
     Retry of that flow run (AwaitingRetry, as the UI's button sets it) runs the same localcap run id
     again, which skips the partitions already done."""
@@ -359,30 +379,32 @@ def test_retry_of_a_killed_build_resumes_the_same_run(server, tmp_path):
     _images(tmp_path / "src", n=8)
     config = run_config(tmp_path, "src", name="retry-scenes", ingest={"partition_size": 1}, regions={"k": 2},
                         shards={"keep_empty": True}, ray={"num_cpus": 1}, prefect={"retries": 0},
-                        deploy={"work_pool": "localcap-retry"})
+                        deploy={"work_pool": POOL})
     path = tmp_path / "retry.yaml"
     path.write_text(yaml.safe_dump(config))
     out = _deploy(path, server.url, tmp_path / "client-home", cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
     with temporary_settings({PREFECT_API_URL: server.url}):
         flow_run = run_deployment("build_dataset/retry-scenes", timeout=0)
-    worker = _start_worker("localcap-retry", server.url, tmp_path)
-    try:
-        deadline = time.monotonic() + 300
-        while not list((tmp_path / "work").glob("*/regions/_plan.json")):
-            assert time.monotonic() < deadline, "the build never reached regions\n" + _tail(tmp_path / "worker.log")
-            time.sleep(0.2)
-        assert _kill_flow_run(flow_run.id) >= 1
-        crashed = _wait_final(server.url, flow_run.id, time.monotonic() + 120)
-        assert crashed is not None and crashed.is_final() and not crashed.is_completed(), crashed
-        assert not (tmp_path / "ds" / "dataset.json").exists()
-        with _client(server.url) as client:
-            client.set_flow_run_state(flow_run.id, AwaitingRetry())  # the UI's Retry
-            run = client.read_flow_run(flow_run.id)
-        state = _wait_final(server.url, flow_run.id, time.monotonic() + 300)
-    finally:
-        _stop(worker)
-    assert state is not None and state.is_completed(), f"{state}\n" + _tail(tmp_path / "worker.log")
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "work").glob("*/regions/_plan.json")):
+        assert time.monotonic() < deadline, "the build never reached regions\n" + _tail(worker)
+        time.sleep(0.2)
+    assert _kill_flow_run(flow_run.id) >= 1
+    crashed = _wait_final(server.url, flow_run.id, time.monotonic() + 120)
+    assert crashed is not None and crashed.is_final() and not crashed.is_completed(), crashed
+    assert not (tmp_path / "ds" / "dataset.json").exists()
+    with _client(server.url) as client:
+        # The UI's Retry. Both the runner and the worker report the crash, the worker a moment later:
+        # a Retry set in between is undone by the worker's report, as a user's click would be.
+        for _ in range(5):
+            client.set_flow_run_state(flow_run.id, AwaitingRetry())
+            time.sleep(2)
+            if not client.read_flow_run(flow_run.id).state.is_crashed():
+                break
+        run = client.read_flow_run(flow_run.id)
+    state = _wait_final(server.url, flow_run.id, time.monotonic() + 300)
+    assert state is not None and state.is_completed(), f"{state}\n" + _tail(worker)
     runs = [p.name for p in (tmp_path / "work").iterdir() if p.is_dir()]
     assert len(runs) == 1 and run.name == f"retry-scenes-{runs[0]}", (runs, run.name)
     record = json.loads((tmp_path / "work" / runs[0] / "run.json").read_text())

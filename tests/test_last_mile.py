@@ -18,6 +18,7 @@ from pipeline.shards.stage import SampleRules, build_sample, unfit_reason
 from schemas.config import ShardsSection, load_config
 from tests.helpers.config import deep_merge, run_config
 from tests.helpers.images import scene_jpeg
+from tests.helpers.prefect_home import prefect_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def localcap(*args: str, cwd: Path, home: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: its own process, Ray and Prefect, from `cwd`."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-    full.update({"PREFECT_HOME": str(home / "prefect-home"), **(env or {})})
+    full.update({"PREFECT_HOME": prefect_home(home / "prefect-home"), **(env or {})})
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=full, capture_output=True, text=True,
                           timeout=timeout)
 

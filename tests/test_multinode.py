@@ -20,6 +20,7 @@ import yaml
 
 from tests.helpers.config import run_config
 from tests.helpers.images import scene_jpeg
+from tests.helpers.prefect_home import prefect_home
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -85,7 +86,7 @@ def test_build_on_two_nodes_equals_local_run(build, two_node_cluster, tmp_path):
     config_path = tmp_path / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config("cluster")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(RAY_ADDRESS=two_node_cluster, PREFECT_HOME=str(tmp_path / "prefect-home"), RAY_AUTH_MODE="disabled")
+    env.update(RAY_ADDRESS=two_node_cluster, PREFECT_HOME=prefect_home(tmp_path / "prefect-home"), RAY_AUTH_MODE="disabled")
     def run_cli(run_id: str, *sets: str) -> list[str]:
         """Build through the CLI against the cluster; the nodes the ingest partitions ran on."""
         cmd = [sys.executable, "-m", "flows.cli", "run", str(config_path), "--run-id", run_id, "--no-progress"]

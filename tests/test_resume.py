@@ -18,6 +18,7 @@ import yaml
 from pipeline.partitions import part_name
 from pipeline.synthetic import encode, generate_scene
 from tests.helpers.config import run_config
+from tests.helpers.prefect_home import prefect_home
 
 N_IMAGES = 24
 
@@ -53,7 +54,7 @@ def test_sigkill_then_resume_is_byte_identical(build, tmp_path):
     config_path.write_text(yaml.safe_dump(cfg))
     # Its own Prefect home and temporary server: the test harness's SQLite database is not shared.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_HOME"] = prefect_home(tmp_path / "prefect-home")
     cmd = [sys.executable, "-m", "flows.cli", "run", str(config_path), "--run-id", "r1", "--no-progress"]
     log_path = tmp_path / "killed-run.log"
     with open(log_path, "wb") as log:
