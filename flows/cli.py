@@ -336,6 +336,8 @@ def demo(
     images: int = typer.Option(16, "--images", help="How many 2K-4K demo scenes to generate."),
     config: Path = typer.Option(DEMO_CONFIG, "--config", help="Run config of the demo."),
     train: bool = typer.Option(False, "--train", help="Then train the tiny model on the demo dataset (images to checkpoint)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field of the demo's run config, e.g. --set train.steps=50 "
+                                   "(repeatable; applied after the demo's own paths)."),
 ):
     """Generate demo images, build a dataset from them with the real flow, and inspect it."""
     from pipeline.inspection import describe_dataset
@@ -346,7 +348,7 @@ def demo(
 
         sets.append(f"captioner.model={SCENES_MODEL}")  # the shipped model, wherever the demo runs from
     sets.append(f"train.output={out / 'train'}")
-    dataset = _run(config, "demo", sets, progress=True, train=train)
+    dataset = _run(config, "demo", sets + list(set_), progress=True, train=train)
     typer.echo("")
     typer.echo(describe_dataset(dataset["config"]["shards"]["output"]))
     if dataset.get("trained"):

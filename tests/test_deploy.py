@@ -140,7 +140,7 @@ def worker(server, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("prefect-worker")
     proc = _start_worker(POOL, server.url, folder)
     yield folder / "worker.log"
-    _stop(proc)
+    _stop(proc, grace=5)  # no flow run is left to finish: a worker that takes longer to stop is killed
 
 
 def _deploy(config_path: Path, url: str, home: Path, cwd: Path) -> subprocess.CompletedProcess:

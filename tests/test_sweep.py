@@ -175,7 +175,8 @@ def test_the_demo_sweep_writes_the_trials_the_fit_and_the_plots(demo_sweep):
     assert {r["status"] for r in rows} == {"finished"} and all(0 <= r["metric"] <= 1 for r in rows)
     assert {(r["model"], r["images"], r["resolution"]) for r in rows} == {("s", n, r) for n in (6, 12, 24) for r in (32, 128)}
     assert {r["steps"] for r in rows} == {30, 60, 120}
-    assert len({r["params"] for r in rows}) == 1 and rows[0]["params"] > 0
+    params = {(r["resolution"], r["params"]) for r in rows}  # one model: its size changes only with the position embeddings
+    assert len(params) == 2 and all(p > 0 for _, p in params)
     # What the study is about: at 32 px a planted object is one blurred patch; at 128 px its texture is visible.
     by_res = {res: np.mean([r["metric"] for r in rows if r["resolution"] == res]) for res in (32, 128)}
     assert by_res[128] > by_res[32] + 0.1, by_res
@@ -190,7 +191,7 @@ def test_the_demo_sweep_writes_the_trials_the_fit_and_the_plots(demo_sweep):
         assert group["needed"]["target"] == 0.6 and group["needed"]["rows"]
     for name in ("metric_vs_images.png", "metric_vs_resolution.png", "heatmap.png"):
         with Image.open(folder / name) as img:
-            assert img.format == "PNG" and img.width > 600
+            assert img.format == "PNG" and img.width > 500  # a real plot (one model: ~600 px wide)
     # A trial's data size: the first N images of the training shards, in shard order.
     dataset = str(cwd / "sweep-demo" / "dataset")
     every = [s["key"] for s in ShardDataset(dataset, decode=False)]
