@@ -184,8 +184,9 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
         loop_config["found_checkpoint"] = Checkpoint(path, filesystem)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     # Ray Train's controller polls its workers every 2 s by default, and only a poll sees that they have
-    # finished: a no-op training measured 17-19 s by default and 11-14 s at 0.2 s on 2 busy cores
-    # (benchmarks/train_start.py). The controller reads this from the environment it is started with.
+    # finished. A no-op training on 2 cores (benchmarks/train_start.py): 8-12 s by default, 8-9 s at
+    # 0.2 s when idle, 17-19 s against 11-14 s when busy; the 7-9 s before the loop starts are Ray's
+    # actor processes. The controller reads this from the environment it is started with.
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)
     trainer = TorchTrainer(
         train_worker,
