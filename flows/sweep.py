@@ -7,7 +7,6 @@ links the sweep's HTML page. Rerunning the flow on the same config resumes: fini
 
 from __future__ import annotations
 
-
 from prefect import flow, get_run_logger
 
 from flows.build import slug
