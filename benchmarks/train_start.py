@@ -1,10 +1,13 @@
-"""Ray Train's fixed cost: a training whose loop does nothing, fitted a few times on local Ray, with
-the controller's default health-check interval (2 s) and with the one `run_training` sets.
+"""A training's fixed cost on local Ray: a loop that does nothing, run a few times on Ray Train with the
+controller's default health-check interval (2 s), with the one `run_training` sets, and on one Ray task
+(the default for a single worker, `train.launcher: auto`).
 
-The time until the loop starts is the actors' start (TrainController, PlacementGroupCleaner,
+Ray Train's time until the loop starts is its actors' start (TrainController, PlacementGroupCleaner,
 PreemptionWatcher, RayTrainWorker: a Python process each) and torch's process group; the time after
-the loop's report is mostly the wait for the controller's next poll. Prints one line per fit, then
-`BENCH train_start_default_s=` and `BENCH train_start_s=` (medians).
+the loop's report is mostly the wait for the controller's next poll. The task runs in a fresh worker
+process each time (max_calls=1), which imports the loop's module (torch) as a real run does. Prints one
+line per run, then `BENCH train_start_default_s=`, `BENCH train_start_s=` (Ray Train) and
+`BENCH train_start_task_s=` (medians).
 
   python benchmarks/train_start.py --fits 3
 """
@@ -44,6 +47,21 @@ def fit_seconds(interval: str | None, storage: str, name: str) -> tuple[float, f
         return total, float(found.read())
 
 
+def _task_loop(t0: float) -> float:
+    import pipeline.train.loop  # noqa: F401  (torch and the model code, as train_task imports them)
+
+    return time.time() - t0
+
+
+def task_seconds() -> tuple[float, float]:
+    """(seconds of the whole run, seconds until the loop started) on one fresh Ray task."""
+    import ray
+
+    t0 = time.time()
+    started = ray.get(ray.remote(_task_loop).options(num_cpus=1, max_calls=1).remote(t0))
+    return time.time() - t0, started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fits", type=int, default=3, help="fits per setting (alternating)")
@@ -53,15 +71,21 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="train-start-")
-    times: dict[str, list[float]] = {"default": [], HEALTH_CHECK_INTERVAL_S: []}
+    times: dict[str, list[float]] = {"default": [], HEALTH_CHECK_INTERVAL_S: [], "task": []}
     for i in range(args.fits):
         for setting in times:
-            total, started = fit_seconds(None if setting == "default" else setting, storage, f"fit-{i}-{setting}")
+            if setting == "task":
+                total, started = task_seconds()
+                label = "one Ray task"
+            else:
+                total, started = fit_seconds(None if setting == "default" else setting, storage, f"fit-{i}-{setting}")
+                label = f"Ray Train, health check {setting}"
             times[setting].append(total)
-            print(f"fit {i} health check {setting:>7}: {total:5.2f} s, loop started after {started:5.2f} s", flush=True)
+            print(f"run {i} {label:>28}: {total:5.2f} s, loop started after {started:5.2f} s", flush=True)
     ray.shutdown()
     print(f"BENCH train_start_default_s={statistics.median(times['default']):.2f}")
     print(f"BENCH train_start_s={statistics.median(times[HEALTH_CHECK_INTERVAL_S]):.2f}")
+    print(f"BENCH train_start_task_s={statistics.median(times['task']):.2f}")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def train_command(
                                        "config whose train/storage/ray sections are used."),
     set_: list[str] = typer.Option([], "--set", help="Override a train field, e.g. --set steps=2000 --set num_workers=4 (repeatable)."),
 ):
-    """Train a vision encoder on a dataset with Ray Train (PS3-style local contrastive, or MAE): checkpoints
+    """Train a vision encoder on a dataset on Ray (PS3-style local contrastive, or MAE): checkpoints
     to OUTPUT/NAME, held-out retrieval metrics at the end. Rerunning the same name resumes from its last checkpoint."""
     from schemas.config import apply_overrides, parse_train_config, read_yaml
 

@@ -1,6 +1,6 @@
 """The `sweep` flow: a scaling study on Ray Tune, tracked by Prefect (pipeline/sweep/run.py does the work).
 
-One flow run per sweep: Ray Tune schedules the trials (each the ordinary training on Ray Train), every
+One flow run per sweep: Ray Tune schedules the trials (each the ordinary training), every
 finished trial is logged to the flow run as it ends, and the fit is kept as a Prefect artifact that
 links the sweep's HTML page. Rerunning the flow on the same config resumes: finished trials are skipped.
 """

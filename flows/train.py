@@ -1,7 +1,7 @@
-"""The `train` flow (Ray Train underneath) and `end_to_end` (build, publish, then train on the new version).
+"""The `train` flow (Ray underneath) and `end_to_end` (build, publish, then train on the new version).
 
-`train` is one coarse Prefect task around pipeline.train.runner: Ray Train owns the workers, the
-checkpoints and the restarts; Prefect tracks the run and keeps its metrics as an artifact. Rerunning
+`train` is one coarse Prefect task around pipeline.train.runner: Ray (Ray Train for DDP, a Ray task
+for one worker) owns the workers, the checkpoints and the restarts; Prefect tracks the run and keeps its metrics as an artifact. Rerunning
 with the same run name resumes from the run's last checkpoint.
 """
 

@@ -140,6 +140,34 @@ def test_train_from_a_version_published_on_s3_with_checkpoints_on_s3(colour_data
     assert again["metrics"]["resumed_from"] == 6 and again["metrics"]["steps_this_run"] == 0
 
 
+def test_a_single_worker_run_killed_under_ray_is_retried_from_its_last_checkpoint(colour_dataset, tmp_path):
+    """One worker runs on a Ray task (train.launcher auto): its process SIGKILLed after a checkpoint,
+    the run goes on from that checkpoint within the same call, as Ray Train retries its workers."""
+    import threading
+
+    run_dir = tmp_path / "train" / "retried"
+    killed: list[int] = []
+
+    def kill_the_task_after_a_checkpoint() -> None:
+        deadline = time.time() + 120
+        while _last_checkpoint_step(run_dir) < 10 and time.time() < deadline:
+            time.sleep(0.2)
+        for p in psutil.process_iter(["cmdline"]):
+            if any("train_task" in part for part in p.info["cmdline"] or []):
+                killed.append(_last_checkpoint_step(run_dir))
+                p.kill()
+
+    killer = threading.Thread(target=kill_the_task_after_a_checkpoint, daemon=True)
+    killer.start()
+    result = _train(str(colour_dataset), tmp_path / "train", objective="mae", name="retried", num_workers=1,
+                    steps=120, checkpoint_every=10, keep_checkpoints=2)
+    killer.join(5)
+    m = result["metrics"]
+    assert killed, "the training task ended before it could be killed"
+    assert m["launcher"] == "ray_task" and m["step"] == 120 and killed[0] <= m["resumed_from"] < 120, (killed, m)
+    assert len(list(run_dir.glob("checkpoint_*"))) == 2 and Path(result["checkpoint"]).parent == run_dir
+
+
 def _localcap(args: list[str], home: Path, **kw) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
     env["PREFECT_HOME"] = prefect_home(home)

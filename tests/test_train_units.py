@@ -4,6 +4,7 @@ the low-res context, the losses, retrieval metrics, shard splits and the config.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import random
 
 import numpy as np
@@ -173,6 +174,15 @@ def test_train_config_checks_sizes_and_presets():
         TrainConfig(data={"crop_scale": (0.5, 1.2)})
     with pytest.raises(ValidationError):
         TrainConfig(objective="clip")
+    with pytest.raises(ValidationError, match="launcher ray_task runs one worker"):
+        TrainConfig(launcher="ray_task", num_workers=2)
+
+
+@pytest.mark.parametrize("launcher, workers, task", [("auto", 1, True), ("auto", 2, False), ("ray_train", 1, False), ("ray_task", 1, True)])
+def test_one_worker_runs_on_a_task_unless_told_otherwise(launcher, workers, task):
+    from pipeline.train.runner import on_task
+
+    assert on_task(TrainConfig(launcher=launcher, num_workers=workers)) is task
 
 
 def test_latest_checkpoint_is_the_newest_whole_one(tmp_path):
@@ -180,7 +190,7 @@ def test_latest_checkpoint_is_the_newest_whole_one(tmp_path):
     import json as _json
 
     from pipeline.storage import Storage
-    from pipeline.train.runner import latest_checkpoint
+    from pipeline.train.checkpoints import latest_checkpoint
 
     for name, step, whole in (("checkpoint_a", 10, True), ("checkpoint_b", 30, False), ("checkpoint_c", 20, True)):
         folder = tmp_path / name
@@ -191,6 +201,28 @@ def test_latest_checkpoint_is_the_newest_whole_one(tmp_path):
     (tmp_path / "tokenizer_dir").mkdir()
     assert latest_checkpoint(Storage(), str(tmp_path)) == (str(tmp_path / "checkpoint_c"), 20)
     assert latest_checkpoint(Storage(), str(tmp_path / "missing")) is None
+
+
+def test_saved_checkpoints_keep_the_newest_and_read_back(tmp_path, s3_endpoint, s3_bucket):
+    """A single-worker run's own checkpoints (the task launcher), locally and on S3: train.json last,
+    only `keep` whole ones left, each readable as a local folder."""
+    import json as _json
+
+    from pipeline.storage import Storage
+    from pipeline.train.checkpoints import StoredCheckpoint, latest_checkpoint, save_checkpoint
+
+    for run_dir, storage in ((str(tmp_path / "run"), Storage()), (f"s3://{s3_bucket}/units/run", Storage(s3_endpoint))):
+        saved = []
+        for step in (5, 10, 15):
+            folder = tmp_path / f"state-{step}"
+            folder.mkdir(exist_ok=True)
+            (folder / "state.pt").write_bytes(b"s" * step)
+            (folder / "train.json").write_text(_json.dumps({"step": step}))
+            saved.append(save_checkpoint(storage, run_dir, str(folder), keep=2))
+        assert storage.list_dirs(run_dir) == sorted(u.rsplit("/", 1)[1] for u in saved[1:])  # the oldest is gone, folder and all
+        assert latest_checkpoint(storage, run_dir) == (saved[2], 15)
+        with StoredCheckpoint(storage, saved[2]).as_directory() as local:
+            assert (Path(local) / "state.pt").read_bytes() == b"s" * 15
 
 
 def test_positions_at_selected_patches_equal_siglips_interpolated_table():

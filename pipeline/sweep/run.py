@@ -1,8 +1,9 @@
 """A scaling sweep on Ray Tune: plan the trials, run the unfinished ones, fit the laws, write the folder.
 
-Each trial is a Tune function trainable that calls the ordinary training (pipeline.train.runner:
-Ray Train's TorchTrainer, its checkpoints, the held-out metrics and the probe) with the trial's train
-config; the trial asks Tune for no CPU itself (one byte of memory: Tune wants some resource), its Ray Train workers ask for theirs (train.num_workers x
+Each trial is a Tune function trainable that calls the ordinary training (pipeline.train.runner: one
+Ray task for a single worker, Ray Train's TorchTrainer for more; its checkpoints, the held-out metrics
+and the probe) with the trial's train config; the trial asks Tune for no CPU itself (one byte of
+memory: Tune wants some resource), its training workers ask for theirs (train.num_workers x
 cpus_per_worker, GPUs with use_gpu), so the cluster's size sets how many trials run at once.
 
 The sweep folder OUTPUT/NAME/ is its own ledger: trials/ID/ holds a trial's checkpoints (a killed

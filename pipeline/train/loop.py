@@ -1,9 +1,10 @@
-"""The per-worker training loop that Ray Train runs on every DDP rank (see runner.py for the wiring).
+"""The per-worker training loop, run on every DDP rank by Ray Train or alone on one Ray task (its
+session, session.py, says which; runner.py does the wiring).
 
 Each rank streams its share of the training shards (the loader deals shards across ranks and
 DataLoader workers), runs `steps` optimizer steps in all, reports a checkpoint every
 `checkpoint_every` steps (rank 0 writes it) and, on rank 0, evaluates on the held-out shards at the
-end. A restarted run gets its last checkpoint from Ray Train and continues the step counter.
+end. A restarted run gets its last checkpoint from its session and continues the step counter.
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ import numpy as np
 import torch
 
 from pipeline.shards.loader import ShardDataset
+from pipeline.train.checkpoints import STATE, TRAIN_JSON
 from pipeline.train.data import contrastive_example, eval_view, mae_example
 from pipeline.train.text import encode, load_tokenizer
 from schemas.train import TrainConfig
-
-STATE = "state.pt"
-
 
 class TrainStream(torch.utils.data.IterableDataset):
     """Endless examples from this reader's share of the training shards, epoch after epoch."""
@@ -118,7 +117,7 @@ def _unwrap(model):
 
 def save_state(folder: str, model, optimizer, step: int, cfg: TrainConfig, tokenizer_json: str | None, history: list) -> None:
     torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "step": step}, os.path.join(folder, STATE))
-    with open(os.path.join(folder, "train.json"), "w") as f:
+    with open(os.path.join(folder, TRAIN_JSON), "w") as f:
         json.dump({"step": step, "config": cfg.model_dump(mode="json"), "history": history}, f, indent=1)
     if tokenizer_json:
         with open(os.path.join(folder, "tokenizer.json"), "w") as f:
@@ -164,20 +163,34 @@ def progress(loop_config: dict, line: str) -> None:
 
 def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
-    import ray.train
-    import ray.train.torch
+    from pipeline.train.session import RayTrainSession
+
+    train_loop(loop_config, RayTrainSession(loop_config.get("found_checkpoint")))
+
+
+def train_task(loop_config: dict) -> tuple[dict, str | None]:
+    """The whole run on one Ray task (runner.run_on_task): (the last report's metrics, its checkpoint's URI)."""
+    from pipeline.train.session import TaskSession
 
     cfg = TrainConfig.model_validate(loop_config["train"])
+    session = TaskSession(loop_config["storage"], loop_config["run_dir"], cfg.keep_checkpoints,
+                          loop_config.get("found_checkpoint"), cfg.use_gpu)
+    train_loop(loop_config, session)
+    return session.metrics, session.checkpoint
+
+
+def train_loop(loop_config: dict, session) -> None:
+    """`steps` optimizer steps from the session's newest loadable checkpoint, checkpoints every
+    `checkpoint_every`, then (rank 0) the held-out metrics and the probe, reported with the last one."""
+    cfg = TrainConfig.model_validate(loop_config["train"])
     storage, root = loop_config["storage"], loop_config["dataset"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.seed)
     tokenizer = None if cfg.objective == "mae" else load_tokenizer(loop_config.get("tokenizer_json"), loop_config.get("tokenizer_path"))
     model = build_model(cfg, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, resumed_from = 0, None
-    state, history = _resume_state(ray.train.get_checkpoint(), loop_config.get("found_checkpoint"))
+    state, history = _resume_state(session.checkpoints)
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -185,10 +198,7 @@ def train_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"resumed from the checkpoint at step {step}", flush=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps), last_epoch=step - 1)
-    if world > 1:
-        model = ray.train.torch.prepare_model(model)  # DDP; every parameter takes part in every step's loss
-    else:
-        model = model.to(device)
+    model = session.prepare(model)
 
     train_set = ShardDataset(root, cfg.data.shuffle_buffer, cfg.seed + step, decode=False, storage=storage,
                              shards=range(*loop_config["train_shards"]), max_samples=cfg.data.max_images)
@@ -215,11 +225,11 @@ def train_worker(loop_config: dict) -> None:
         history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in parts.items()})
         del history[:-2000]  # the checkpoint keeps the recent loss curve, not all of it
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            _report(parts | {"resumed_from": resumed_from}, rank, model, optimizer, step, cfg, loop_config, history)
+            _report(session, parts | {"resumed_from": resumed_from}, model, optimizer, step, cfg, loop_config, history)
         elif rank == 0 and (step % 10 == 0 or step == 1):
             progress(loop_config, f"step {step}/{cfg.steps} loss {parts['loss']:.4f} ({parts['images_per_s']:.1f} images/s)")
 
-    # The last checkpoint carries the held-out metrics (Ray Train's result is the last checkpoint's report).
+    # The last checkpoint carries the held-out metrics (the run's result is the last checkpoint's report).
     metrics = {"step": step, "resumed_from": resumed_from, "steps_this_run": step - (resumed_from or 0),
                "first_loss": _mean_loss(history[:5]), "last_loss": _mean_loss(history[-5:]),
                "params": sum(p.numel() for p in _unwrap(model).parameters())}
@@ -233,23 +243,21 @@ def train_worker(loop_config: dict) -> None:
             untrained = build_model(cfg, tokenizer).to(device)
             metrics |= probe_metrics({"": _unwrap(model), "_init": untrained}, cfg, iter(eval_set), device)
         progress(loop_config, "eval: " + json.dumps(metrics))
-    _report(metrics, rank, model, optimizer, step, cfg, loop_config, history)
+    _report(session, metrics, model, optimizer, step, cfg, loop_config, history)
 
 
 def _load_checkpoint(checkpoint) -> tuple[dict, list]:
     with checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=True)
-        with open(os.path.join(folder, "train.json")) as f:
+        with open(os.path.join(folder, TRAIN_JSON)) as f:
             history = json.load(f).get("history", [])
     return state, history
 
 
-def _resume_state(from_ray, found) -> tuple[dict | None, list]:
-    """The newest loadable state: Ray Train's restored checkpoint, or the newer one the driver found
-    in the run folder (uploaded, but killed before Ray recorded it); (None, []) to start afresh."""
-    candidates = [c for c in (found, from_ray) if c is not None]
+def _resume_state(checkpoints: list) -> tuple[dict | None, list]:
+    """The newest loadable state among the session's checkpoints; (None, []) to start afresh."""
     best, history = None, []
-    for checkpoint in candidates:
+    for checkpoint in checkpoints:
         try:
             state, rows = _load_checkpoint(checkpoint)
         except Exception as exc:  # a checkpoint cut short by the kill: try the other one
@@ -264,15 +272,13 @@ def _mean_loss(rows: list[dict]) -> float | None:
     return float(np.mean([r["loss"] for r in rows])) if rows else None
 
 
-def _report(metrics: dict, rank: int, model, optimizer, step: int, cfg: TrainConfig, loop_config: dict, history: list) -> None:
-    """Every rank reports (Ray Train waits for all); rank 0 attaches the checkpoint."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics)
+def _report(session, metrics: dict, model, optimizer, step: int, cfg: TrainConfig, loop_config: dict, history: list) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint."""
+    if session.rank != 0:
+        session.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
         save_state(folder, model, optimizer, step, cfg, loop_config.get("tokenizer_json"), history)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        session.report(metrics, folder)
     loss = metrics.get("loss", metrics.get("last_loss"))
     progress(loop_config, f"step {step}/{cfg.steps}" + (f" loss {loss:.4f}" if loss is not None else "") + ": checkpoint saved")

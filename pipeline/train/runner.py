@@ -1,7 +1,10 @@
-"""Ray Train wiring around the loop: split the dataset, settle the tokenizer, run TorchTrainer, write metrics.
+"""Ray wiring around the loop: split the dataset, settle the tokenizer, run the loop, write metrics.
 
-Checkpoints go to OUTPUT/NAME/ (a path or s3://) through Ray Train's storage; rerunning the same
-name on the same output finds the run's checkpoint history there and resumes from the last one.
+A run with more than one worker is Ray Train's TorchTrainer (DDP ranks, its controller and worker
+actors); a single-worker run is, by default, one Ray task (train.launcher): the same loop without the
+several seconds Ray Train takes to start and stop its actors. Checkpoints go to OUTPUT/NAME/ (a path
+or s3://) either way; rerunning the same name on the same output finds them there (checkpoints.py)
+and resumes from the last one.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from pipeline.shards.loader import ShardDataset
 from pipeline.storage import Storage, is_s3, join
-from pipeline.train.loop import STATE
+from pipeline.train.checkpoints import latest_checkpoint
 from pipeline.train.text import iter_captions, train_tokenizer
 from schemas.train import TrainConfig
 
@@ -72,24 +75,6 @@ def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, train_shards: list
     return {"tokenizer_json": text, "tokenizer_path": None}
 
 
-def latest_checkpoint(storage: Storage, run_dir: str) -> tuple[str, int] | None:
-    """(uri, step) of the newest whole checkpoint in OUTPUT/NAME, found by listing it. Ray Train
-    records a checkpoint in its run snapshot only after the upload; a kill in between would otherwise
-    lose the newest one (or, before the first snapshot, all of them)."""
-    best = None
-    for name in storage.list_dirs(run_dir):
-        uri = join(run_dir, name)
-        if not name.startswith("checkpoint_") or not storage.exists(join(uri, STATE)):
-            continue
-        try:
-            step = json.loads(storage.read_bytes(join(uri, "train.json")))["step"]
-        except (FileNotFoundError, ValueError, KeyError):
-            continue
-        if best is None or step > best[1]:
-            best = (uri, step)
-    return best
-
-
 def ray_storage(output: str, storage: Storage):
     """(storage_path, storage_filesystem) for Ray Train: S3 through pyarrow with our endpoint."""
     if not is_s3(output):
@@ -104,11 +89,11 @@ def ray_storage(output: str, storage: Storage):
     return output[len("s3://"):], fs.S3FileSystem(**kwargs)
 
 
-def fit_reporting(trainer, queue, on_progress: Callable[[str], None] | None):
-    """trainer.fit(), handing the workers' progress lines to `on_progress` while it runs: the Ray
-    queue they put into (loop_config["progress"]) drained by a thread here."""
+def while_reporting(run: Callable[[], object], queue, on_progress: Callable[[str], None] | None):
+    """run(), handing the workers' progress lines to `on_progress` while it runs: the Ray queue
+    they put into (loop_config["progress"]) drained by a thread here."""
     if queue is None or on_progress is None:
-        return trainer.fit()
+        return run()
     from ray.util.queue import Empty
 
     done = threading.Event()
@@ -127,12 +112,43 @@ def fit_reporting(trainer, queue, on_progress: Callable[[str], None] | None):
     listener = threading.Thread(target=listen, name="train-progress", daemon=True)
     listener.start()
     try:
-        return trainer.fit()
+        return run()
     finally:
         done.set()
         listener.join(timeout=5)
         drain(block=False)
         queue.shutdown()
+
+
+def on_task(cfg: TrainConfig) -> bool:
+    """Whether this run goes on one Ray task rather than Ray Train (train.launcher)."""
+    return cfg.launcher == "ray_task" or (cfg.launcher == "auto" and cfg.num_workers == 1)
+
+
+def run_on_task(loop_config: dict, cfg: TrainConfig, storage: Storage, output: str) -> tuple[dict, str | None]:
+    """The loop on one Ray task with the worker's resources; a failed attempt (an error, or the
+    task's process killed) is retried from the run's newest checkpoint up to max_failures times,
+    as Ray Train retries its workers. (metrics, checkpoint URI) of the last report."""
+    import ray
+
+    from pipeline.train.loop import train_task
+
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # Outside any placement group its caller runs in (a Tune trial's holds only the trial's own
+    # reservation): the task asks for the worker's resources itself, as Ray Train's workers do.
+    task = ray.remote(train_task).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0, max_retries=0,
+                                          scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    failures = 0
+    while True:
+        found = latest_checkpoint(storage, output)
+        try:
+            return ray.get(task.remote(loop_config | {"run_dir": output, "found_checkpoint": found and found[0]}))
+        except (ray.exceptions.RayError, ray.exceptions.RayTaskError) as exc:
+            failures += 1
+            if 0 <= cfg.max_failures < failures:
+                raise
+            log.warning("training attempt %d failed (%s); retrying from the newest checkpoint", failures, str(exc).splitlines()[0][:300])
 
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -141,14 +157,9 @@ HEALTH_CHECK_INTERVAL_S = "0.2"  # a user's own setting of HEALTH_CHECK_ENV wins
 
 def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = None,
                  on_progress: Callable[[str], None] | None = None) -> TrainResult:
-    """Train on a dataset (directory, NAME/vN, NAME/LATEST or NAME) with Ray Train; Ray must be up.
+    """Train on a dataset (directory, NAME/vN, NAME/LATEST or NAME) on Ray; Ray must be up.
     `on_progress(line)` gets rank 0's progress lines (loss every 10 steps, checkpoints, the held-out
     metrics) as training runs, in this process (the train flow logs them to Prefect)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.train.loop import train_worker
-
     storage = storage or Storage()
     dataset = ShardDataset(dataset_uri, decode=False, storage=storage)
     if cfg.objective == "local_contrastive" and not dataset.captioned:
@@ -175,13 +186,31 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
         from ray.util.queue import Queue
 
         loop_config["progress"] = Queue(maxsize=1000)  # rank 0's progress lines, for on_progress
+    if on_task(cfg):
+        run = lambda: run_on_task(loop_config, cfg, storage, output)  # noqa: E731
+    else:
+        run = lambda: fit_on_ray_train(loop_config, cfg, storage, name, output)  # noqa: E731
+    last_metrics, checkpoint = while_reporting(run, loop_config.get("progress"), on_progress)
+    metrics = dict(last_metrics or {})
+    metrics |= {"dataset": dataset.root, "name": name, "objective": cfg.objective, "eval_on_train": eval_on_train,
+                "train_shards": list(train_range), "eval_shards": list(eval_range), "train_images": train_images,
+                "launcher": "ray_task" if on_task(cfg) else "ray_train", "checkpoint": checkpoint}
+    storage.write_bytes(join(output, METRICS), json.dumps(metrics, indent=1).encode())
+    return TrainResult(name, output, dataset.root, checkpoint, metrics)
+
+
+def fit_on_ray_train(loop_config: dict, cfg: TrainConfig, storage: Storage, name: str, output: str) -> tuple[dict, str | None]:
+    """The loop on Ray Train's TorchTrainer: (metrics, checkpoint URI) of the last report."""
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import train_worker
+
     storage_path, filesystem = ray_storage(cfg.output, storage)
     found = latest_checkpoint(storage, output)
     if found:
-        from ray.train import Checkpoint
-
         path = found[0][len("s3://"):] if is_s3(found[0]) else found[0]
-        loop_config["found_checkpoint"] = Checkpoint(path, filesystem)
+        loop_config = loop_config | {"found_checkpoint": Checkpoint(path, filesystem)}
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     # Ray Train's controller polls its workers every 2 s by default, and only a poll sees that they have
     # finished. A no-op training on 2 cores (benchmarks/train_start.py): 8-12 s by default, 8-9 s at
@@ -196,13 +225,8 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
-    result = fit_reporting(trainer, loop_config.get("progress"), on_progress)
-    metrics = dict(result.metrics or {})
-    metrics |= {"dataset": dataset.root, "name": name, "objective": cfg.objective, "eval_on_train": eval_on_train,
-                "train_shards": list(train_range), "eval_shards": list(eval_range), "train_images": train_images}
+    result = trainer.fit()
     checkpoint = None
     if result.checkpoint is not None:
         checkpoint = ("s3://" + result.checkpoint.path) if is_s3(cfg.output) else result.checkpoint.path
-    metrics["checkpoint"] = checkpoint
-    storage.write_bytes(join(output, METRICS), json.dumps(metrics, indent=1).encode())
-    return TrainResult(name, output, dataset.root, checkpoint, metrics)
+    return result.metrics, checkpoint
