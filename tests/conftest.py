@@ -42,10 +42,13 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server for the session: in-process flows use it, and so do the CLI's
+    subprocesses given its URL (PREFECT_API_URL), which then start no temporary server of their own."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield os.environ.get("PREFECT_API_URL")
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,13 @@ from tests.helpers.prefect_home import prefect_home
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def localcap(*args: str, tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def localcap(*args: str, tmp_path: Path, timeout: int = 600, api: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI in its own process; Prefect in ephemeral mode (its own temporary server), or the
+    session's server at `api`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = prefect_home(tmp_path / "prefect-home")
+    if api:
+        env["PREFECT_API_URL"] = api
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -65,10 +69,11 @@ def test_inspect_of_a_non_dataset_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
+def test_demo_builds_trains_and_inspect_shows_it(tmp_path, prefect_harness):
     """Acceptance: the demo builds a dataset from generated 2K-4K images and trains the tiny model on
-    it (`end_to_end`, as `localcap run CONFIG --train` does): images to a checkpoint in one command;
-    `localcap inspect` shows the dataset."""
+    it (`end_to_end`, as `localcap run CONFIG --train` does): images to a checkpoint in one command,
+    Prefect in ephemeral mode as on a fresh machine; `localcap inspect` shows the dataset. The later
+    commands use the session's Prefect server (ephemeral mode is the first command's proof)."""
     demo = tmp_path / "demo"
     # The demo's training, shortened (`make demo` runs its full 600 steps in CI): --set reaches the run config.
     out = localcap("demo", "--out", str(demo), "--images", "4", "--train", "--set", "train.steps=60", tmp_path=tmp_path)
@@ -89,7 +94,7 @@ def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
     # A second `localcap demo` writes the same scenes again and leaves their files alone (their mtimes
     # are part of the ingest fingerprint): the build resumes and computes no ingest partition.
     mtimes = {p.name: p.stat().st_mtime_ns for p in (demo / "images").iterdir()}
-    second = localcap("demo", "--out", str(demo), "--images", "4", tmp_path=tmp_path)
+    second = localcap("demo", "--out", str(demo), "--images", "4", tmp_path=tmp_path, api=prefect_harness)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in (demo / "images").iterdir()} == mtimes
     record = json.loads((demo / "work" / "demo" / "run.json").read_text())
@@ -104,7 +109,7 @@ def test_demo_builds_trains_and_inspect_shows_it(tmp_path):
             f"train.output={demo / 'train-again'}", "train.steps=10"]
     assert load_config(ROOT / "flows" / "demo.yaml", base=ROOT).captioner.model == str(SCENES_MODEL)
     again = localcap("run", "flows/demo.yaml", "--run-id", "demo", "--train", "--no-progress",
-                     *[arg for s in sets for arg in ("--set", s)], tmp_path=tmp_path)
+                     *[arg for s in sets for arg in ("--set", s)], tmp_path=tmp_path, api=prefect_harness)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"run demo: {c['samples']} samples in {c['shards']} shards" in again.stdout
     assert "trained demo-dataset-local_contrastive" in again.stdout

@@ -23,10 +23,12 @@ from tests.helpers.prefect_home import prefect_home
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def localcap(*args: str, cwd: Path, home: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it: its own process, Ray and Prefect, from `cwd`."""
+def localcap(*args: str, cwd: Path, home: Path, timeout: int = 600, env: dict | None = None,
+             api: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it: its own process and Ray, from `cwd`; Prefect in ephemeral mode, or
+    the session's server at `api`."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-    full.update({"PREFECT_HOME": prefect_home(home / "prefect-home"), **(env or {})})
+    full.update({"PREFECT_HOME": prefect_home(home / "prefect-home"), **({"PREFECT_API_URL": api} if api else {}), **(env or {})})
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=full, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -51,7 +53,7 @@ def test_load_config_makes_every_local_path_absolute_against_the_callers_directo
 
 
 @pytest.mark.slow
-def test_run_with_relative_paths_from_another_directory_builds_and_trains_there(tmp_path):
+def test_run_with_relative_paths_from_another_directory_builds_and_trains_there(tmp_path, prefect_harness):
     """`localcap run` from a working directory that is not the checkout, every path relative: the
     dataset and the checkpoint land where the paths say (the Ray Train worker once resolved the
     dataset in its own directory)."""
@@ -64,7 +66,8 @@ def test_run_with_relative_paths_from_another_directory_builds_and_trains_there(
         "run: {work_dir: work}\nsources: [{uri: photos}]\nregions: {k: 2}\nshards: {output: out/dataset, max_samples: 2}\n"
         "train: {objective: mae, preset: tiny, output: out/train, steps: 2, batch_size: 2, checkpoint_every: 2, warmup_steps: 0,"
         " data: {loader_workers: 0, shuffle_buffer: 0}}\n")
-    out = localcap("run", "configs/rel.yaml", "--run-id", "rel", "--train", "--no-progress", cwd=here, home=tmp_path)
+    out = localcap("run", "configs/rel.yaml", "--run-id", "rel", "--train", "--no-progress", cwd=here, home=tmp_path,
+                   api=prefect_harness)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     dataset = json.loads((here / "out" / "dataset" / "dataset.json").read_text())
     assert dataset["counts"]["samples"] == 3 and dataset["config"]["shards"]["output"] == str(here / "out" / "dataset")
@@ -200,7 +203,7 @@ def test_boxes_ps3s_crop_can_cut_away_are_left_out(width, height, inside, outsid
 
 
 @pytest.mark.slow
-def test_a_stage_that_fails_for_good_is_not_retried_and_ends_with_one_line(tmp_path):
+def test_a_stage_that_fails_for_good_is_not_retried_and_ends_with_one_line(tmp_path, prefect_harness):
     """A corrupt file in the hash index fails the dedupe stage: no retry can fix it, so Prefect does
     not retry, and the run's last line names the stage and the error."""
     (tmp_path / "imgs").mkdir()
@@ -209,7 +212,7 @@ def test_a_stage_that_fails_for_good_is_not_retried_and_ends_with_one_line(tmp_p
     (tmp_path / "index" / "hashes-old.parquet").write_bytes(b"not parquet at all")
     (tmp_path / "run.yaml").write_text("sources: [{uri: imgs}]\nshards: {output: ds}\ndedupe: {index: index}\n"
                                        "prefect: {retries: 2, retry_delay_s: 0}\n")
-    out = localcap("run", "run.yaml", "--no-progress", cwd=tmp_path, home=tmp_path)
+    out = localcap("run", "run.yaml", "--no-progress", cwd=tmp_path, home=tmp_path, api=prefect_harness)
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("localcap: stage dedupe failed: ") and "Parquet" in last, last

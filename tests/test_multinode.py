@@ -72,7 +72,7 @@ def two_node_cluster(ray_local):  # the session's own Ray first: a plain ray.ini
 
 
 @pytest.mark.slow
-def test_build_on_two_nodes_equals_local_run(build, two_node_cluster, tmp_path):
+def test_build_on_two_nodes_equals_local_run(build, two_node_cluster, tmp_path, prefect_harness):
     src = tmp_path / "src"
     src.mkdir()
     for i in range(8):
@@ -86,7 +86,8 @@ def test_build_on_two_nodes_equals_local_run(build, two_node_cluster, tmp_path):
     config_path = tmp_path / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config("cluster")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(RAY_ADDRESS=two_node_cluster, PREFECT_HOME=prefect_home(tmp_path / "prefect-home"), RAY_AUTH_MODE="disabled")
+    env.update(RAY_ADDRESS=two_node_cluster, PREFECT_HOME=prefect_home(tmp_path / "prefect-home"), RAY_AUTH_MODE="disabled",
+               PREFECT_API_URL=prefect_harness)
     def run_cli(run_id: str, *sets: str) -> list[str]:
         """Build through the CLI against the cluster; the nodes the ingest partitions ran on."""
         cmd = [sys.executable, "-m", "flows.cli", "run", str(config_path), "--run-id", run_id, "--no-progress"]

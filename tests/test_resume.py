@@ -35,7 +35,7 @@ def _without_times(dataset_json: bytes) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_byte_identical(build, tmp_path):
+def test_sigkill_then_resume_is_byte_identical(build, tmp_path, prefect_harness):
     src = tmp_path / "src"
     src.mkdir()
     for i in range(N_IMAGES):  # PNGs decode fully, so the ingest stage lasts long enough to be killed
@@ -52,9 +52,9 @@ def test_sigkill_then_resume_is_byte_identical(build, tmp_path):
 
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
-    # Its own Prefect home and temporary server: the test harness's SQLite database is not shared.
+    # The session's Prefect server (the CLI talks to it over HTTP; its database stays the server's).
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = prefect_home(tmp_path / "prefect-home")
+    env.update(PREFECT_HOME=prefect_home(tmp_path / "prefect-home"), PREFECT_API_URL=prefect_harness)
     cmd = [sys.executable, "-m", "flows.cli", "run", str(config_path), "--run-id", "r1", "--no-progress"]
     log_path = tmp_path / "killed-run.log"
     with open(log_path, "wb") as log:

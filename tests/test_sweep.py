@@ -36,9 +36,10 @@ def _sweep(**changes) -> SweepConfig:
     return SweepConfig.model_validate(data)
 
 
-def _env(tmp_path: Path) -> dict:
+def _env(tmp_path: Path, api: str) -> dict:
+    """The CLI's environment: a migrated Prefect home, and the session's Prefect server at `api`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = prefect_home(tmp_path / "prefect-home")  # its own temporary server, a migrated database
+    env.update(PREFECT_HOME=prefect_home(tmp_path / "prefect-home"), PREFECT_API_URL=api)
     return env
 
 
@@ -155,11 +156,11 @@ DEMO_SETS = [arg for key, value in DEMO_GRID.items() for arg in ("--set", f"{key
 
 
 @pytest.fixture(scope="module")
-def demo_sweep(tmp_path_factory):
+def demo_sweep(tmp_path_factory, prefect_harness):
     """`localcap sweep --demo` typed in an empty folder (with the CI grid's --set), end to end."""
     cwd = tmp_path_factory.mktemp("sweep-demo-user")
     started = time.monotonic()
-    out = subprocess.run([LOCALCAP, "sweep", "--demo", *DEMO_SETS], cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=1500)
+    out = subprocess.run([LOCALCAP, "sweep", "--demo", *DEMO_SETS], cwd=cwd, env=_env(cwd, prefect_harness), capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return cwd, out, time.monotonic() - started
 
@@ -204,7 +205,7 @@ def test_the_demo_sweep_writes_the_trials_the_fit_and_the_plots(demo_sweep):
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(demo_sweep, tmp_path):
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(demo_sweep, tmp_path, prefect_harness):
     cwd, _, _ = demo_sweep
     config = tmp_path / "resume.yaml"
     data = yaml.safe_load(SWEEP_DEMO.read_text()) | {
@@ -217,7 +218,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(demo_sweep, tm
 
     log_path = tmp_path / "killed.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([LOCALCAP, "sweep", "resume.yaml"], cwd=tmp_path, env=_env(tmp_path), start_new_session=True,
+        proc = subprocess.Popen([LOCALCAP, "sweep", "resume.yaml"], cwd=tmp_path, env=_env(tmp_path, prefect_harness), start_new_session=True,
                                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None and not list(trials.glob("*/result.json")):
@@ -232,7 +233,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(demo_sweep, tm
     assert len(finished) == 1, finished
     checkpoints = {name: sorted(p.name for p in (trials / name).glob("checkpoint_*")) for name in finished}
 
-    out = subprocess.run([LOCALCAP, "sweep", "resume.yaml", "--set", "max_concurrent_trials=2"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    out = subprocess.run([LOCALCAP, "sweep", "resume.yaml", "--set", "max_concurrent_trials=2"], cwd=tmp_path, env=_env(tmp_path, prefect_harness), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert "2 trials, 1 finished before, 1 to run" in out.stdout + out.stderr
     assert "2 of 2 trials finished" in out.stdout
@@ -265,14 +266,14 @@ def test_rerunning_a_finished_sweep_runs_no_trial_and_keeps_the_fit_as_an_artifa
 
 
 @pytest.mark.slow
-def test_a_grid_the_dataset_cannot_feed_is_refused_before_any_trial(demo_sweep, tmp_path):
+def test_a_grid_the_dataset_cannot_feed_is_refused_before_any_trial(demo_sweep, tmp_path, prefect_harness):
     cwd, _, _ = demo_sweep
     config = tmp_path / "big.yaml"
     config.write_text(yaml.safe_dump(yaml.safe_load(SWEEP_DEMO.read_text()) | {"dataset": str(cwd / "sweep-demo" / "dataset"), "output": "out"}))
-    out = subprocess.run([LOCALCAP, "sweep", "big.yaml", "--set", "grid.images=[6,1000]"], cwd=tmp_path, env=_env(tmp_path),
+    out = subprocess.run([LOCALCAP, "sweep", "big.yaml", "--set", "grid.images=[6,1000]"], cwd=tmp_path, env=_env(tmp_path, prefect_harness),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "asks for up to 1000 training images but" in out.stderr and "has 28" in out.stderr, out.stderr
     assert not (tmp_path / "out").exists()  # nothing started
     out = subprocess.run([LOCALCAP, "sweep", "big.yaml", "--set", "grid.objective=[local_contrastive]"], cwd=tmp_path,
-                         env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+                         env=_env(tmp_path, prefect_harness), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "built without captions" in out.stderr, out.stderr

@@ -168,9 +168,10 @@ def test_a_single_worker_run_killed_under_ray_is_retried_from_its_last_checkpoin
     assert len(list(run_dir.glob("checkpoint_*"))) == 2 and Path(result["checkpoint"]).parent == run_dir
 
 
-def _localcap(args: list[str], home: Path, **kw) -> subprocess.Popen:
+def _localcap(args: list[str], home: Path, api: str, **kw) -> subprocess.Popen:
+    """The CLI in its own process (its own local Ray), against the session's Prefect server at `api`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-    env["PREFECT_HOME"] = prefect_home(home)
+    env.update(PREFECT_HOME=prefect_home(home), PREFECT_API_URL=api)
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
@@ -191,14 +192,14 @@ def _last_checkpoint_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def test_killed_training_resumes_from_its_last_checkpoint(colour_dataset, tmp_path):
+def test_killed_training_resumes_from_its_last_checkpoint(colour_dataset, tmp_path, prefect_harness):
     """Acceptance: kill `localcap train` (SIGKILL, with its Ray) after a checkpoint; the same command
     again continues the step counter from that checkpoint."""
     cfg = tmp_path / "train.yaml"
     cfg.write_text(yaml.safe_dump({**TRAIN, "num_workers": 1, "steps": 400, "checkpoint_every": 10, "name": "killed",
                                    "output": str(tmp_path / "out")}))
     run_dir = tmp_path / "out" / "killed"
-    proc = _localcap(["train", str(colour_dataset), "--config", str(cfg)], tmp_path / "prefect")
+    proc = _localcap(["train", str(colour_dataset), "--config", str(cfg)], tmp_path / "prefect", prefect_harness)
     deadline = time.time() + 300
     while _last_checkpoint_step(run_dir) < 10:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -210,7 +211,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(colour_dataset, tmp_pa
     assert 10 <= killed_at < 400
 
     rerun = _localcap(["train", str(colour_dataset), "--config", str(cfg), "--set", "steps=" + str(killed_at + 20)],
-                      tmp_path / "prefect")
+                      tmp_path / "prefect", prefect_harness)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-4000:]
     assert f"resumed from the checkpoint at step {killed_at}" in out
