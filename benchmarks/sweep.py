@@ -1,6 +1,6 @@
 """What a sweep trial costs beyond its training steps: `localcap sweep --demo` on a small grid of trials
 that take 1 step and 60 steps, so that the difference is the steps and the rest is the trial's fixed cost
-(Ray Train's controller and worker processes, the model build, the probe, the checkpoint).
+(the training task's worker process, the model build, the probe, the checkpoint).
 
     python benchmarks/sweep.py [--out DIR]
 

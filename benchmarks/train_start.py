@@ -58,7 +58,7 @@ def task_seconds() -> tuple[float, float]:
     import ray
 
     t0 = time.time()
-    started = ray.get(ray.remote(_task_loop).options(num_cpus=1, max_calls=1).remote(t0))
+    started = ray.get(ray.remote(num_cpus=1, max_calls=1)(_task_loop).remote(t0))
     return time.time() - t0, started
 
 

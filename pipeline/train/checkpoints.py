@@ -46,7 +46,8 @@ def _whole_checkpoints(storage: Storage, run_dir: str) -> Iterator[tuple[str, in
 def save_checkpoint(storage: Storage, run_dir: str, folder: str, keep: int) -> str:
     """Copy a local checkpoint folder to OUTPUT/NAME/checkpoint_<time>/ (train.json last), then
     delete all but the `keep` newest whole checkpoints; the new checkpoint's URI."""
-    uri = join(run_dir, PREFIX + time.strftime("%Y-%m-%d_%H-%M-%S") + f".{time.time_ns() % 1_000_000_000:09d}")
+    now = time.time_ns()  # named as Ray Train names its checkpoints: checkpoint_<local time to the microsecond>
+    uri = join(run_dir, PREFIX + time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now // 10**9)) + f".{now // 1000 % 10**6:06d}")
     names = sorted(os.listdir(folder), key=lambda n: n == TRAIN_JSON)
     for name in names:
         storage.write_bytes(join(uri, name), Path(folder, name).read_bytes())
