@@ -1,6 +1,6 @@
 """A training's fixed cost on local Ray: a loop that does nothing, run a few times on Ray Train with the
 controller's default health-check interval (2 s), with the one `run_training` sets, and on one Ray task
-(the default for a single worker, `train.launcher: auto`).
+(what a single-worker training runs on).
 
 Ray Train's time until the loop starts is its actors' start (TrainController, PlacementGroupCleaner,
 PreemptionWatcher, RayTrainWorker: a Python process each) and torch's process group; the time after

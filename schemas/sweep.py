@@ -137,9 +137,8 @@ def trial_config(sweep: SweepConfig, point: TrialPoint) -> TrainConfig:
 
 
 def trial_id(point: TrialPoint, cfg: TrainConfig) -> str:
-    """A readable, stable id: the point, and a digest of its full train config (a changed config is a new
-    trial; what runs the loop is not part of it)."""
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"name", "output", "launcher"}), sort_keys=True).encode()).hexdigest()[:8]
+    """A readable, stable id: the point, and a digest of its full train config (a changed config is a new trial)."""
+    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"name", "output"}), sort_keys=True).encode()).hexdigest()[:8]
     return f"{point.objective}-{point.model}-n{point.images}-r{point.resolution}-{digest}"
 
 

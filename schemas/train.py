@@ -118,20 +118,11 @@ class TrainConfig(_Section):
     selection_loss_weight: float = Field(1.0, ge=0, description="Weight of the BCE supervision of both selection scores by the box map.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (one more at the end).")
     keep_checkpoints: int = Field(2, ge=1)
-    num_workers: int = Field(1, ge=1, description="Workers (DDP ranks); more than one runs on Ray Train.")
-    launcher: Literal["auto", "ray_task", "ray_train"] = Field(
-        "auto", description="What runs the loop: 'ray_train': Ray Train's TorchTrainer (controller and worker actors, DDP); "
-                            "'ray_task': one Ray task, seconds faster to start (num_workers 1 only); 'auto': ray_task for one worker, else ray_train.")
+    num_workers: int = Field(1, ge=1, description="Workers (DDP ranks): more than one run on Ray Train, a single one on one Ray task.")
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on GPU.")
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=-1, description="Worker failures a run recovers from (restarting from the last checkpoint); -1: no limit.")
     seed: int = Field(0)
-
-    @model_validator(mode="after")
-    def _one_task_one_worker(self) -> TrainConfig:
-        if self.launcher == "ray_task" and self.num_workers > 1:
-            raise ValueError(f"launcher ray_task runs one worker, and num_workers is {self.num_workers}: use launcher ray_train (or auto)")
-        return self
 
     @model_validator(mode="after")
     def _mae_grid(self) -> TrainConfig:

@@ -141,7 +141,7 @@ def test_train_from_a_version_published_on_s3_with_checkpoints_on_s3(colour_data
 
 
 def test_a_single_worker_run_killed_under_ray_is_retried_from_its_last_checkpoint(colour_dataset, tmp_path):
-    """One worker runs on a Ray task (train.launcher auto): its process SIGKILLed after a checkpoint,
+    """One worker runs on a Ray task: its process SIGKILLed after a checkpoint,
     the run goes on from that checkpoint within the same call, as Ray Train retries its workers."""
     import threading
 

@@ -174,15 +174,12 @@ def test_train_config_checks_sizes_and_presets():
         TrainConfig(data={"crop_scale": (0.5, 1.2)})
     with pytest.raises(ValidationError):
         TrainConfig(objective="clip")
-    with pytest.raises(ValidationError, match="launcher ray_task runs one worker"):
-        TrainConfig(launcher="ray_task", num_workers=2)
 
 
-@pytest.mark.parametrize("launcher, workers, task", [("auto", 1, True), ("auto", 2, False), ("ray_train", 1, False), ("ray_task", 1, True)])
-def test_one_worker_runs_on_a_task_unless_told_otherwise(launcher, workers, task):
+def test_one_worker_runs_on_a_ray_task_and_ddp_on_ray_train():
     from pipeline.train.runner import on_task
 
-    assert on_task(TrainConfig(launcher=launcher, num_workers=workers)) is task
+    assert on_task(TrainConfig(num_workers=1)) and not on_task(TrainConfig(num_workers=2))
 
 
 def test_latest_checkpoint_is_the_newest_whole_one(tmp_path):
@@ -204,7 +201,7 @@ def test_latest_checkpoint_is_the_newest_whole_one(tmp_path):
 
 
 def test_saved_checkpoints_keep_the_newest_and_read_back(tmp_path, s3_endpoint, s3_bucket):
-    """A single-worker run's own checkpoints (the task launcher), locally and on S3: train.json last,
+    """A single-worker run's own checkpoints (on a Ray task), locally and on S3: train.json last,
     only `keep` whole ones left, each readable as a local folder."""
     import json as _json
 

@@ -1,8 +1,8 @@
 """Ray wiring around the loop: split the dataset, settle the tokenizer, run the loop, write metrics.
 
 A run with more than one worker is Ray Train's TorchTrainer (DDP ranks, its controller and worker
-actors); a single-worker run is, by default, one Ray task (train.launcher): the same loop without the
-several seconds Ray Train takes to start and stop its actors. Checkpoints go to OUTPUT/NAME/ (a path
+actors); a single-worker run is one Ray task: the same loop without the several seconds Ray Train
+takes to start and stop its actors. Checkpoints go to OUTPUT/NAME/ (a path
 or s3://) either way; rerunning the same name on the same output finds them there (checkpoints.py)
 and resumes from the last one.
 """
@@ -121,8 +121,9 @@ def while_reporting(run: Callable[[], object], queue, on_progress: Callable[[str
 
 
 def on_task(cfg: TrainConfig) -> bool:
-    """Whether this run goes on one Ray task rather than Ray Train (train.launcher)."""
-    return cfg.launcher == "ray_task" or (cfg.launcher == "auto" and cfg.num_workers == 1)
+    """Whether this run goes on one Ray task: a single worker needs none of Ray Train's controller and
+    worker actors (seconds to start), only a process with its resources; DDP ranks need Ray Train."""
+    return cfg.num_workers == 1
 
 
 def run_on_task(loop_config: dict, cfg: TrainConfig, storage: Storage, output: str) -> tuple[dict, str | None]:
