@@ -32,8 +32,11 @@ demo: install
 	$(BIN)/localcap demo --train
 
 # --durations=25: every run (CI's included) ends with the 25 slowest tests, so a change that slows the suite shows.
+# -n: the suite mostly waits (process starts, Ray, servers; ~30% of 2 cores busy when run serially), so
+# TEST_WORKERS pytest processes share it out by file (--dist loadfile: a module's fixtures are built once).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest --durations=25
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 bench: install
 	$(BIN)/python benchmarks/ingest.py

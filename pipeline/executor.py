@@ -61,14 +61,16 @@ _cpu_stage_resource: str | None = None  # set by init_ray from ray.cpu_stage_res
 
 
 def init_ray(cfg: RaySection) -> None:
-    """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray (once per process)."""
+    """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray (once per process). A local
+    Ray is asked for by name ("local"): ray.init() with no address would join whatever cluster `ray
+    start` last started on this machine, someone else's included."""
     global _cpu_stage_resource
     _cpu_stage_resource = cfg.cpu_stage_resource
     if ray.is_initialized():
         return
-    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
-    if address is None:
+    if address == "local":
         kwargs["num_cpus"] = cfg.num_cpus
     ray.init(address=address, **kwargs)
 

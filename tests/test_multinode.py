@@ -52,7 +52,7 @@ def _stop_cluster(markers: list[str]) -> None:
 
 
 @pytest.fixture
-def two_node_cluster(ray_local):  # the session's own Ray first: a plain ray.init() would join a `ray start` cluster
+def two_node_cluster(ray_local):  # the session's own Ray first (it is asked for as address="local" anyway)
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="raymn-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
