@@ -16,6 +16,7 @@ import io
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -353,6 +354,16 @@ class Storage:
             return
         with self.atomic_path(uri) as tmp:
             Path(tmp).write_bytes(data)
+
+    def put_file(self, local: str | Path, uri: str) -> None:
+        """Copy a local file to `uri` atomically without holding it in memory (S3: boto3's managed,
+        multipart upload, so no single-PUT size limit)."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            self.s3.upload_file(str(local), bucket, key)
+            return
+        with self.atomic_path(uri) as tmp:
+            shutil.copyfile(local, tmp)
 
     @staticmethod
     def _new_temp(folder: str | Path, name: str) -> str:

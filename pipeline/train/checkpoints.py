@@ -48,9 +48,8 @@ def save_checkpoint(storage: Storage, run_dir: str, folder: str, keep: int) -> s
     delete all but the `keep` newest whole checkpoints; the new checkpoint's URI."""
     now = time.time_ns()  # named as Ray Train names its checkpoints: checkpoint_<local time to the microsecond>
     uri = join(run_dir, PREFIX + time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now // 10**9)) + f".{now // 1000 % 10**6:06d}")
-    names = sorted(os.listdir(folder), key=lambda n: n == TRAIN_JSON)
-    for name in names:
-        storage.write_bytes(join(uri, name), Path(folder, name).read_bytes())
+    for name in sorted(os.listdir(folder), key=lambda n: n == TRAIN_JSON):
+        storage.put_file(Path(folder, name), join(uri, name))
     for old, _ in sorted(_whole_checkpoints(storage, run_dir), key=lambda c: c[1])[:-keep]:
         delete_checkpoint(storage, old)
     return uri

@@ -26,6 +26,7 @@ from pipeline.train.data import contrastive_example, eval_view, mae_example
 from pipeline.train.text import encode, load_tokenizer
 from schemas.train import TrainConfig
 
+
 class TrainStream(torch.utils.data.IterableDataset):
     """Endless examples from this reader's share of the training shards, epoch after epoch."""
 

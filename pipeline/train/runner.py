@@ -131,10 +131,9 @@ def run_on_task(loop_config: dict, cfg: TrainConfig, storage: Storage, output: s
     task's process killed) is retried from the run's newest checkpoint up to max_failures times,
     as Ray Train retries its workers. (metrics, checkpoint URI) of the last report."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from pipeline.train.loop import train_task
-
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     # Outside any placement group its caller runs in (a Tune trial's holds only the trial's own
     # reservation): the task asks for the worker's resources itself, as Ray Train's workers do.
@@ -145,7 +144,7 @@ def run_on_task(loop_config: dict, cfg: TrainConfig, storage: Storage, output: s
         found = latest_checkpoint(storage, output)
         try:
             return ray.get(task.remote(loop_config | {"run_dir": output, "found_checkpoint": found and found[0]}))
-        except (ray.exceptions.RayError, ray.exceptions.RayTaskError) as exc:
+        except ray.exceptions.RayError as exc:  # RayTaskError (the loop raised) or the worker died
             failures += 1
             if 0 <= cfg.max_failures < failures:
                 raise
@@ -187,7 +186,8 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
         from ray.util.queue import Queue
 
         loop_config["progress"] = Queue(maxsize=1000)  # rank 0's progress lines, for on_progress
-    if on_task(cfg):
+    task = on_task(cfg)
+    if task:
         run = lambda: run_on_task(loop_config, cfg, storage, output)  # noqa: E731
     else:
         run = lambda: fit_on_ray_train(loop_config, cfg, storage, name, output)  # noqa: E731
@@ -195,7 +195,7 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
     metrics = dict(last_metrics or {})
     metrics |= {"dataset": dataset.root, "name": name, "objective": cfg.objective, "eval_on_train": eval_on_train,
                 "train_shards": list(train_range), "eval_shards": list(eval_range), "train_images": train_images,
-                "launcher": "ray_task" if on_task(cfg) else "ray_train", "checkpoint": checkpoint}
+                "launcher": "ray_task" if task else "ray_train", "checkpoint": checkpoint}
     storage.write_bytes(join(output, METRICS), json.dumps(metrics, indent=1).encode())
     return TrainResult(name, output, dataset.root, checkpoint, metrics)
 
