@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import boto3  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.shards.layout import SIZES, TAR_SUFFIX, shard_files  # noqa: E402
+from pipeline.dataset_format import SIZES, TAR_SUFFIX, shard_files  # noqa: E402
 from pipeline.shards.writer import write_tar  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
 from pipeline.synthetic import encode, generate_scene  # noqa: E402

@@ -157,8 +157,8 @@ def report_task(ctx) -> str:
 
 @task(name="publish-version", cache_policy=NO_CACHE)
 def version_task(ctx, dataset: dict):
-    """The next version NAME/vN, and its `localcap.dataset.published` event (none when the build is
-    identical to the newest version: no new version either)."""
+    """The next version NAME/vN, a snapshot of the whole dataset, and its `localcap.dataset.published`
+    event; none when the build adds no sample the newest version lacks (no version either)."""
     cfg = ctx.config.publish
     result = asdict(publish_version(ctx.storage, ctx.config.shards.output, cfg.to, cfg.concurrency, cfg.part_size_mb * 2**20, ctx.progress))
     if not result.get("unchanged"):
@@ -255,10 +255,11 @@ def build_dataset(config: str | dict | RunConfig, run_id: str | None = None, ove
         logger.warning("report not written: %s: %s", type(exc).__name__, exc)
     if cfg.publish.to:
         dataset["published"] = run_stage_task(version_task, opts, ctx, dataset)
-        if dataset["published"].get("unchanged"):
-            logger.info("not published: identical to %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])
+        p = dataset["published"]
+        if p.get("unchanged"):
+            logger.info("nothing published to %s: %s (LATEST: %s)", cfg.publish.to, p["reason"], p["latest"])
         else:
-            logger.info("published %s (LATEST: %s)", dataset["published"]["uri"], dataset["published"]["latest"])
+            logger.info("published %s: %d samples, %d new (LATEST: %s)", p["uri"], p["samples"], p["added"], p["latest"])
     try:
         samples = read_text_boxes(ctx.storage, cfg.shards.output, cfg.shards.layout, limit=5)
     except (OSError, ValueError, KeyError) as exc:
@@ -270,6 +271,6 @@ def build_dataset(config: str | dict | RunConfig, run_id: str | None = None, ove
     c = dataset["counts"]
     published = c["rejected_by_reason"].get("duplicate_published", 0)
     if published:
-        logger.info("skipped %d images that an earlier version already holds (dedupe.index)", published)
+        logger.info("skipped %d images that the newest published version already holds (or that were blocked)", published)
     logger.info("done: %d samples in %d shards, %d rejected %s", c["samples"], c["shards"], c["rejected"], c["rejected_by_reason"])
     return dataset

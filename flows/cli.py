@@ -171,9 +171,10 @@ def publish(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     force: bool = typer.Option(False, "--force", help="Publish a new version even when the files are identical to the newest one's."),
 ):
-    """Publish a built dataset as NAME/vN (next free N; shards first, dataset.json last, then LATEST).
-    Rerunning an interrupted publish completes the same version. A build whose files (dataset.json
-    aside) are byte-identical to the newest version's publishes nothing, unless --force."""
+    """Publish a built dataset as the next version NAME/vN: a snapshot of the whole dataset (the
+    newest version's samples plus the build's new ones), uploading only the new shards. Rerunning
+    an interrupted publish finishes the version it claimed. A build that adds no sample the newest
+    version lacks publishes nothing, unless --force."""
     from pipeline.versions import publish_version
 
     if not (dataset / "dataset.json").is_file():
@@ -182,17 +183,76 @@ def publish(
     name = absolute_path(name, os.getcwd())  # a relative local NAME: its event names the same dataset as the config's publish.to
     r = publish_version(_storage(), dataset, name, concurrency, part_size_mb * 2**20, progress, force=force)
     if r.unchanged:
-        typer.echo(f"unchanged: identical to {r.uri} (LATEST -> {r.latest}); no new version")
+        typer.echo(f"unchanged: {r.reason}; no new version (LATEST -> {r.latest})")
         return
-    typer.echo(f"published {r.uri} ({r.uploaded} files uploaded, {r.skipped} already there"
-               f"{', resumed' if r.resumed else ''}); LATEST -> {r.latest}")
+    _echo_version(name, r)
+
+
+def _echo_version(name: str, r) -> None:
+    """The one line a new version gets, and its event for a server's automations."""
+    typer.echo(f"published {r.uri}: {r.samples} samples in {r.shards} shards (+{r.added} -{r.removed}; "
+               f"{r.uploaded} shard files uploaded, {r.skipped} already there{', resumed' if r.resumed else ''}); LATEST -> {r.latest}")
     if os.environ.get("PREFECT_API_URL"):  # a server to tell: its automations may retrain on the new version
         from dataclasses import asdict
 
         from flows import events
 
-        events.published(name, asdict(r), json.loads((dataset / "dataset.json").read_text()))
+        events.published(name, asdict(r))
         events.flush()
+
+
+@app.command()
+def remove(
+    name: str = typer.Argument(..., help="Dataset name: s3://bucket/prefix/NAME or a local folder."),
+    uid: list[str] = typer.Option([], "--uid", help="A sample's uid (manifest.parquet); repeatable."),
+    source: list[str] = typer.Option([], "--source", help="A sample's source URI, as ingested; repeatable."),
+    from_file: Path | None = typer.Option(None, "--from-file", help="A file of uids or source URIs, one per line."),
+    block: bool = typer.Option(False, "--block", help="Keep their hashes so that no later build ingests them again."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Publish the next version without some samples (a takedown), rewriting only the shards that
+    held them. Older versions still hold them until `localcap gc` drops those versions."""
+    from pipeline.versions import remove_samples
+
+    uids, sources = set(uid), set(source)
+    if from_file is not None:
+        try:
+            lines = [ln.strip() for ln in from_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        except OSError as exc:
+            _fail(f"--from-file: {exc}")
+        uids |= {ln for ln in lines if "://" not in ln and "/" not in ln}
+        sources |= {ln for ln in lines if "://" in ln or "/" in ln}
+    if not uids and not sources:
+        _fail("give --uid, --source or --from-file: what to remove")
+    name = absolute_path(name, os.getcwd())
+    try:
+        r = remove_samples(_storage(), name, uids, sources, block=block, progress=progress)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _echo_version(name, r)
+    if block:
+        typer.echo(f"blocked: {r.removed} sample(s)' hashes are in {name}/_blocked/; later builds reject them")
+
+
+@app.command()
+def gc(
+    name: str = typer.Argument(..., help="Dataset name: s3://bucket/prefix/NAME or a local folder."),
+    keep: int = typer.Option(..., "--keep", help="How many of the newest versions to keep (at least 1)."),
+    delete: bool = typer.Option(False, "--delete", help="Delete; without it, only say what would go (a dry run)."),
+):
+    """Delete the shard files that none of the newest KEEP versions references, and the older
+    versions' metadata. A dry run unless --delete; a file a kept version needs is never deleted."""
+    from pipeline.versions import collect_garbage
+
+    try:
+        plan = collect_garbage(_storage(), absolute_path(name, os.getcwd()), keep, delete)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    verb = "deleted" if plan.deleted else "would delete"
+    typer.echo(f"keeping {', '.join(plan.kept) or 'nothing'}; {verb} {len(plan.shards)} shard file(s) "
+               f"({plan.bytes / 2**20:.1f} MiB) and the metadata of {', '.join(plan.dropped) or 'no version'}")
+    if not plan.deleted and (plan.shards or plan.dropped):
+        typer.echo("(a dry run: add --delete to delete)")
 
 
 @app.command()
@@ -208,7 +268,8 @@ def versions(name: str = typer.Argument(..., help="Dataset name: s3://bucket/pre
         if v.broken:
             typer.echo(f"{v.version:<6}{'*' if v.latest else ' '} BROKEN: {v.broken}  {v.uri}")
             continue
-        typer.echo(f"{v.version:<6}{'*' if v.latest else ' '} {v.samples:>8} samples {v.shards:>6} shards  "
+        change = f"+{v.added or 0} -{v.removed or 0}" if v.added is not None else ""
+        typer.echo(f"{v.version:<6}{'*' if v.latest else ' '} {v.samples:>8} samples {v.shards:>6} shards {change:>10}  "
                    f"built {v.created_at}  published {v.published_at or '?'}  {v.uri}")
 
 

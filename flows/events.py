@@ -3,8 +3,8 @@ starts a training run: `deploy.retrain: on_publish`, flows/deploy.py).
 
 | event | resource | payload |
 |---|---|---|
-| `localcap.dataset.published` | `localcap.dataset.<publish.to>` | version, uri (NAME/vN), name, samples, shards, latest |
-| `localcap.build.completed` | `localcap.dataset.<shards.output>` | run_id, samples, shards, inputs, rejected |
+| `localcap.dataset.published` | `localcap.dataset.<publish.to>` | version, uri (NAME/vN), name, samples and shards (of the whole snapshot), added, removed, latest |
+| `localcap.build.completed` | `localcap.dataset.<shards.output>` | run_id, samples, shards, inputs, rejected; published (the version made, or null) and not_published (why not) |
 | `localcap.stage.failed` | `localcap.run.<run id>` | stage, reason |
 | `localcap.train.completed` | `localcap.training.<run name>` | dataset (the version trained on), step, checkpoint, metrics |
 
@@ -39,17 +39,21 @@ def emit(event: str, resource_id: str, name: str, payload: dict, related: list[d
         log.warning("could not emit %s: %s: %s", event, type(exc).__name__, exc)
 
 
-def published(name_uri: str, result: dict, dataset: dict) -> None:
-    c = dataset.get("counts", {})
+def published(name_uri: str, result: dict, dataset: dict | None = None) -> None:
+    """A new version: its counts are the snapshot's (the whole dataset), with what it added and removed."""
     emit(DATASET_PUBLISHED, dataset_resource_id(name_uri), name_uri.rstrip("/").rsplit("/", 1)[-1],
          {"version": result["version"], "uri": result["uri"], "name": name_uri, "latest": result["latest"],
-          "samples": c.get("samples"), "shards": c.get("shards")})
+          "samples": result.get("samples"), "shards": result.get("shards"), "added": result.get("added", 0),
+          "removed": result.get("removed", 0)})
 
 
 def build_completed(output: str, run_id: str, dataset: dict) -> None:
     c = dataset["counts"]
+    p = dataset.get("published") or {}
+    why = p.get("reason") if p.get("unchanged") else None if p else "publish.to is not set"
     emit(BUILD_COMPLETED, dataset_resource_id(output), output.rstrip("/").rsplit("/", 1)[-1],
-         {"run_id": run_id, "samples": c["samples"], "shards": c["shards"], "inputs": c["inputs"], "rejected": c["rejected"]})
+         {"run_id": run_id, "samples": c["samples"], "shards": c["shards"], "inputs": c["inputs"], "rejected": c["rejected"],
+          "published": None if why else p.get("uri"), "not_published": why})
 
 
 def stage_failed(run_id: str, stage: str, reason: str) -> None:

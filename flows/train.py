@@ -94,7 +94,10 @@ def end_to_end(config: str | dict | RunConfig, run_id: str | None = None, overri
         dataset = build_dataset(cfg, run_id=run_id_for(run_id), progress=progress)
         published = dataset.get("published")
         if published and published.get("unchanged"):
-            get_run_logger().info("no new version (identical to %s): nothing new to train on", published["uri"])
+            get_run_logger().info("no new version (%s): nothing new to train on", published["reason"])
+            return {"dataset": dataset, "train": None}
+        if not published and not dataset["counts"]["samples"]:
+            get_run_logger().info("the build has no samples: nothing to train on")
             return {"dataset": dataset, "train": None}
         uri = published["uri"] if published else cfg.shards.output
         trained = train(uri, cfg.train.model_dump(mode="json"), cfg.storage.model_dump(mode="json"), cfg.ray.model_dump(mode="json"))

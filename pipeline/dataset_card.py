@@ -1,7 +1,8 @@
 """The dataset card: what a build writes beside the shards once every stage is done.
 
 dataset.json (counts, statistics, timings, every build's record, caption provenance, package
-versions, the redacted config), rejects.parquet, manifest.parquet, sizes.json and the wids indexes;
+versions, the redacted config), rejects.parquet, manifest.parquet, hashes.parquet (the samples'
+perceptual hashes, which publishing adds to the dataset's index), sizes.json and the wids indexes;
 run.json in the run folder. Only facts about the data go into the statistics, so a resumed run
 writes the same card as an uninterrupted one (but for times).
 """
@@ -17,7 +18,8 @@ from importlib import metadata
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedupe.index import HASH_COLUMNS, write_run_hashes
+from dedupe.index import HASH_COLUMNS, kept_hashes
+from pipeline.dataset_format import DATASET, HASHES_FILE, REJECTS_FILE
 from pipeline.executor import StageReport
 from pipeline.partitions import read_tables, write_table
 from pipeline.shards.loader import write_wids_index
@@ -190,8 +192,9 @@ def count_summary(n_inputs: int, manifest: pa.Table, rejects: pa.Table) -> dict:
 
 
 def write_dataset_card(ctx: RunContext, n_inputs: int, reports: list[StageReport]) -> dict:
-    """Finish the build: manifest.parquet, sizes.json, the wids indexes and rejects.parquet, then
-    dataset.json last; the kept images' hashes into the hash index; run.json into the run directory.
+    """Finish the build: manifest.parquet, hashes.parquet, sizes.json, the wids indexes and
+    rejects.parquet, then dataset.json last; run.json into the run directory. The dataset's hash
+    index is not touched: only publishing a version changes it.
     Returns dataset.json's content."""
     manifest = finalize_shards(ctx.storage, ctx.run_dir, ctx.config.shards)
     write_wids_index(ctx.storage, ctx.config.shards.output, ctx.config.shards.layout, ctx.config.run.name)
@@ -220,12 +223,11 @@ def write_dataset_card(ctx: RunContext, n_inputs: int, reports: list[StageReport
         "versions": package_versions(),
         "config": redact_secrets(ctx.config.model_dump(mode="json")),  # no credential in records or published files
     }
-    write_table(ctx.storage, join(ctx.config.shards.output, "rejects.parquet"), rejects)
-    ctx.storage.write_bytes(join(ctx.config.shards.output, "dataset.json"), json.dumps(dataset, indent=1).encode())
-    indexed = 0
-    if ctx.config.dedupe.index:  # after the dataset is whole: the index never names a half-written one
-        images = read_tables(ctx.storage, ctx.stage_dir("ingest"), "part", IMAGES, columns=HASH_COLUMNS)
-        indexed = write_run_hashes(ctx.storage, ctx.config.dedupe.index, ctx.run_id, images, manifest["uid"].to_pylist())
+    images = read_tables(ctx.storage, ctx.stage_dir("ingest"), "part", IMAGES, columns=HASH_COLUMNS)
+    hashes = kept_hashes(images, manifest["uid"].to_pylist(), ctx.run_id)
+    write_table(ctx.storage, join(ctx.config.shards.output, HASHES_FILE), hashes)
+    write_table(ctx.storage, join(ctx.config.shards.output, REJECTS_FILE), rejects)
+    ctx.storage.write_bytes(join(ctx.config.shards.output, DATASET), json.dumps(dataset, indent=1).encode())
     run_record = {
         "run_id": ctx.run_id,
         "finished_at": dataset["updated_at"],
@@ -234,7 +236,7 @@ def write_dataset_card(ctx: RunContext, n_inputs: int, reports: list[StageReport
         "stages": [asdict(r) for r in reports],  # this run's; `builds` holds every run's
         "builds": builds,
         "counts": counts,
-        "index_rows_appended": indexed,
+        "hashes": hashes.num_rows,
     }
     ctx.storage.write_bytes(join(ctx.run_dir, "run.json"), json.dumps(run_record, indent=1).encode())
     return dataset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from pipeline.partitions import read_table
-from pipeline.shards.layout import SIZES, TAR_SUFFIX, folders, text_box_tar
+from pipeline.dataset_format import SIZES, TAR_SUFFIX, brace_list, folders, text_box_tar
 from pipeline.shards.metadata import (
     BadMetadata,
     check_path,
@@ -14,6 +14,7 @@ from pipeline.shards.metadata import (
 )
 from pipeline.shards.reader import iter_tar
 from pipeline.storage import Storage, is_s3, join
+from pipeline.versions import tar_url
 
 
 def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: int = 1) -> str:
@@ -40,10 +41,19 @@ def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: in
         rejected = {k: v for k, v in cap["by_status"].items() if k != "ok"}
         if rejected:
             out.append("          not used: " + ", ".join(f"{k} {v}" for k, v in rejected.items()))
+    history = info.get("history") or []
+    if history:
+        out.append(f"versions  {len(history)}: " + ", ".join(
+            f"+{h.get('added', 0)}" + (f" -{h['removed']}" if h.get("removed") else "") for h in history[-10:] if isinstance(h, dict)))
+    urls = {}
     for folder in folders(info["layout"]):
         sizes_uri = join(dataset, folder, SIZES)
         sizes = parse_sizes(storage.read_bytes(sizes_uri), sizes_uri, folder)
         out.append(f"{folder + '/':<10}" + ", ".join(f"{k} ({v})" for k, v in sizes.items()))
+        urls[folder] = brace_list([tar_url(storage, dataset, f"{folder}/{name}") for name in sorted(sizes)]) if sizes else ""
+    args = {"image": "train_data_image", "text_box": "train_data_text_box", "combined": "train_data"}
+    out.append("PS3 urls  webdataset URL lists for PS3's trainer (its args named beside them)")
+    out += [f"  {args[f]:<20} {u}" for f, u in urls.items()]
     rows = manifest.slice(0, n_samples).to_pylist()
     for row in rows:
         out.append(f"sample    key {row['key']}  {row['width']}x{row['height']}  {row['shard']}  from {row['source']}")
@@ -81,7 +91,7 @@ def _sample_json(storage: Storage, dataset: str, layout: str, row: dict) -> str:
             raise BadMetadata(f"{text_tar!r} is not a tar")
     except BadMetadata as exc:
         raise BadMetadata(f"{join(dataset, 'manifest.parquet')}: shard {exc}") from None
-    uri = join(dataset, text_tar)
+    uri = tar_url(storage, dataset, text_tar)
     # Local tars are read member by member; an S3 tar is fetched whole.
     source = io.BytesIO(storage.read_bytes(uri)) if is_s3(uri) else uri
     wanted = f"{row['key']}.json"

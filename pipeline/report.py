@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.partitions import read_table, read_tables
-from pipeline.shards.layout import IMAGE_EXTS, SIZES
+from pipeline.dataset_format import IMAGE_EXTS, SIZES
 from pipeline.shards.loader import read_tar_groups
 from pipeline.storage import Storage, is_s3, join
-from pipeline.versions import DATASET, resolve
+from pipeline.versions import DATASET, resolve, shard_root
 from schemas.tables import REGION_STATUS, REJECTS
 
 THUMB_SIDE = 480
@@ -73,9 +73,10 @@ def read_text_boxes(storage: Storage, root: str, layout: str, limit: int | None 
     tars' JSON) only, read no further than needed."""
     folder = "text_box" if layout == "paired" else "combined"
     sizes = json.loads(storage.read_bytes(join(root, folder, SIZES)))
+    tars_at = shard_root(storage, root)  # a published snapshot's tars are in NAME/shards/
     out = []
     for tar in sorted(sizes):
-        for key, group in read_tar_groups(storage, join(root, folder, tar)):
+        for key, group in read_tar_groups(storage, join(tars_at, folder, tar)):
             if limit is not None and len(out) >= limit:
                 return out
             out.append((key, json.loads(group["json"])))
@@ -240,8 +241,9 @@ def sample_thumbs(storage: Storage, root: str, out_dir: str, rows: list[dict]) -
         uri = join(out_dir, "thumbs", f"{r['key']}.jpg")
         if not storage.exists(uri):
             todo.setdefault(r["shard"], {})[r["key"]] = uri
+    tars_at = shard_root(storage, root)
     for shard, wanted in todo.items():
-        for key, group in read_tar_groups(storage, join(root, shard)):
+        for key, group in read_tar_groups(storage, join(tars_at, shard)):
             if key in wanted:
                 storage.write_bytes(wanted[key], thumbnail(next(group[e] for e in IMAGE_EXTS if e in group)))
 

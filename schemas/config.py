@@ -352,8 +352,8 @@ class DedupeSection(_Section):
     )
     index: str | None = Field(
         None,
-        description="The dataset's persistent hash index (a folder, path or s3://, e.g. next to the published "
-        "versions): images already in it are skipped, and publishing appends the kept images' hashes.",
+        description="A published dataset name (as publish.to) whose images a build skips: those its newest version "
+        "holds and those removed with --block. Default (None): publish.to, the dataset this build becomes a version of.",
     )
     distributed_min: int = Field(
         200_000, ge=0,

@@ -91,11 +91,11 @@ def test_a_crop_and_a_theme_variant_of_a_published_picture_are_skipped():
     and the dark variant of what an earlier version holds; an old index file without those columns
     still works (matched on the pHash)."""
     from dedupe.clusters import INDEX
-    from dedupe.index import _with_index_columns
+    from dedupe.index import with_index_columns
 
     published = {n: decode_validate((REAL / n).read_bytes(), f"mem://{n}", LIMITS) for n in ["gnome338-road.jpg", "gnome43-pixels-l.webp"]}
     index = rows_to_table(list(published.values()), IMAGES).select([f.name for f in INDEX if f.name != "run_id"])
-    index = _with_index_columns(index)
+    index = with_index_columns(index)
     road = (REAL / "gnome338-road.jpg").read_bytes()
     new = {"crop.jpg": _crop(road, 1 / 3, 0.8, 0.2), "dark.webp": (REAL / "gnome43-pixels-d.webp").read_bytes(),
            "copy.png": encode(Image.open(io.BytesIO(road)).convert("RGB"), "PNG"), "other.jpg": (REAL / "ukui-goldfish.jpg").read_bytes()}
@@ -104,7 +104,7 @@ def test_a_crop_and_a_theme_variant_of_a_published_picture_are_skipped():
     assert sorted(rejects["source_uri"].to_pylist()) == ["mem://copy.png", "mem://crop.jpg", "mem://dark.webp"]
     assert set(rejects["reason"].to_pylist()) == {"duplicate_published"}
 
-    old = _with_index_columns(index.select(["uid", "phash", "fine_sig", "width", "height", "run_id"]))
+    old = with_index_columns(index.select(["uid", "phash", "fine_sig", "width", "height", "run_id"]))
     _, rejects = near_duplicates(run, old, radius=4, threshold=0.8)
     # The copy matches the old index on its pHash, and the crop joins the copy's cluster (this run's
     # windows); the dark variant has nothing to match in the old index.

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.shards.layout import TAR_END, member_size
+from pipeline.dataset_format import TAR_END, member_size
 from pipeline.shards.plan import SampleRef, assign_shards
 from pipeline.shards.writer import tar_bytes_into
 from schemas.sample import TextBoxSample, validate_sample_json

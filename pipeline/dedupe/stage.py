@@ -1,6 +1,6 @@
 """The dedupe stage: every kept ingest image in, one dedupe row per image and the rejects of the
 duplicates out, in a single partition (duplicates are found across the whole run and against the
-published hash index, dedupe/index.py). Later stages spend nothing on the dropped images:
+published versions' hashes, dedupe/index.py). Later stages spend nothing on the dropped images:
 `dropped_sources` and `partition_skips` give them the sources to skip, read once per run."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import pyarrow as pa
 import ray
 
 from dedupe import clusters, near
-from dedupe.index import HASH_COLUMNS, index_files, read_index
+from dedupe.index import HASH_COLUMNS, read_index
 from pipeline.partitions import part_name, read_table, read_tables
 from pipeline.stage import Partition, RunContext, Stage, StageResult
 from pipeline.storage import Storage, join
+from pipeline.versions import index_files
 from schemas.config import DedupeSection
 from schemas.tables import DEDUPE, IMAGES, REJECTS
 
@@ -25,7 +26,7 @@ DEDUPE_COLUMNS = ["sha256", "source_uri", *HASH_COLUMNS]  # exact duplicates by 
 @dataclass(frozen=True)
 class DedupePayload:
     ingest_dir: str
-    index_files: tuple[str, ...]  # the published hash index, minus this run's own contribution
+    index_files: tuple[str, ...]  # the published hash index (pipeline/versions.py index_files)
     config: DedupeSection
     storage: Storage
 
@@ -56,9 +57,10 @@ class DedupeStage(Stage):
         return bool(cfg.exact or cfg.near or self._index_files())
 
     def _index_files(self) -> list[tuple[str, int]]:
-        """The published index files (listed once per run: enabled, partitions and finish all ask)."""
+        """The published index files of dedupe.index (default: publish.to), listed once per run:
+        enabled, partitions and finish all ask."""
         if "index_files" not in self.ctx.memo:
-            self.ctx.memo["index_files"] = index_files(self.storage, self.config.dedupe.index, self.ctx.run_id)
+            self.ctx.memo["index_files"] = index_files(self.storage, self.config.dedupe.index or self.config.publish.to)
         return self.ctx.memo["index_files"]
 
     def partitions(self, inputs: dict[str, StageResult]) -> list[Partition]:

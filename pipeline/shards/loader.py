@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from pipeline.shards.layout import (
+from pipeline.dataset_format import (
     IMAGE_EXTS,
     SIZES,
     folders,
@@ -44,7 +44,7 @@ from pipeline.shards.layout import (
 from pipeline.shards.metadata import BadMetadata, parse_dataset_json, parse_sizes
 from pipeline.shards.reader import READ_SIZE, PairingError, iter_tar
 from pipeline.storage import Storage, join
-from pipeline.versions import DATASET, resolve
+from pipeline.versions import DATASET, resolve, shard_root
 from schemas.sample import validate_sample_json
 
 ON_COUNT_MISMATCH = ("raise", "warn")
@@ -200,6 +200,7 @@ class ShardDataset(_Base):
         self.on_count_mismatch = on_count_mismatch
         self.storage = storage or Storage()
         self.root = resolve(self.storage, uri)
+        self.tars_at = shard_root(self.storage, self.root)  # a published snapshot's tars are in NAME/shards/
         info = parse_dataset_json(self.storage.read_bytes(join(self.root, DATASET)), join(self.root, DATASET))
         self.layout = info["layout"]
         self.samples = info["counts"]["samples"]
@@ -261,8 +262,8 @@ class ShardDataset(_Base):
     def _tar_uris(self, shard: str) -> dict[str, str]:
         """{folder: uri} of the tars that make a shard."""
         if self.layout == "combined":
-            return {"combined": join(self.root, "combined", shard)}
-        return {"image": join(self.root, "image", shard), "text_box": join(self.root, *self.text_tar(shard))}
+            return {"combined": join(self.tars_at, "combined", shard)}
+        return {"image": join(self.tars_at, "image", shard), "text_box": join(self.tars_at, *self.text_tar(shard))}
 
     def _start(self, shard: str) -> dict[str, ReadAhead]:
         return {folder: start_tar(self.storage, uri) for folder, uri in self._tar_uris(shard).items()}
@@ -287,7 +288,7 @@ class ShardDataset(_Base):
         if declared is None or declared == streamed:
             return
         folder = folders(self.layout)[0]
-        message = (f"{join(self.root, folder, shard)}: streamed {streamed} samples, {folder}/sizes.json declares {declared} "
+        message = (f"{join(self.tars_at, folder, shard)}: streamed {streamed} samples, {folder}/sizes.json declares {declared} "
                    f"({'truncated' if streamed < declared else 'more than declared'})")
         if self.on_count_mismatch == "raise":
             raise ShardCountMismatch(message)

@@ -7,7 +7,7 @@ the file and what is wrong with it.
 - `parse_files(raw, uri)`: files.json's listing, each path one the dataset layout knows (`check_path`),
   sizes non-negative integers and sha256 values 64 hex digits.
 - `check_path(path)`: a file path of a dataset version, relative, without `..`, empty or absolute
-  parts, naming a file of the layout (pipeline/shards/layout.py, pipeline/versions.py).
+  parts, naming a file of the layout (pipeline/dataset_format.py).
 - `check_member(member, uri)`: a tar member the readers accept: a regular file (or a directory)
   with a plain relative name; links and devices are refused.
 """
@@ -19,7 +19,12 @@ import re
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from pipeline.shards.layout import (
+from pipeline.dataset_format import (
+    DATASET,
+    FILES,
+    HASHES_FILE,
+    MANIFEST_FILE,
+    REJECTS_FILE,
     LAYOUT_FOLDERS,
     SIZES,
     TAR_STEM,
@@ -29,7 +34,7 @@ from pipeline.shards.layout import (
 )
 
 LAYOUTS = tuple(LAYOUT_FOLDERS)
-TOP_LEVEL = frozenset({"dataset.json", "files.json", "manifest.parquet", "rejects.parquet", *WIDS_INDEXES})
+TOP_LEVEL = frozenset({DATASET, FILES, MANIFEST_FILE, HASHES_FILE, REJECTS_FILE, *WIDS_INDEXES})
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_METADATA_BYTES = 256 * 2**20  # a files.json / sizes.json / dataset.json above this is not ours
 

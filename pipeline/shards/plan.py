@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.shards.layout import TAR_END, member_size
+from pipeline.dataset_format import TAR_END, member_size
 
 JSON_ALLOWANCE = 4096  # a text_box JSON with a handful of boxes and captions, rounded up
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.shards.layout import SIZES, TAR_SUFFIX, folders
+from pipeline.dataset_format import SIZES, TAR_SUFFIX, folders
 from pipeline.shards.metadata import (
     MAX_METADATA_BYTES,
     BadMetadata,
@@ -34,7 +34,7 @@ from pipeline.shards.metadata import (
     safe_destination,
 )
 from pipeline.storage import Storage, is_s3, join, split_s3
-from pipeline.versions import DATASET, FILES, file_sha256, resolve
+from pipeline.versions import DATASET, FILES, file_sha256, resolve, shard_root
 
 SHARD_INDEX = re.compile(rf"_(\d{{6,}}){re.escape(TAR_SUFFIX)}$")
 
@@ -152,21 +152,26 @@ def _fetch(storage: Storage, uri: str, dest: Path, entry: dict, bar: tqdm, data:
 def pull(storage: Storage, uri: str, dest: str | Path, shards: range | None = None, workers: int = 8,
          progress: bool = True) -> PullResult:
     version_uri = resolve(storage, uri)
+    tars_at = shard_root(storage, version_uri)  # a snapshot's tars lie in NAME/shards/, shared with other versions
     dest = Path(dest)
     entries = _listing(storage, version_uri)
     # Every path of the version, not only the selected shards: a hostile listing refuses the whole pull.
     targets = {e["path"]: safe_destination(dest, e["path"]) for e in entries}
     metadata = _metadata(storage, version_uri, entries)
-    if shards is not None:
+    if shards is not None:  # positions in the snapshot's shard order (a snapshot's shard numbers need not start at 0)
+        numbers = sorted({int(m.group(1)) for e in entries if (m := SHARD_INDEX.search(e["path"]))})
+        chosen = {n for i, n in enumerate(numbers) if i in shards}
+
         def wanted(e: dict) -> bool:
             m = SHARD_INDEX.search(e["path"])
-            return m is None or int(m.group(1)) in shards
+            return m is None or int(m.group(1)) in chosen
         entries = [e for e in entries if wanted(e)]
     last = [e for e in entries if e["path"] == DATASET]  # dataset.json last: a folder with it is whole
     entries = [e for e in entries if e["path"] != DATASET]
 
     def fetch(e: dict) -> tuple[int, Path | None]:
-        return _fetch(storage, join(version_uri, e["path"]), targets[e["path"]], e, bar, metadata.get(e["path"]))
+        source = join(tars_at if e["path"].endswith(TAR_SUFFIX) else version_uri, e["path"])
+        return _fetch(storage, source, targets[e["path"]], e, bar, metadata.get(e["path"]))
 
     bar = tqdm(total=sum(e["size"] for e in entries + last), unit="B", unit_scale=True, desc="pull", disable=not progress)
     try:
@@ -185,5 +190,12 @@ def pull(storage: Storage, uri: str, dest: str | Path, shards: range | None = No
                 counts = parse_sizes(raw, join(version_uri, path), folder)
                 targets[path].write_text(json.dumps({k: v for k, v in counts.items() if (dest / folder / k).exists()},
                                                     indent=1, sort_keys=True))
+    if shards is not None or tars_at != version_uri:
+        # A snapshot's wids indexes point into NAME/shards/ (and a subset's would name absent tars):
+        # the copy gets its own, relative to DEST.
+        from pipeline.shards.loader import write_wids_index
+
+        info = parse_dataset_json(metadata[DATASET], join(version_uri, DATASET))
+        write_wids_index(Storage(), str(dest), info["layout"], str(info.get("name") or dest.name))
     return PullResult(version_uri, sum(1 for _, p in done if p is not None), sum(1 for _, p in done if p is None),
                       sum(s for s, _ in done))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import webdataset as wds
 
-from pipeline.shards.layout import IMAGE_EXTS, SIZES
+from pipeline.dataset_format import IMAGE_EXTS, SIZES
 from pipeline.shards.metadata import BadMetadata, check_member, parse_sizes
 from pipeline.storage import Storage, join
 from schemas.sample import TextBoxSample, validate_sample_json
@@ -146,7 +146,9 @@ def shard_urls(dataset: str, folder: str, storage: Storage | None = None) -> lis
     storage = storage or Storage()
     uri = join(dataset, folder, SIZES)
     sizes = parse_sizes(storage.read_bytes(uri), uri, folder)  # plain tar names of the folder, counts >= 0
-    return [join(dataset, folder, name) for name in sorted(sizes)]
+    from pipeline.versions import shard_root
+
+    return [join(shard_root(storage, dataset), folder, name) for name in sorted(sizes)]
 
 
 def _pipeline(urls: list[str]) -> wds.WebDataset:

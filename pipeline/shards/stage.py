@@ -15,7 +15,7 @@ from pipeline.dedupe.stage import dropped_sources
 from pipeline.partitions import part_name, read_table, read_tables, write_table
 from pipeline.regions.stage import read_boxes
 from pipeline.shards import writer
-from pipeline.shards.layout import IMAGE_EXT, SIZES, TAR_SUFFIX, folders, shard_files
+from pipeline.dataset_format import IMAGE_EXT, SIZES, TAR_SUFFIX, folders, shard_files
 from pipeline.shards.plan import SampleRef, assign_shards
 from pipeline.stage import Partition, Stage, StageResult
 from pipeline.storage import Storage, join

@@ -345,10 +345,23 @@ def _shard_index(name: str) -> str:
     return name.rsplit("_", 1)[-1]
 
 
+def _tars(root: Path, folder: str, stem: str) -> list[Path]:
+    """The tars PS3 would be given for `folder`: those in it; for a published snapshot (files.json
+    format 2: tars in NAME/shards/, shared by the versions) the ones its sizes.json names there,
+    which are the snapshot's URL lists (dataset.json shard_urls)."""
+    try:
+        snapshot = json.loads((root / "files.json").read_text()).get("format") == 2
+    except (OSError, ValueError):
+        snapshot = False
+    if not snapshot:
+        return sorted((root / folder).glob(f"{stem}_*.tar")) if (root / folder).is_dir() else []
+    sizes = json.loads((root / folder / "sizes.json").read_text())
+    return [root.parent / "shards" / folder / name for name in sorted(sizes)]
+
+
 def _read_paired(root: Path, report: _Report) -> list[_Sample]:
-    image_dir, text_dir = root / "image", root / "text_box"
-    images = {_shard_index(p.name): p for p in sorted(image_dir.glob("image_*.tar"))} if image_dir.is_dir() else {}
-    texts = {_shard_index(p.name): p for p in sorted(text_dir.glob("text_box_*.tar"))} if text_dir.is_dir() else {}
+    images = {_shard_index(p.name): p for p in _tars(root, "image", "image")}
+    texts = {_shard_index(p.name): p for p in _tars(root, "text_box", "text_box")}
     if not images and not texts:
         report.add(str(root.name), "pairing: no image/ or text_box/ tars")
     for index in sorted(set(images) ^ set(texts)):
@@ -389,7 +402,7 @@ def _check_sizes_json(folder: Path, name: str, count: int, report: _Report) -> N
 
 def _read_combined(root: Path, report: _Report) -> list[_Sample]:
     samples = []
-    for path in sorted((root / "combined").glob("*.tar")):
+    for path in _tars(root, "combined", "shard"):
         groups = _groups(_members(path))
         for pos, (key, group) in enumerate(groups):
             where = f"combined/{path.name} #{pos} {key}"
@@ -561,14 +574,16 @@ def find_datasets(base: str | Path) -> list[Path]:
         if "dataset.json" in names and names & set(DATASET_FOLDERS):
             found.append(folder)
             continue
-        stack.extend(e for e in entries if e.is_dir() and not e.is_symlink())
+        # NAME/_staged/ID/ holds a snapshot's metadata before it becomes NAME/vN/: not a dataset anyone reads.
+        stack.extend(e for e in entries if e.is_dir() and not e.is_symlink() and not e.name.startswith("_"))
     return sorted(found)
 
 
 def dataset_signature(folder: Path) -> tuple:
     """What changes when a dataset is rewritten: dataset.json's and every tar's mtime and size."""
     sig = []
-    for p in [folder / "dataset.json", *sorted(q for sub in DATASET_FOLDERS for q in (folder / sub).glob("*.tar"))]:
+    for p in [folder / "dataset.json", *sorted(q for sub in DATASET_FOLDERS for q in (folder / sub).glob("*.tar")),
+              *sorted(folder.glob("*/sizes.json"))]:
         try:
             st = p.stat()
         except OSError:

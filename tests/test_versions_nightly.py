@@ -1,0 +1,157 @@
+"""Versions that live for months (issue 32): five nights of the nightly config, on a local dataset
+name and on the moto S3 endpoint, with the real build flow (Ray + Prefect) every night.
+
+Night 1 +12 images, night 2 +3, night 3 +0, night 4 +2 with the publish failing, night 5 +2:
+versions v1 (12), v2 (15), nothing on nights 3 and 4, v3 (19); every version a whole snapshot,
+no shard byte stored twice, LATEST always a complete snapshot, the failed night's images in v3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.shards.loader import open_dataset
+from pipeline.storage import Storage
+from pipeline.versions import collect_garbage, list_versions, resolve
+from tests.helpers.config import run_config
+from tests.helpers.images import scene_jpeg
+
+NIGHTS = [12, 3, 0, 2, 2]
+
+
+def _add_images(src: Path, start: int, n: int) -> None:
+    for i in range(start, start + n):
+        (src / f"{i:03d}.jpg").write_bytes(scene_jpeg(900 + i, 1100 + 16 * (i % 7), 1050))
+
+
+def _keys(name: str, storage: Storage, version: str | None = None) -> list[str]:
+    return [s["key"] for s in open_dataset(f"{name}/{version}" if version else name, storage=storage, decode=False)]
+
+
+def _stored_shards(storage: Storage, name: str) -> dict[str, str]:
+    """Every tar in the shard store -> its sha256."""
+    out = {}
+    for folder in ("image", "text_box"):
+        for tar in storage.list_prefix(f"{name}/shards/{folder}"):
+            if tar.endswith(".tar"):
+                out[f"{folder}/{tar}"] = hashlib.sha256(storage.read_bytes(f"{name}/shards/{folder}/{tar}")).hexdigest()
+    return out
+
+
+def _five_nights(build, tmp_path: Path, name: str, storage: Storage, fail_publish, storage_cfg: dict | None = None):
+    import flows.build as build_flow
+
+    src = tmp_path / "incoming"
+    src.mkdir()
+    cfg = run_config(tmp_path, src, regions={"method": "none"}, shards={"keep_empty": True, "max_samples": 4},
+                     publish={"to": name}, prefect={"retries": 0}, **({"storage": storage_cfg} if storage_cfg else {}))
+    published, added, seen_latest = [], 0, []
+    real_publish = build_flow.publish_version
+    for night, n in enumerate(NIGHTS, start=1):
+        _add_images(src, added, n)
+        added += n
+        if night == 4:
+            build_flow.publish_version = fail_publish(real_publish)
+        try:
+            if night == 4:
+                with pytest.raises(Exception):
+                    build(cfg, run_id=f"night{night}")
+                published.append(None)
+            else:
+                dataset = build(cfg, run_id=f"night{night}")
+                p = dataset["published"]
+                published.append(None if p["unchanged"] else p["version"])
+        finally:
+            build_flow.publish_version = real_publish
+        latest = resolve(storage, name)
+        seen_latest.append(latest.rsplit("/", 1)[-1])
+        assert len(set(_keys(name, storage))) == len(_keys(name, storage)), "a key twice in LATEST"
+    return published, seen_latest
+
+
+def _check_versions(name: str, storage: Storage, orphaned: range) -> None:
+    versions = list_versions(storage, name)
+    assert [(v.version, v.samples) for v in versions] == [("v1", 12), ("v2", 15), ("v3", 19)]
+    keys = {v.version: _keys(name, storage, v.version) for v in versions}
+    assert set(keys["v1"]) < set(keys["v2"]) < set(keys["v3"])  # each version the whole dataset
+    assert [len(k) for k in keys.values()] == [12, 15, 19] and len(set(keys["v3"])) == 19
+    # No shard stored twice: each version's tars are its parent's plus its own new ones, and the
+    # store holds exactly the union (no copy of an unchanged shard under a new name).
+    listings = {v.version: {e["path"]: e["sha256"] for e in json.loads(storage.read_bytes(f"{name}/{v.version}/files.json"))["files"]
+                            if e["path"].endswith(".tar")} for v in versions}
+    assert set(listings["v1"]) < set(listings["v2"]) < set(listings["v3"])
+    for a, b in (("v1", "v2"), ("v2", "v3")):  # an unchanged shard is the same stored object in the next version
+        assert all(listings[b][path] == sha for path, sha in listings[a].items())
+    # The store holds v3's tars and the shard the failed night uploaded before failing (its images
+    # went into night 5's shard); gc removes exactly that one, and every version still streams.
+    stored = _stored_shards(storage, name)
+    orphans = set(stored) - set(listings["v3"])
+    assert len(orphans) in orphaned and len(set(stored.values())) == len(stored)
+    plan = collect_garbage(storage, name, keep=3, pending_hours=0)
+    assert set(plan.shards) == orphans and plan.dropped == [] and not plan.deleted
+    assert set(_stored_shards(storage, name)) == set(stored)  # a dry run by default
+    collect_garbage(storage, name, keep=3, delete=True, pending_hours=0)
+    assert set(_stored_shards(storage, name)) == set(listings["v3"])
+    assert [len(_keys(name, storage, v)) for v in ("v1", "v2", "v3")] == [12, 15, 19]
+    info = json.loads(storage.read_bytes(f"{name}/v3/dataset.json"))
+    assert info["counts"]["samples"] == 19 and info["counts"]["added"] == 4 and info["parent"] == "v2"
+    assert [h["added"] for h in info["history"]] == [12, 3, 4]
+
+
+def test_five_nights_local(build, tmp_path):
+    name = str(tmp_path / "published" / "nightly")
+    storage = Storage()
+
+    def fail_publish(real):
+        def publish(*args, **kw):  # the disk fills up after the first shard lands
+            def full(path):
+                raise OSError(28, "No space left on device")
+            return real(*args, **{**kw, "after_upload": full})
+        return publish
+
+    published, latest = _five_nights(build, tmp_path, name, storage, fail_publish)
+    assert published == ["v1", "v2", None, None, "v3"]
+    assert latest == ["v1", "v2", "v2", "v2", "v3"]
+    _check_versions(name, storage, orphaned=range(1, 3))  # night 4's tars that landed before the failure
+
+
+def test_five_nights_on_s3_with_the_endpoint_stopped_on_night_four(build, tmp_path, monkeypatch):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="nightly")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    name = "s3://nightly/datasets/scenes"
+    storage = Storage(endpoint)
+    state = {"server": server}
+
+    def fail_publish(real):
+        def publish(*args, **kw):  # the endpoint goes away between the build and its publish
+            state["server"].stop()
+            try:
+                return real(*args, **kw)
+            finally:
+                state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+                state["server"].start()  # moto keeps its buckets in-process: the same store comes back
+        return publish
+
+    try:
+        published, latest = _five_nights(build, tmp_path, name, storage, fail_publish, {"endpoint_url": endpoint})
+    finally:
+        state["server"].stop()
+        state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        state["server"].start()
+    try:
+        assert published == ["v1", "v2", None, None, "v3"]
+        assert latest == ["v1", "v2", "v2", "v2", "v3"]
+        _check_versions(name, storage, orphaned=range(0, 1))  # nothing reached the stopped endpoint
+        assert not boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").list_multipart_uploads(Bucket="nightly").get("Uploads")
+    finally:
+        state["server"].stop()
