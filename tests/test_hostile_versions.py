@@ -58,7 +58,8 @@ def make_dataset(root: Path, shards: int = 1, per_shard: int = 6, image_members=
                  for k in keys]
         write_tar(str(root / "text_box" / f"text_box_{s:06d}.tar"), texts)
         sizes[f"{s:06d}.tar"] = per_shard
-        rows += [{"key": k, "width": 64, "height": 48, "shard": f"image/image_{s:06d}.tar", "source": f"src/{k}.jpg"} for k in keys]
+        rows += [{"key": k, "uid": k, "shard": f"image/image_{s:06d}.tar", "source": f"src/{k}.jpg", "width": 64, "height": 48, "boxes": 1}
+                 for k in keys]
     for folder in ("image", "text_box"):
         (root / folder / "sizes.json").write_text(json.dumps({f"{folder}_{k}": v for k, v in sizes.items()}, indent=1))
     write_table(Storage(), str(root / "manifest.parquet"), pa.Table.from_pylist(rows))
@@ -87,7 +88,7 @@ def s3(s3_endpoint, monkeypatch):
 @pytest.fixture
 def published(s3, s3_bucket, tmp_path):
     """v1 of a good dataset on S3; (name, version uri)."""
-    name = f"s3://{s3_bucket}/hostile"
+    name = f"s3://{s3_bucket}/hostile-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8]}"  # params share a bucket
     result = publish_version(s3, make_dataset(tmp_path / "built"), name, progress=False)
     return name, result.uri
 
@@ -181,11 +182,22 @@ def test_a_path_listed_twice_is_refused(published, s3, tmp_path):
 
 
 def _publish_changed(s3, s3_bucket, tmp_path, change, name="changed") -> tuple[str, Path]:
-    """Publish (honestly: files.json matches the bytes) a dataset that `change(root)` broke."""
+    """Publish a good dataset, then break it with `change(root)` locally and serve the broken
+    metadata files in the published version (honestly: files.json matches the bytes)."""
     root = make_dataset(tmp_path / f"built-{name}")
-    change(root)
     uri = f"s3://{s3_bucket}/{name}"
-    publish_version(s3, root, uri, progress=False)
+    version = publish_version(s3, root, uri, progress=False).uri
+    before = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    change(root)
+    changed = {rel: (root / rel).read_bytes() for rel in before if (root / rel).read_bytes() != before[rel]}
+    for rel, data in changed.items():  # a snapshot's tars lie in NAME/shards/, its metadata in NAME/vN/
+        _put(s3, join(uri, "shards", rel) if rel.endswith(".tar") else join(version, rel), data)
+
+    def relist(listing):
+        for e in listing["files"]:
+            if e["path"] in changed:
+                e["size"], e["sha256"] = len(changed[e["path"]]), _sha(changed[e["path"]])
+    _rewrite_files_json(s3, version, relist)
     return uri, root
 
 
@@ -316,9 +328,12 @@ def test_good_version_still_pulls_and_streams(published, s3, tmp_path):
     dest = tmp_path / "dest"
     result = pull(s3, name, dest, progress=False)
     built = tmp_path / "built"
-    assert {p: (built / p).read_bytes() for p in _tree(built) if (built / p).is_file()} == \
-        {p: (dest / p).read_bytes() for p in _tree(dest) if (dest / p).is_file()}
-    assert result.downloaded == len([p for p in _tree(built) if (built / p).is_file()])
+    # The shards and sizes as built; the metadata the snapshot's (dataset.json, manifest, hashes).
+    tars = [p for p in _tree(built) if p.endswith((".tar", "sizes.json"))]
+    assert {p: (built / p).read_bytes() for p in tars} == {p: (dest / p).read_bytes() for p in tars}
+    assert (dest / "dataset.json").read_bytes() == s3.read_bytes(join(result.version_uri, "dataset.json"))
+    listed = json.loads(s3.read_bytes(join(result.version_uri, "files.json")))["files"]
+    assert result.downloaded == len(listed) - 2 and {e["path"] for e in listed} <= set(_tree(dest))  # wids indexes: written for the copy
     assert pull(s3, name, dest, progress=False).downloaded == 0
     assert len(list(open_dataset(str(dest), decode=False))) == 6
     assert "samples   6 in 1 shards" in describe_dataset(str(dest))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.dataset_format import SIZES, TAR_SUFFIX, folders
+from pipeline.dataset_format import SIZES, TAR_SUFFIX, WIDS_INDEXES, folders
 from pipeline.shards.metadata import (
     MAX_METADATA_BYTES,
     BadMetadata,
@@ -166,6 +166,8 @@ def pull(storage: Storage, uri: str, dest: str | Path, shards: range | None = No
             m = SHARD_INDEX.search(e["path"])
             return m is None or int(m.group(1)) in chosen
         entries = [e for e in entries if wanted(e)]
+    if tars_at != version_uri:  # a snapshot's wids indexes point into NAME/shards/: the copy writes its own
+        entries = [e for e in entries if e["path"] not in WIDS_INDEXES]
     last = [e for e in entries if e["path"] == DATASET]  # dataset.json last: a folder with it is whole
     entries = [e for e in entries if e["path"] != DATASET]
 
