@@ -41,11 +41,20 @@ def _uploads(client, bucket: str) -> list[str]:
 
 
 def _fake_dataset(root: Path, tag: str, tar_sizes: tuple[int, ...] = (1000,)) -> Path:
-    """A built dataset's shape (tars, sizes.json, dataset.json) with random bytes for tars."""
-    for i, size in enumerate(tar_sizes):
-        (root / "image").mkdir(parents=True, exist_ok=True)
-        (root / "image" / f"image_{i:06d}.tar").write_bytes(os.urandom(size))
-    (root / "image" / "sizes.json").write_text(json.dumps({f"image_{i:06d}.tar": 1 for i in range(len(tar_sizes))}))
+    """A built dataset's shape (paired tars, sizes.json, manifest, dataset.json) with random bytes
+    for tars: one sample per shard, keyed by `tag`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for folder in ("image", "text_box"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i, size in enumerate(tar_sizes):
+            (root / folder / f"{folder}_{i:06d}.tar").write_bytes(os.urandom(size if folder == "image" else 1024))
+        (root / folder / "sizes.json").write_text(json.dumps({f"{folder}_{i:06d}.tar": 1 for i in range(len(tar_sizes))}))
+    rows = [{"key": f"{tag}{i}", "uid": f"{tag}{i}", "shard": f"image/image_{i:06d}.tar", "source": f"src/{tag}{i}.jpg",
+             "width": 64, "height": 48, "boxes": 1} for i in range(len(tar_sizes))]
+    pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
     (root / "dataset.json").write_text(json.dumps({"run_id": tag, "layout": "paired", "created_at": "2026-01-01T00:00:00Z",
                                                    "counts": {"samples": len(tar_sizes), "shards": len(tar_sizes)}}))
     return root
@@ -183,7 +192,7 @@ def test_sigkill_during_multipart_publish_then_rerun_leaves_no_incomplete_upload
     assert _uploads(client, s3_bucket) == []
     assert _temporaries(ds) == []
     for tar in ("image_000000.tar", "image_000001.tar"):
-        assert s3.read_bytes(f"{name}/v1/image/{tar}") == (ds / "image" / tar).read_bytes()
+        assert s3.read_bytes(f"{name}/shards/image/{tar}") == (ds / "image" / tar).read_bytes()  # the shard store
 
 
 def test_a_failed_publish_aborts_its_multipart_uploads(s3, s3_bucket, tmp_path):
@@ -211,10 +220,13 @@ def test_a_failed_publish_aborts_its_multipart_uploads(s3, s3_bucket, tmp_path):
 
 
 def test_a_resumed_publish_to_a_local_name_removes_its_temporaries(tmp_path):
+    """A publish killed mid-copy left temporaries of its shards (under the numbers it took) and of
+    LATEST: the rerun of the same build takes the same numbers and removes them."""
     ds = _fake_dataset(tmp_path / "ds", "local")
     name = tmp_path / "published"
-    stale = [name / "v1" / "image" / temp_name("image_000000.tar"), name / "v1" / temp_name("files.json")]
-    versions.claim_version(Storage(), str(name), versions.content_id(ds, versions.dataset_paths(ds)))
+    inc = versions.build_increment(ds, set(), tmp_path / "scratch")
+    base = versions.allocate_shards(Storage(), str(name), inc.content_id("paired"), len(inc.tars))
+    stale = [name / "shards" / "image" / temp_name(f"image_{base:06d}.tar"), name / "shards" / "text_box" / temp_name(f"text_box_{base:06d}.tar")]
     for p in stale:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"half")
@@ -270,7 +282,8 @@ def test_final_steps_in_reverse_order_keep_latest_at_the_higher_version(s3, s3_b
     for tag in ("a", "b", "c"):
         publish_version(s3, _fake_dataset(tmp_path / tag, tag), name, progress=False)
     monkeypatch.undo()
-    assert final_steps == [1, 2, 3] and not s3.exists(join(name, "LATEST"))
+    # Each publish first moves LATEST to the newest whole version (here: a no-op), then to its own.
+    assert final_steps[-1] == 3 and sorted(set(final_steps)) == [1, 2, 3] and not s3.exists(join(name, "LATEST"))
     assert move_latest(s3, name, 1) == "v3"  # v2 and v3 are complete: LATEST goes to the highest
     assert move_latest(s3, name, 3) == "v3"
     assert move_latest(s3, name, 2) == "v3"
