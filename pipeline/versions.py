@@ -303,6 +303,8 @@ def read_snapshot(storage: Storage, name_uri: str, version: str) -> Snapshot:
     """A finished version as a Snapshot (its metadata read from storage: checked before use)."""
     uri = join(name_uri, version)
     info = parse_dataset_json(storage.read_bytes(join(uri, DATASET)), join(uri, DATASET))
+    if not storage.exists(join(uri, FILES)):
+        raise BadMetadata(f"{join(uri, FILES)}: missing; the version's shards cannot be listed")
     raw = storage.read_bytes(join(uri, FILES))
     entries = parse_files(raw, join(uri, FILES))
     if json.loads(raw).get("format") != SNAPSHOT_FORMAT:

@@ -66,25 +66,29 @@ def test_a_second_run_skips_what_a_published_version_holds(build, tmp_path):
     (tmp_path / "img").mkdir()
     for s in range(4):
         (tmp_path / "img" / f"{s}.jpg").write_bytes(encode(generate_scene(850 + s, 1600, 1200, n_objects=2)[0], "JPEG", quality=90))
-    def cfg(work: str, output: str) -> dict:
+    name = str(tmp_path / "published")
+
+    def cfg(work: str, output: str, publish: bool = True) -> dict:
         return run_config(tmp_path, work=work, output=output, regions={"method": "none"}, shards={"keep_empty": True},
-                          dedupe={"index": str(tmp_path / "index")})
+                          dedupe={"index": name}, publish={"to": name if publish else None})
 
     first = build(cfg("w1", "v1"), run_id="v1")
-    assert first["counts"]["samples"] == 4 and (tmp_path / "index" / "hashes-v1.parquet").exists()
+    assert first["counts"]["samples"] == 4 and first["published"]["version"] == "v1"
+    assert (tmp_path / "published" / "v1" / "hashes.parquet").exists()
 
-    # A re-encoded copy of one published image and one new image arrive with the old ones.
+    # A re-encoded copy of one published image and one new image arrive with the old ones. A build
+    # that is not published leaves the index as it was: the next build still builds new.jpg.
     again = generate_scene(850, 1600, 1200, n_objects=2)[0]
     (tmp_path / "img" / "0-reencoded.png").write_bytes(encode(again, "PNG"))
     (tmp_path / "img" / "new.jpg").write_bytes(encode(generate_scene(870, 1600, 1200, n_objects=2)[0]))
+    unpublished = build(cfg("w0", "v0", publish=False), run_id="unpublished")
+    assert unpublished["counts"]["samples"] == 1
     second = build(cfg("w2", "v2"), run_id="v2")
-    assert second["counts"]["samples"] == 1
+    assert second["counts"]["samples"] == 1 and second["published"]["version"] == "v2"
     assert second["counts"]["rejected_by_reason"] == {"duplicate_published": 5}
-    assert json.loads((tmp_path / "w2" / "v2" / "run.json").read_text())["index_rows_appended"] == 1
-    # Rerunning the first run does not count its own contribution as published.
-    rerun = build(cfg("w1", "v1"), run_id="v1")
-    assert rerun["counts"]["samples"] == 4
-    assert rerun["counts"]["rejected_by_reason"] == {"duplicate_near": 1, "duplicate_published": 1}  # the copy; new.jpg (v2's)
+    assert json.loads((tmp_path / "w2" / "v2" / "run.json").read_text())["hashes"] == 1
+    third = build(cfg("w3", "v3"), run_id="v3")  # nothing new: nothing published
+    assert third["counts"]["samples"] == 0 and third["published"]["unchanged"]
 
 
 def test_box_dedupe_by_overlap_and_caption():

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from pipeline.shards import open_dataset
 from pipeline.shards.pull import parse_shards, pull
 from pipeline.storage import Storage
-from pipeline.versions import claim_version, dataset_paths, expected_etag, list_versions, publish_version, resolve
+from pipeline.versions import expected_etag, list_versions, publish_version, resolve
 from tests.helpers.config import run_config
 from tests.helpers.images import scene_jpeg
 
@@ -55,15 +55,15 @@ def test_publish_pull_and_stream_through_s3(built, s3, s3_bucket, tmp_path):
     assert resolve(s3, name) == resolve(s3, name + "/LATEST") == resolve(s3, name + "/v1") == name + "/v1"
     again = publish_version(s3, built, name, progress=False)  # same content: the same version, nothing re-sent
     assert (again.version, again.uploaded, again.resumed, again.unchanged) == ("v1", 0, False, True)
-    assert again.skipped == result.uploaded
     [v1] = list_versions(s3, name)
     assert (v1.version, v1.samples, v1.shards, v1.latest) == ("v1", N_IMAGES, 3, True)
 
     # Pull: the bytes pulled are the bytes built; a second pull downloads nothing.
     dest = tmp_path / "pulled"
     first = pull(s3, name, dest, progress=False)
-    assert _files(dest) == _files(built)
-    assert first.downloaded == len(_files(built))
+    tars = {k: v for k, v in _files(built).items() if k.endswith((".tar", "sizes.json"))}
+    assert {k: v for k, v in _files(dest).items() if k in tars} == tars
+    assert first.downloaded == len(json.loads(s3.read_bytes(name + "/v1/files.json"))["files"]) - 2  # wids: the copy's own
     assert pull(s3, name + "/v1", dest, progress=False).downloaded == 0
     # A partial download is resumed from where it stopped, and verified.
     tar = dest / "image" / "image_000001.tar"
@@ -75,7 +75,7 @@ def test_publish_pull_and_stream_through_s3(built, s3, s3_bucket, tmp_path):
     # A subset.
     some = pull(s3, name, tmp_path / "some", shards=parse_shards("0:1"), progress=False)
     tars = sorted(p.name for p in (tmp_path / "some").rglob("*.tar"))
-    assert tars == ["image_000000.tar", "text_box_000000.tar"] and some.downloaded == 2 + len(_files(built)) - 6
+    assert tars == ["image_000000.tar", "text_box_000000.tar"] and some.downloaded == first.downloaded - 4
     assert json.loads((tmp_path / "some" / "image" / "sizes.json").read_text()) == {"image_000000.tar": 3}
 
     # Streaming straight from S3: every sample, paired, boxes and captions as in the tars.
@@ -95,14 +95,9 @@ def test_publish_pull_and_stream_through_s3(built, s3, s3_bucket, tmp_path):
 
 
 def test_interrupted_publish_is_invisible_then_completed(built, s3, s3_bucket, tmp_path):
+    """A publish killed after two shard files landed: no reader sees a new version; the rerun of
+    the same build takes the same shard numbers, skips what landed and finishes v1."""
     name = f"s3://{s3_bucket}/scenes"
-    publish_version(s3, built, name, progress=False)
-    changed = tmp_path / "next-build"
-    shutil.copytree(built, changed)
-    info = json.loads((changed / "dataset.json").read_text())
-    (changed / "dataset.json").write_text(json.dumps({**info, "run_id": "next"}))
-    tar = changed / "image" / "image_000000.tar"  # other bytes: identical files would publish no v2 at all
-    tar.write_bytes(tar.read_bytes()[:-1] + bytes([tar.read_bytes()[-1] ^ 1]))
 
     class Killed(Exception):
         pass
@@ -115,16 +110,14 @@ def test_interrupted_publish_is_invisible_then_completed(built, s3, s3_bucket, t
             raise Killed(path)
 
     with pytest.raises(Killed):
-        publish_version(s3, changed, name, concurrency=1, progress=False, after_upload=die_after_two)
-    assert s3.exists(f"{name}/v2/{landed[0]}")  # objects of v2 exist ...
-    assert [v.version for v in list_versions(s3, name)] == ["v1"]  # ... but no reader sees v2
-    assert resolve(s3, name) == name + "/v1"
+        publish_version(s3, built, name, concurrency=1, progress=False, after_upload=die_after_two)
+    assert s3.exists(f"{name}/shards/{landed[0]}")  # shards of v1 exist ...
+    assert list_versions(s3, name) == []  # ... but no reader sees a version
     with pytest.raises(FileNotFoundError):
-        resolve(s3, name + "/v2")
-
-    done = publish_version(s3, changed, name, progress=False)
-    assert (done.version, done.resumed, done.latest) == ("v2", True, "v2") and done.skipped >= 2
-    assert [v.version for v in list_versions(s3, name)] == ["v1", "v2"]
+        resolve(s3, name)
+    done = publish_version(s3, built, name, progress=False)
+    assert (done.version, done.resumed, done.latest) == ("v1", True, "v1") and done.skipped >= 2
+    assert [v.version for v in list_versions(s3, name)] == ["v1"]
 
 
 def test_build_flow_publishes_the_next_version(build, s3, s3_bucket, tmp_path):
@@ -140,18 +133,40 @@ def test_build_flow_publishes_the_next_version(build, s3, s3_bucket, tmp_path):
         [s["key"] for s in open_dataset(name, storage=s3, decode=False)]
 
 
-def test_racing_publishers_get_distinct_versions(s3, s3_bucket):
+def _other_build(built: Path, dest: Path, tag: str) -> Path:
+    """Another build's folder: the same tars under other sample uids (so that it adds samples)."""
+    shutil.copytree(built, dest)
+    m = pq.read_table(dest / "manifest.parquet")
+    m = m.set_column(m.schema.get_field_index("uid"), "uid", [[f"{tag}-{u}" for u in m["uid"].to_pylist()]])
+    pq.write_table(m, dest / "manifest.parquet")
+    (dest / "hashes.parquet").unlink(missing_ok=True)
+    return dest
+
+
+def test_concurrent_publishers_never_drop_each_others_samples(built, s3, s3_bucket, tmp_path):
+    """Four builds published at once to one name on the S3 endpoint: four versions, no gap, the
+    newest holding every build's samples (each publisher that lost the race for a number composed
+    its snapshot again on top of the winner's)."""
     name = f"s3://{s3_bucket}/raced"
-    got, start = [], threading.Barrier(6)
+    builds = [_other_build(built, tmp_path / f"b{i}", f"b{i}") for i in range(4)]
+    start, results, errors = threading.Barrier(4), [], []
 
-    def claim(i: int) -> None:
+    def publish(folder: Path) -> None:
         start.wait()
-        got.append(claim_version(Storage(endpoint_url=s3.endpoint_url), name, f"content-{i}"))
+        try:
+            results.append(publish_version(Storage(endpoint_url=s3.endpoint_url), folder, name, progress=False))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=publish, args=(b,)) for b in builds]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert sorted(n for n, _ in got) == [1, 2, 3, 4, 5, 6]
+    assert errors == []
+    assert sorted(r.version for r in results) == ["v1", "v2", "v3", "v4"]
+    assert [v.samples for v in list_versions(s3, name)] == [N_IMAGES, 2 * N_IMAGES, 3 * N_IMAGES, 4 * N_IMAGES]
+    uids = set(pq.read_table(s3.open_read(f"{name}/v4/manifest.parquet", seekable=True))["uid"].to_pylist())
+    assert {u.split("-")[0] for u in uids} == {"b0", "b1", "b2", "b3"} and len(uids) == 4 * N_IMAGES
+    assert resolve(s3, name) == f"{name}/v4"
 
 
 def test_multipart_etag_is_checked(s3, s3_bucket, tmp_path):
@@ -252,7 +267,7 @@ def _published(storage: Storage, name: str) -> list[str]:
     return [v.version for v in list_versions(storage, name)]
 
 
-def test_an_identical_rebuild_publishes_no_new_version(built, where, tmp_path, caplog):
+def test_a_rebuild_of_the_same_images_publishes_no_new_version(built, where, tmp_path, caplog):
     storage, name = where
     first = publish_version(storage, built, name, progress=False)
     assert (first.version, first.unchanged) == ("v1", False)
@@ -261,75 +276,37 @@ def test_an_identical_rebuild_publishes_no_new_version(built, where, tmp_path, c
         again = publish_version(storage, rebuilt, name, progress=False)
     assert (again.version, again.uri, again.unchanged, again.latest) == ("v1", f"{name}/v1", True, "v1")
     assert (again.uploaded, again.bytes_uploaded, again.resumed) == (0, 0, False)
-    assert again.skipped == len(dataset_paths(rebuilt)) == first.uploaded
-    assert f"publish: {rebuilt} is identical to {name}/v1: no new version" in caplog.text
+    assert "every sample of the build is in v1 already" in again.reason and again.reason in caplog.text
     assert _published(storage, name) == ["v1"]
     assert not storage.exists(f"{name}/_claims/v2.json") and not storage.exists(f"{name}/v2/dataset.json")
     assert storage.read_bytes(f"{name}/LATEST") == b"v1"
-    assert storage.read_bytes(f"{name}/v1/dataset.json") == (built / "dataset.json").read_bytes()  # v1 untouched
 
 
-def test_one_changed_shard_byte_publishes_the_next_version(built, where, tmp_path):
-    storage, name = where
-    publish_version(storage, built, name, progress=False)
-    changed = _rebuild(built, tmp_path / "changed")
-    tar = changed / "image" / "image_000001.tar"
-    data = bytearray(tar.read_bytes())
-    data[len(data) // 2] ^= 0x01  # same size: only the sha256 tells
-    tar.write_bytes(bytes(data))
-    result = publish_version(storage, changed, name, progress=False)
-    assert (result.version, result.latest, result.unchanged, result.resumed) == ("v2", "v2", False, False)
-    assert result.uploaded == len(dataset_paths(changed))
-    assert _published(storage, name) == ["v1", "v2"]
-    assert storage.read_bytes(f"{name}/v2/image/image_000001.tar") == bytes(data)
-
-
-def test_force_publishes_identical_content_as_a_new_version(built, where, tmp_path):
+def test_force_publishes_the_same_snapshot_as_a_new_version(built, where, tmp_path):
     storage, name = where
     publish_version(storage, built, name, progress=False)
     forced = publish_version(storage, _rebuild(built, tmp_path / "rebuilt"), name, progress=False, force=True)
-    assert (forced.version, forced.latest, forced.unchanged, forced.resumed) == ("v2", "v2", False, False)
-    # The very same folder (same dataset.json, so the same content id as v1's claim): still a new version.
-    same = publish_version(storage, built, name, progress=False, force=True)
-    assert (same.version, same.latest, same.unchanged, same.resumed) == ("v3", "v3", False, False)
-    assert _published(storage, name) == ["v1", "v2", "v3"]
-    # Not forced: identical to the newest (v3), nothing new.
-    assert publish_version(storage, built, name, progress=False).version == "v3"
-    assert _published(storage, name) == ["v1", "v2", "v3"]
+    assert (forced.version, forced.latest, forced.unchanged, forced.samples, forced.added) == ("v2", "v2", False, N_IMAGES, 0)
+    assert _published(storage, name) == ["v1", "v2"]
+    assert publish_version(storage, built, name, progress=False).unchanged  # not forced: nothing new
 
 
-@pytest.mark.parametrize("listing", [
-    b"{not json",
-    b"\xff\xfe",
-    b"[1, 2]",
-    b'{"files": 7}',
-    b'{"files": [{"path": "image/image_000000.tar"}]}',
-    b'{"files": [{"path": ["x"], "size": "big", "sha256": null}]}',
-    b'{"files": [1, "two"]}',
-    None,  # no files.json at all
-], ids=["not-json", "not-utf8", "a-list", "files-not-a-list", "missing-keys", "badly-typed", "entries-not-objects", "absent"])
-def test_a_broken_files_listing_in_the_newest_version_means_a_normal_publish(built, where, tmp_path, listing):
+@pytest.mark.no_ps3_conformance  # v1 is broken on purpose
+@pytest.mark.parametrize("listing", [b"{not json", b"[1, 2]", b'{"files": [{"path": "image/image_000000.tar"}]}', None],
+                         ids=["not-json", "a-list", "missing-keys", "absent"])
+def test_a_broken_newest_version_refuses_the_next_publish_in_one_line(built, where, tmp_path, listing):
+    """The next version is built on the newest one: a newest version whose listing is broken cannot
+    be (its shards cannot be trusted), so the publish stops, naming the file, and publishes nothing."""
     storage, name = where
     publish_version(storage, built, name, progress=False)
     if listing is None:
         storage.delete(f"{name}/v1/files.json")
     else:
         storage.write_bytes(f"{name}/v1/files.json", listing)
-    result = publish_version(storage, _rebuild(built, tmp_path / "rebuilt"), name, progress=False)
-    assert (result.version, result.latest, result.unchanged) == ("v2", "v2", False)
-    assert [v.version for v in list_versions(storage, name)] == ["v1", "v2"]
-
-
-def test_a_listing_that_differs_only_in_sizes_or_paths_is_not_identical(built, tmp_path):
-    storage, name = Storage(), str(tmp_path / "names" / "scenes")
-    publish_version(storage, built, name, progress=False)
-    rebuilt = _rebuild(built, tmp_path / "rebuilt")
-    listing = json.loads(storage.read_bytes(f"{name}/v1/files.json"))
-    tampered = {**listing, "files": [{**f, "size": f["size"] + 1} if f["path"].endswith(".tar") else f for f in listing["files"]]}
-    storage.write_bytes(f"{name}/v1/files.json", json.dumps(tampered).encode())
-    assert publish_version(storage, rebuilt, name, progress=False).version == "v2"
-    (rebuilt / "image" / "extra.txt").write_text("one more file")  # v2's listing lacks it
-    assert publish_version(storage, rebuilt, name, progress=False).version == "v3"
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        publish_version(storage, _rebuild(built, tmp_path / "rebuilt"), name, progress=False)
+    assert "files.json" in str(err.value) and "\n" not in str(err.value)
+    assert _published(storage, name) == ["v1"]
 
 
 def test_newest_version_is_the_highest_complete_one_when_latest_is_missing(built, tmp_path):
@@ -337,7 +314,7 @@ def test_newest_version_is_the_highest_complete_one_when_latest_is_missing(built
     publish_version(storage, built, name, progress=False)
     Path(name, "LATEST").unlink()  # a publisher died before moving it (or it was lost)
     again = publish_version(storage, _rebuild(built, tmp_path / "rebuilt"), name, progress=False)
-    assert (again.version, again.unchanged, again.latest) == ("v1", True, None)
+    assert (again.version, again.unchanged, again.latest) == ("v1", True, "v1")  # LATEST put back first
     Path(name, "LATEST").write_text("../../etc")  # garbage: the highest complete version is compared
     assert publish_version(storage, built, name, progress=False).unchanged
 
@@ -351,7 +328,7 @@ def test_cli_publish_says_unchanged_and_force_publishes(built, tmp_path):
     assert out.exit_code == 0 and f"published {name}/v1" in out.output, out.output
     out = CliRunner().invoke(app, ["publish", str(rebuilt), name, "--no-progress"])
     assert out.exit_code == 0, out.output
-    assert f"unchanged: identical to {name}/v1 (LATEST -> v1); no new version" in out.output
+    assert "unchanged: every sample of the build is in v1 already; no new version (LATEST -> v1)" in out.output
     assert not Path(name, "v2").exists()
     out = CliRunner().invoke(app, ["publish", str(rebuilt), name, "--no-progress", "--force"])
     assert out.exit_code == 0 and f"published {name}/v2" in out.output and "LATEST -> v2" in out.output, out.output
