@@ -155,3 +155,55 @@ def test_five_nights_on_s3_with_the_endpoint_stopped_on_night_four(build, tmp_pa
         assert not boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").list_multipart_uploads(Bucket="nightly").get("Uploads")
     finally:
         state["server"].stop()
+
+
+def test_remove_block_and_gc_keep_one(build, tmp_path):
+    """A takedown: `localcap remove` without and with --block publishes the next version without
+    the sample, rewriting only its shard; a blocked image is rejected when ingested again, an
+    unblocked one comes back; after `gc --keep 1 --delete` the kept version pulls whole (sha256
+    checked) and streams every sample once."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pipeline.shards.pull import pull
+
+    src = tmp_path / "incoming"
+    src.mkdir()
+    _add_images(src, 0, 6)
+    name = str(tmp_path / "published" / "scenes")
+    cfg = run_config(tmp_path, src, regions={"method": "none"}, shards={"keep_empty": True, "max_samples": 2},
+                     publish={"to": name}, prefect={"retries": 0})
+    assert build(cfg, run_id="night1")["published"]["version"] == "v1"
+    storage = Storage()
+    v1 = json.loads((Path(name) / "v1" / "files.json").read_text())["files"]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(Path(name) / "v1" / "manifest.parquet").to_pylist()
+    unblocked, blocked = rows[0], rows[3]
+    out = CliRunner().invoke(app, ["remove", name, "--uid", unblocked["uid"], "--no-progress"])
+    assert out.exit_code == 0 and f"published {name}/v2: 5 samples" in out.output, out.output
+    out = CliRunner().invoke(app, ["remove", name, "--source", blocked["source"], "--block", "--no-progress"])
+    assert out.exit_code == 0 and f"published {name}/v3: 4 samples" in out.output and "blocked" in out.output, out.output
+    v3 = {e["path"]: e["sha256"] for e in json.loads((Path(name) / "v3" / "files.json").read_text())["files"]}
+    untouched = {e["path"]: e["sha256"] for e in v1 if e["path"].endswith(".tar")
+                 and e["path"] not in (unblocked["shard"], blocked["shard"]) and "text_box" not in e["path"]}
+    assert all(v3.get(p) == sha for p, sha in untouched.items())  # only the two shards that held them were rewritten
+    assert unblocked["key"] not in _keys(name, storage) and blocked["key"] not in _keys(name, storage)
+    out = CliRunner().invoke(app, ["remove", name, "--uid", "no-such-uid", "--no-progress"])
+    assert out.exit_code == 1 and "holds no sample" in out.output
+
+    again = build(run_config(tmp_path, src, work="work2", output="ds2", regions={"method": "none"}, shards={"keep_empty": True},
+                             publish={"to": name}, prefect={"retries": 0}), run_id="night2")
+    assert again["counts"]["rejected_by_reason"] == {"duplicate_published": 5}  # 4 in v3, 1 blocked
+    assert again["counts"]["samples"] == 1 and again["published"]["version"] == "v4"  # the unblocked one is back
+    assert sorted(_keys(name, storage)) == sorted(r["key"] for r in rows if r["key"] != blocked["key"])
+
+    out = CliRunner().invoke(app, ["gc", name, "--keep", "1"])
+    assert out.exit_code == 0 and "would delete" in out.output and "v1, v2, v3" in out.output, out.output
+    out = CliRunner().invoke(app, ["gc", name, "--keep", "1", "--delete"])
+    assert out.exit_code == 0 and "deleted" in out.output, out.output
+    assert [v.version for v in list_versions(storage, name)] == ["v4"]
+    dest = tmp_path / "pulled"
+    pull(storage, name, dest, progress=False)  # every file checked against files.json's sha256
+    assert sorted(s["key"] for s in open_dataset(str(dest), decode=False)) == sorted(_keys(name, storage))
+    assert len(_keys(name, storage)) == 5
