@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from dedupe.index import HASH_COLUMNS, kept_hashes
 from pipeline.dataset_format import DATASET, HASHES_FILE, REJECTS_FILE
 from pipeline.executor import StageReport
+from pipeline.versions import value_counts, value_summary
 from pipeline.partitions import read_tables, write_table
 from pipeline.shards.loader import write_wids_index
 from pipeline.shards.stage import finalize_shards
@@ -54,13 +55,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _stats(values: list[float]) -> dict:
-    if not values:
-        return {}
-    s = sorted(values)
-    return {"min": s[0], "median": s[len(s) // 2], "max": s[-1], "mean": round(sum(s) / len(s), 3)}
-
-
 def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table, duplicates: pa.Table | None = None) -> dict:
     """Sizes, boxes per image (and how many images have each count), box sides as fractions of the
     image's short side, why images got no boxes, and how the dropped duplicates matched; regions and
@@ -77,16 +71,16 @@ def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table, 
         if reason is not None:
             no_box[reason] = no_box.get(reason, 0) + 1
     return {
-        "width": _stats(widths),
-        "height": _stats(heights),
-        "megapixels": _stats([round(w * h / 1e6, 3) for w, h in zip(widths, heights)]),
-        "boxes_per_image": _stats(manifest["boxes"].to_pylist()),
-        "images_by_box_count": _counts(manifest["boxes"].to_pylist()),
-        "box_width_fraction": _stats(box_w),
-        "box_height_fraction": _stats(box_h),
+        "width": value_summary(widths),
+        "height": value_summary(heights),
+        "megapixels": value_summary([round(w * h / 1e6, 3) for w, h in zip(widths, heights)]),
+        "boxes_per_image": value_summary(manifest["boxes"].to_pylist()),
+        "images_by_box_count": value_counts(manifest["boxes"].to_pylist()),
+        "box_width_fraction": value_summary(box_w),
+        "box_height_fraction": value_summary(box_h),
         "no_boxes_by_reason": dict(sorted(no_box.items())),
-        "box_side_fraction_by_size": _counts([_size_bucket(max(w, h)) for w, h in zip(box_w, box_h)]),
-        "duplicates_by_match": _counts(duplicates.filter(pc.invert(duplicates["kept"]))["match"].to_pylist()
+        "box_side_fraction_by_size": value_counts([_size_bucket(max(w, h)) for w, h in zip(box_w, box_h)]),
+        "duplicates_by_match": value_counts(duplicates.filter(pc.invert(duplicates["kept"]))["match"].to_pylist()
                                        if duplicates is not None and duplicates.num_rows and "match" in duplicates.column_names else []),
     }
 
@@ -100,15 +94,6 @@ def _size_bucket(fraction: float) -> str:
         if fraction < high:
             return f"{low}-{high}"
     return f">={SIZE_BUCKETS[-1]}"
-
-
-def _counts(values: list) -> dict[str, int]:
-    """How many of each value (None counted as 'unknown'), keys sorted."""
-    out: dict[str, int] = {}
-    for v in values:
-        key = "unknown" if v is None else str(v)
-        out[key] = out.get(key, 0) + 1
-    return dict(sorted(out.items()))
 
 
 def build_entry(run_id: str, reports: list[StageReport]) -> dict:

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import re
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 IMAGE_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> the image member's extension
 IMAGE_EXTS = tuple(IMAGE_EXT.values())  # the extensions an image member may have, in the order readers try them
 TAR_MEMBER_OVERHEAD = 512  # one ustar header per member; data is padded to 512 bytes
@@ -136,3 +139,16 @@ def brace_list(urls: list[str]) -> str:
         run.append((n, url))
     close()
     return "::".join(parts)
+
+
+def tar_sample_counts(manifest: pa.Table, layout: str) -> dict[str, dict[str, int]]:
+    """sizes.json contents per folder: tar file name -> number of samples."""
+    out: dict[str, dict[str, int]] = {f: {} for f in folders(layout)}
+    if manifest.num_rows == 0:
+        return out
+    counts = pc.value_counts(manifest["shard"]).to_pylist()
+    for item in sorted(counts, key=lambda c: c["values"]):
+        index = int(item["values"].rsplit("_", 1)[1].split(".")[0])
+        for folder, name in shard_files(layout, index).items():
+            out[folder][name] = item["counts"]
+    return out

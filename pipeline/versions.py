@@ -63,6 +63,7 @@ from pipeline.dataset_format import (
     folders,
     renumbered,
     shard_index,
+    tar_sample_counts,
     text_box_tar,
     version_name,
     version_number,
@@ -345,15 +346,29 @@ def snapshot_counts(manifest: pa.Table) -> dict[str, int]:
     return {"samples": manifest.num_rows, "shards": len(set(manifest["shard"].to_pylist()))}
 
 
+def value_summary(values: list[float]) -> dict:
+    if not values:
+        return {}
+    s = sorted(values)
+    return {"min": s[0], "median": s[len(s) // 2], "max": s[-1], "mean": round(sum(s) / len(s), 3)}
+
+
+def value_counts(values: list) -> dict[str, int]:
+    """How many of each value (None counted as 'unknown'), keys sorted."""
+    out: dict[str, int] = {}
+    for v in values:
+        key = "unknown" if v is None else str(v)
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def snapshot_statistics(manifest: pa.Table) -> dict:
     """What the manifest says of the whole snapshot: image sizes and boxes per image."""
-    from pipeline.dataset_card import _counts, _stats
-
     widths, heights = manifest["width"].to_pylist(), manifest["height"].to_pylist()
-    return {"width": _stats(widths), "height": _stats(heights),
-            "megapixels": _stats([round(w * h / 1e6, 3) for w, h in zip(widths, heights)]),
-            "boxes_per_image": _stats(manifest["boxes"].to_pylist()),
-            "images_by_box_count": _counts(manifest["boxes"].to_pylist())}
+    return {"width": value_summary(widths), "height": value_summary(heights),
+            "megapixels": value_summary([round(w * h / 1e6, 3) for w, h in zip(widths, heights)]),
+            "boxes_per_image": value_summary(manifest["boxes"].to_pylist()),
+            "images_by_box_count": value_counts(manifest["boxes"].to_pylist())}
 
 
 def shard_url_lists(name_uri: str, layout: str, manifest: pa.Table) -> dict[str, str]:
@@ -370,8 +385,6 @@ def shard_url_lists(name_uri: str, layout: str, manifest: pa.Table) -> dict[str,
 def write_snapshot_metadata(out: Path, snap: Snapshot, wids_prefix: str) -> list[Path]:
     """The snapshot's descriptors into a local folder: FOLDER/sizes.json, manifest, hashes, wids
     indexes (shard URLs `wids_prefix` + path); dataset.json is written by the caller."""
-    from pipeline.shards.stage import tar_sample_counts
-
     written = []
     sizes = tar_sample_counts(snap.manifest, snap.layout)
     for folder, counts in sizes.items():

@@ -204,13 +204,14 @@ def test_boxes_ps3s_crop_can_cut_away_are_left_out(width, height, inside, outsid
 
 @pytest.mark.slow
 def test_a_stage_that_fails_for_good_is_not_retried_and_ends_with_one_line(tmp_path, prefect_harness):
-    """A corrupt file in the hash index fails the dedupe stage: no retry can fix it, so Prefect does
-    not retry, and the run's last line names the stage and the error."""
+    """A corrupt file in the published dataset's hash index (its blocked hashes) fails the dedupe
+    stage: no retry can fix it, so Prefect does not retry, and the run's last line names the stage
+    and the error."""
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(scene_jpeg(11, 1200, 1100))
-    (tmp_path / "index").mkdir()
-    (tmp_path / "index" / "hashes-old.parquet").write_bytes(b"not parquet at all")
-    (tmp_path / "run.yaml").write_text("sources: [{uri: imgs}]\nshards: {output: ds}\ndedupe: {index: index}\n"
+    (tmp_path / "published" / "_blocked").mkdir(parents=True)
+    (tmp_path / "published" / "_blocked" / "blocked-old.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "run.yaml").write_text("sources: [{uri: imgs}]\nshards: {output: ds}\ndedupe: {index: published}\n"
                                        "prefect: {retries: 2, retry_delay_s: 0}\n")
     out = localcap("run", "run.yaml", "--no-progress", cwd=tmp_path, home=tmp_path, api=prefect_harness)
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]

@@ -15,7 +15,7 @@ from pipeline.dedupe.stage import dropped_sources
 from pipeline.partitions import part_name, read_table, read_tables, write_table
 from pipeline.regions.stage import read_boxes
 from pipeline.shards import writer
-from pipeline.dataset_format import IMAGE_EXT, SIZES, TAR_SUFFIX, folders, shard_files
+from pipeline.dataset_format import IMAGE_EXT, SIZES, TAR_SUFFIX, shard_files, tar_sample_counts
 from pipeline.shards.plan import SampleRef, assign_shards
 from pipeline.stage import Partition, Stage, StageResult
 from pipeline.storage import Storage, join
@@ -237,19 +237,6 @@ class ShardStage(Stage):
     def finish(self, report, inputs) -> None:
         if self.unfit:
             report.rows["rejects"] = self.unfit
-
-
-def tar_sample_counts(manifest: pa.Table, layout: str) -> dict[str, dict[str, int]]:
-    """sizes.json contents per folder: tar file name -> number of samples."""
-    out: dict[str, dict[str, int]] = {f: {} for f in folders(layout)}
-    if manifest.num_rows == 0:
-        return out
-    counts = pc.value_counts(manifest["shard"]).to_pylist()
-    for item in sorted(counts, key=lambda c: c["values"]):
-        index = int(item["values"].rsplit("_", 1)[1].split(".")[0])
-        for folder, name in shard_files(layout, index).items():
-            out[folder][name] = item["counts"]
-    return out
 
 
 def finalize_shards(storage: Storage, run_dir: str, config: ShardsSection) -> pa.Table:
