@@ -115,14 +115,11 @@ def previous_builds(storage: Storage, run_dir: str) -> list[dict]:
 
 
 def run_timings(builds: list[dict], status: pa.Table) -> dict:
-    """What building the data cost: per stage, the seconds of every run that computed part of it
-    (a rerun that skips everything adds nothing), and the proposer's per-image times."""
-    seconds: dict[str, float] = {}
-    for entry in builds:
-        for st in entry["stages"]:
-            seconds.setdefault(st["stage"], 0.0)
-            if st.get("computed"):
-                seconds[st["stage"]] = round(seconds[st["stage"]] + st["seconds"], 3)
+    """What building the data cost: per stage, the seconds of every attempt of this run id that had
+    work to do (the newest build's stage totals; killed attempts included), and the proposer's
+    per-image times."""
+    seconds = {st["stage"]: st.get("total_seconds", st["seconds"] if st.get("computed") else 0.0)
+               for st in (builds[-1]["stages"] if builds else [])}
     out: dict = {"stage_seconds": seconds, "runs": len(builds), "runs_that_computed": sum(1 for b in builds if b["computed"])}
     if status.num_rows:
         out["regions_ms_per_image"] = {c.removesuffix("_ms"): round(float(pc.mean(status[c]).as_py() or 0.0), 2)

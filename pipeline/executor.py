@@ -49,12 +49,43 @@ class StageReport:
     partitions: int = 0
     computed: int = 0
     skipped: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # this attempt
+    total_seconds: float = 0.0  # every attempt of this run id that had work to do, killed ones included
     rows: dict[str, int] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)  # Ray node ids that computed partitions
 
 
 PLAN, REPORT = "_plan.json", "_report.json"  # per stage folder: what is to be done, what was done (localcap status)
+ATTEMPT = "_attempt-"  # per stage folder, one per attempt that had work: its seconds so far (a kill loses at most ATTEMPT_EVERY_S)
+ATTEMPT_EVERY_S = 5.0
+
+
+class _AttemptRecord:
+    """This attempt's seconds in STAGE/_attempt-<start>.json, rewritten as partitions finish (at most
+    every ATTEMPT_EVERY_S), so that a killed attempt's time still counts in the stage's cost."""
+
+    def __init__(self, storage: Storage, stage_dir: str, start: float, todo: int):
+        self.storage, self.start, self.todo, self.written = storage, start, todo, 0.0
+        self.uri = join(stage_dir, f"{ATTEMPT}{time.time_ns()}.json")
+        self.write(0, force=True)
+
+    def write(self, done: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self.written >= ATTEMPT_EVERY_S:
+            self.written = now
+            self.storage.write_bytes(self.uri, json.dumps({"todo": self.todo, "done": done, "seconds": round(now - self.start, 3)}).encode())
+
+
+def attempts_seconds(storage: Storage, stage_dir: str) -> float:
+    """What every attempt of a stage that had work to do took, from their records."""
+    total = 0.0
+    for name in storage.list_prefix(stage_dir):
+        if name.startswith(ATTEMPT) and name.endswith(".json"):
+            try:
+                total += float(json.loads(storage.read_bytes(join(stage_dir, name)))["seconds"])
+            except (ValueError, KeyError, TypeError):  # cut short by a kill as it was written
+                continue
+    return round(total, 3)
 
 
 _cpu_stage_resource: str | None = None  # set by init_ray from ray.cpu_stage_resource
@@ -233,6 +264,7 @@ def run_stage(
     if report.skipped:
         log.info("%s: %d of %d partitions already done, skipped", stage, report.skipped, len(jobs))
     if todo:
+        attempt = _AttemptRecord(storage, stage_dir, start, len(todo))
         workers = _Workers(work, stage_dir, storage, num_cpus, pool, schemas)
         queue = iter(todo)
         pending: dict = {}
@@ -262,6 +294,7 @@ def run_stage(
                     key = marker if key == "part" else key
                     report.rows[key] = report.rows.get(key, 0) + n
                 bar.update(1)
+                attempt.write(report.computed)
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -269,6 +302,8 @@ def run_stage(
         finally:
             bar.close()
             workers.shutdown()
+        attempt.write(report.computed, force=True)
     report.seconds = round(time.perf_counter() - start, 3)
+    report.total_seconds = attempts_seconds(storage, stage_dir)
     storage.write_bytes(join(stage_dir, REPORT), json.dumps({**asdict(report), "marker": marker, "finished_at": time.time()}).encode())
     return report

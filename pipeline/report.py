@@ -147,12 +147,15 @@ def _computed_stages(info: dict):
 
 
 def stage_seconds(info: dict) -> dict[str, float]:
-    """Seconds each stage took, summed over the builds that computed part of it (dataset.json's
-    timings.stage_seconds when it has no build records)."""
+    """Seconds each stage cost over every attempt of the build (dataset.json's timings), else summed
+    over the build records that computed part of it."""
+    recorded = {k: v for k, v in info.get("timings", {}).get("stage_seconds", {}).items() if v}
+    if recorded:
+        return recorded
     out: dict[str, float] = {}
     for stage, _, seconds in _computed_stages(info):
         out[stage] = round(out.get(stage, 0.0) + seconds, 3)
-    return out or {k: v for k, v in info.get("timings", {}).get("stage_seconds", {}).items() if v}
+    return out
 
 
 def stage_throughput(info: dict) -> dict[str, float]:

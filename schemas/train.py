@@ -102,6 +102,13 @@ class TrainConfig(_Section):
     objective: Literal["local_contrastive", "mae"] = Field("local_contrastive")
     output: str = Field("train-output", min_length=1, description="Where runs keep checkpoints and metrics: OUTPUT/NAME/ (path or s3://).")
     name: str | None = Field(None, description="Run name; rerunning a name resumes from its last checkpoint. Default: from the dataset and objective.")
+    start: Literal["scratch", "previous_version"] = Field(
+        "scratch", description="scratch: from random weights (or model.pretrained). previous_version: on a published "
+        "version NAME/vN, from the weights of the newest checkpoint of the run that trained on its nearest earlier "
+        "version (same output and objective; its tokenizer too), with a fresh optimizer and step count: a fine-tune, "
+        "cheaper per night. scratch is the default because a version's model then depends on that version alone: "
+        "reproducible, and a sample taken down with `localcap remove` leaves nothing in later models (a fine-tuned "
+        "chain keeps every earlier version in its weights). With no earlier run to start from, it starts from scratch.")
     preset: Literal["tiny", "base"] = Field(
         "base", description="'tiny': the small test/demo sizes (overrides model sizes and patch budget); 'base': the sizes in `model`.")
     model: ModelOptions = Field(default_factory=ModelOptions)
@@ -123,6 +130,13 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=-1, description="Worker failures a run recovers from (restarting from the last checkpoint); -1: no limit.")
     seed: int = Field(0)
+
+    @model_validator(mode="after")
+    def _start(self) -> TrainConfig:
+        if self.start == "previous_version" and self.name:
+            raise ValueError("train.start previous_version finds the earlier version's run by its default name (NAME-vN-OBJECTIVE); "
+                             "leave train.name unset (a fixed name would resume one run on every version)")
+        return self
 
     @model_validator(mode="after")
     def _mae_grid(self) -> TrainConfig:

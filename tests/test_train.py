@@ -258,3 +258,33 @@ def test_training_on_gpu_with_bf16(colour_dataset, tmp_path):
     result = _train(str(colour_dataset), tmp_path / "train", name="gpu", num_workers=1, use_gpu=True, steps=20,
                     checkpoint_every=20)
     assert result["metrics"]["step"] == 20 and result["metrics"]["last_loss"] < result["metrics"]["first_loss"]
+
+
+def test_start_previous_version_fine_tunes_from_the_earlier_versions_run(colour_dataset, tmp_path):
+    """v2's run with start previous_version begins with v1's final weights and tokenizer (at a
+    learning rate too small to move them, its checkpoint holds v1's weights); start scratch (the
+    default) begins from the seed's random weights."""
+    import torch
+
+    from pipeline.storage import Storage
+    from pipeline.versions import publish_version
+
+    name = tmp_path / "published" / "colours"
+    publish_version(Storage(), colour_dataset, str(name), progress=False)
+    publish_version(Storage(), colour_dataset, str(name), progress=False, force=True)  # v2: the same snapshot again
+    cfg = {"num_workers": 1, "steps": 2, "checkpoint_every": 2, "warmup_steps": 0}
+    v1 = _train(str(name / "v1"), tmp_path / "train", **cfg)
+    assert v1["metrics"]["init_from"] is None
+    still = {**cfg, "lr": 1e-12}
+    tuned = _train(str(name / "v2"), tmp_path / "train", **still, start="previous_version")
+    assert tuned["metrics"]["init_from"] == v1["checkpoint"] and tuned["metrics"]["step"] == 2
+    scratch = _train(str(name / "v2"), tmp_path / "train", **still, name="v2-scratch")
+    assert scratch["metrics"]["init_from"] is None
+
+    def weights(result):
+        return torch.load(Path(result["checkpoint"]) / "state.pt", weights_only=True)["model"]
+
+    first, fine, fresh = weights(v1), weights(tuned), weights(scratch)
+    assert all(torch.allclose(first[k].float(), fine[k].float(), atol=1e-6) for k in first)
+    assert not all(torch.allclose(first[k].float(), fresh[k].float(), atol=1e-6) for k in first)
+    assert (tmp_path / "train" / tuned["name"] / "tokenizer.json").read_text() == (tmp_path / "train" / v1["name"] / "tokenizer.json").read_text()

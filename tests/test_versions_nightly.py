@@ -41,13 +41,15 @@ def _stored_shards(storage: Storage, name: str) -> dict[str, str]:
     return out
 
 
-def _five_nights(build, tmp_path: Path, name: str, storage: Storage, fail_publish, storage_cfg: dict | None = None):
+def _five_nights(nightly_run, tmp_path: Path, name: str, storage: Storage, fail_publish, **sections):
+    """`nightly_run(cfg, run_id)` -> the build's record, each night; (published version or None, what
+    LATEST named after it) per night."""
     import flows.build as build_flow
 
     src = tmp_path / "incoming"
     src.mkdir()
     cfg = run_config(tmp_path, src, regions={"method": "none"}, shards={"keep_empty": True, "max_samples": 4},
-                     publish={"to": name}, prefect={"retries": 0}, **({"storage": storage_cfg} if storage_cfg else {}))
+                     publish={"to": name}, prefect={"retries": 0}, **sections)
     published, added, seen_latest = [], 0, []
     real_publish = build_flow.publish_version
     for night, n in enumerate(NIGHTS, start=1):
@@ -58,10 +60,10 @@ def _five_nights(build, tmp_path: Path, name: str, storage: Storage, fail_publis
         try:
             if night == 4:
                 with pytest.raises(Exception):
-                    build(cfg, run_id=f"night{night}")
+                    nightly_run(cfg, run_id=f"night{night}")
                 published.append(None)
             else:
-                dataset = build(cfg, run_id=f"night{night}")
+                dataset = nightly_run(cfg, run_id=f"night{night}")
                 p = dataset["published"]
                 published.append(None if p["unchanged"] else p["version"])
         finally:
@@ -101,9 +103,19 @@ def _check_versions(name: str, storage: Storage, orphaned: range) -> None:
     assert [h["added"] for h in info["history"]] == [12, 3, 4]
 
 
-def test_five_nights_local(build, tmp_path):
+def test_five_nights_local_with_a_nightly_fine_tune(ray_local, prefect_harness, tmp_path):
+    """end_to_end every night, training with start previous_version: trainings on v1 (from scratch),
+    v2 (from v1's run) and v3 (from v2's) only; the idle and the failed night train nothing."""
+    from flows.train import end_to_end
+
     name = str(tmp_path / "published" / "nightly")
     storage = Storage()
+    trainings = []
+
+    def end_to_end_night(cfg, run_id):
+        out = end_to_end(cfg, run_id=run_id, progress=False)
+        trainings.append(out["train"] and out["train"]["metrics"])
+        return out["dataset"]
 
     def fail_publish(real):
         def publish(*args, **kw):  # the disk fills up after the first shard lands
@@ -112,10 +124,20 @@ def test_five_nights_local(build, tmp_path):
             return real(*args, **{**kw, "after_upload": full})
         return publish
 
-    published, latest = _five_nights(build, tmp_path, name, storage, fail_publish)
+    train = {"objective": "mae", "preset": "tiny", "output": str(tmp_path / "train"), "steps": 2, "batch_size": 2,
+             "checkpoint_every": 2, "warmup_steps": 0, "start": "previous_version",
+             "data": {"loader_workers": 0, "shuffle_buffer": 0, "holdout_shards": 0}}
+    published, latest = _five_nights(end_to_end_night, tmp_path, name, storage, fail_publish, train=train)
     assert published == ["v1", "v2", None, None, "v3"]
     assert latest == ["v1", "v2", "v2", "v2", "v3"]
     _check_versions(name, storage, orphaned=range(1, 3))  # night 4's tars that landed before the failure
+    ran = [t for t in trainings if t]
+    assert len(trainings) == 4 and trainings[2] is None  # night 4's end_to_end raised before it recorded anything
+    assert [Path(t["dataset"]).name for t in ran] == ["v1", "v2", "v3"]
+    assert [t["train_images"] for t in ran] == [12, 15, 19]  # each training on the whole snapshot
+    assert ran[0]["init_from"] is None
+    for earlier, later in zip(ran, ran[1:]):  # each night's fine-tune starts from the night before's last checkpoint
+        assert later["init_from"] == earlier["checkpoint"] and later["steps_this_run"] == 2
 
 
 def test_five_nights_on_s3_with_the_endpoint_stopped_on_night_four(build, tmp_path, monkeypatch):
@@ -143,7 +165,7 @@ def test_five_nights_on_s3_with_the_endpoint_stopped_on_night_four(build, tmp_pa
         return publish
 
     try:
-        published, latest = _five_nights(build, tmp_path, name, storage, fail_publish, {"endpoint_url": endpoint})
+        published, latest = _five_nights(build, tmp_path, name, storage, fail_publish, storage={"endpoint_url": endpoint})
     finally:
         state["server"].stop()
         state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

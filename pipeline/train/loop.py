@@ -198,6 +198,10 @@ def train_loop(loop_config: dict, session) -> None:
         step = resumed_from = state["step"]
         if rank == 0:
             print(f"resumed from the checkpoint at step {step}", flush=True)
+    elif loop_config.get("init_checkpoint"):
+        _init_weights(model, loop_config["init_checkpoint"], storage)
+        if rank == 0:
+            print(f"fine-tuning from {loop_config['init_checkpoint']}", flush=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps), last_epoch=step - 1)
     model = session.prepare(model)
 
@@ -253,6 +257,18 @@ def _load_checkpoint(checkpoint) -> tuple[dict, list]:
         with open(os.path.join(folder, TRAIN_JSON)) as f:
             history = json.load(f).get("history", [])
     return state, history
+
+
+def _init_weights(model, uri: str, storage) -> None:
+    """A fine-tune's start: the weights (not the optimizer, nor the step) of another run's checkpoint."""
+    from pipeline.train.checkpoints import StoredCheckpoint
+
+    state, _ = _load_checkpoint(StoredCheckpoint(storage, uri))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"train.start previous_version: {uri} holds a model of other sizes than this run's "
+                         f"({str(exc).splitlines()[0][:200]}); train this version with start: scratch") from None
 
 
 def _resume_state(checkpoints: list) -> tuple[dict | None, list]:

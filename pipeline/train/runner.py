@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pipeline.shards.loader import ShardDataset
 from pipeline.storage import Storage, is_s3, join
+from pipeline.dataset_format import version_name, version_number
 from pipeline.train.checkpoints import latest_checkpoint
 from pipeline.train.text import iter_captions, train_tokenizer
 from schemas.train import TrainConfig
@@ -59,9 +60,24 @@ def training_images(dataset: ShardDataset, holdout: int) -> int:
     return sum(dataset.sizes[s] for s in dataset.shards[slice(*train_range)])
 
 
-def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, train_shards: list[str], storage: Storage, output: str) -> dict:
-    """Where workers get their tokenizer: the pretrained model's or a given directory, else one trained
-    on the training shards' captions, kept in OUTPUT/NAME so that a resumed run reuses it."""
+def earlier_version_checkpoint(storage: Storage, dataset_root: str, cfg: TrainConfig) -> str | None:
+    """train.start previous_version: the newest whole checkpoint of the run (default name, same
+    output and objective) that trained on the nearest earlier version of NAME/vN; None when the
+    dataset is not a published version or no earlier version was trained on."""
+    name_uri, _, version = dataset_root.rstrip("/").rpartition("/")
+    n = version_number(version)
+    for earlier in range((n or 1) - 1, 0, -1):
+        found = latest_checkpoint(storage, join(cfg.output, run_name(join(name_uri, version_name(earlier)), cfg.objective)))
+        if found:
+            return found[0]
+    return None
+
+
+def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, train_shards: list[str], storage: Storage, output: str,
+                     init_checkpoint: str | None = None) -> dict:
+    """Where workers get their tokenizer: the pretrained model's or a given directory, else the one
+    of the checkpoint a fine-tune starts from (its weights fit that vocabulary), else one trained on
+    the training shards' captions; kept in OUTPUT/NAME so that a resumed run reuses it."""
     if cfg.objective == "mae":
         return {"tokenizer_json": None, "tokenizer_path": None}
     path = cfg.tokenizer or cfg.model_options().pretrained
@@ -70,7 +86,10 @@ def settle_tokenizer(cfg: TrainConfig, dataset: ShardDataset, train_shards: list
     uri = join(output, TOKENIZER)
     if storage.exists(uri):
         return {"tokenizer_json": storage.read_bytes(uri).decode(), "tokenizer_path": None}
-    text = train_tokenizer(iter_captions(dataset, train_shards), cfg.model_options().vocab_size)
+    if init_checkpoint and storage.exists(join(init_checkpoint, TOKENIZER)):
+        text = storage.read_bytes(join(init_checkpoint, TOKENIZER)).decode()
+    else:
+        text = train_tokenizer(iter_captions(dataset, train_shards), cfg.model_options().vocab_size)
     storage.write_bytes(uri, text.encode())
     return {"tokenizer_json": text, "tokenizer_path": None}
 
@@ -177,10 +196,14 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
     if eval_on_train:
         log.warning("%s has %d shard(s), not more than data.holdout_shards=%d: evaluating on the training shards",
                     dataset.root, len(dataset.shards), cfg.data.holdout_shards)
+    init = earlier_version_checkpoint(storage, dataset.root, cfg) if cfg.start == "previous_version" else None
+    if cfg.start == "previous_version":
+        log.info("train.start previous_version: %s", f"fine-tuning from {init}" if init else
+                 f"no run trained on a version before {dataset.root} in {cfg.output}: starting from scratch")
     loop_config = {
         "train": cfg.model_dump(mode="json"), "dataset": dataset.root, "storage": storage,
-        "train_shards": train_range, "eval_shards": eval_range,
-        **settle_tokenizer(cfg, dataset, dataset.shards[slice(*train_range)], storage, output),
+        "train_shards": train_range, "eval_shards": eval_range, "init_checkpoint": init,
+        **settle_tokenizer(cfg, dataset, dataset.shards[slice(*train_range)], storage, output, init),
     }
     if on_progress is not None:
         from ray.util.queue import Queue
@@ -195,7 +218,7 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
     metrics = dict(last_metrics or {})
     metrics |= {"dataset": dataset.root, "name": name, "objective": cfg.objective, "eval_on_train": eval_on_train,
                 "train_shards": list(train_range), "eval_shards": list(eval_range), "train_images": train_images,
-                "launcher": "ray_task" if task else "ray_train", "checkpoint": checkpoint}
+                "launcher": "ray_task" if task else "ray_train", "checkpoint": checkpoint, "init_from": init}
     storage.write_bytes(join(output, METRICS), json.dumps(metrics, indent=1).encode())
     return TrainResult(name, output, dataset.root, checkpoint, metrics)
 

@@ -16,7 +16,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
 def iter_captions(dataset: ShardDataset, shards: list[str] | None = None) -> Iterator[str]:
     """Every box caption and global caption of these shards (default: all; text tars only for paired)."""
     for shard in dataset.shards if shards is None else shards:
-        for _key, group in read_tar_groups(dataset.storage, join(dataset.root, *dataset.text_tar(shard))):
+        for _key, group in read_tar_groups(dataset.storage, join(dataset.tars_at, *dataset.text_tar(shard))):
             meta = json.loads(group["json"])
             yield from (t for t in meta.get("text", []) if t)
             if meta.get("global_text"):
