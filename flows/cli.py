@@ -240,8 +240,9 @@ def gc(
     keep: int = typer.Option(..., "--keep", help="How many of the newest versions to keep (at least 1)."),
     delete: bool = typer.Option(False, "--delete", help="Delete; without it, only say what would go (a dry run)."),
 ):
-    """Delete the shard files that none of the newest KEEP versions references, and the older
-    versions' metadata. A dry run unless --delete; a file a kept version needs is never deleted."""
+    """Delete the shard files that none of the newest KEEP versions references, the incomplete uploads
+    killed publishers left, and the older versions' metadata. A dry run unless --delete; a file a kept
+    version needs is never deleted, nor anything of a publish begun in the last 24 hours."""
     from pipeline.versions import collect_garbage
 
     try:
@@ -250,8 +251,9 @@ def gc(
         _fail(str(exc))
     verb = "deleted" if plan.deleted else "would delete"
     typer.echo(f"keeping {', '.join(plan.kept) or 'nothing'}; {verb} {len(plan.shards)} shard file(s) "
-               f"({plan.bytes / 2**20:.1f} MiB) and the metadata of {', '.join(plan.dropped) or 'no version'}")
-    if not plan.deleted and (plan.shards or plan.dropped):
+               f"({plan.bytes / 2**20:.1f} MiB), {len(plan.uploads)} incomplete upload(s) and the metadata of "
+               f"{', '.join(plan.dropped) or 'no version'}")
+    if not plan.deleted and (plan.shards or plan.dropped or plan.uploads):
         typer.echo("(a dry run: add --delete to delete)")
 
 

@@ -271,6 +271,17 @@ def abort_stale_uploads(storage: Storage, uris: list[str]) -> int:
     return n
 
 
+def incomplete_uploads(storage: Storage, folder: str) -> list[str]:
+    """Names of the objects in `folder` with an upload that never finished (an S3 multipart upload
+    left by a killed publisher, or a local temporary)."""
+    if is_s3(folder):
+        prefix = split_s3(folder)[1].rstrip("/") + "/"
+        return sorted({key[len(prefix):] for key, _ in storage.list_uploads(folder) if "/" not in key[len(prefix):]})
+    if not Path(folder).is_dir():
+        return []
+    return sorted(temp_target(e.name) for e in Path(folder).iterdir() if temp_target(e.name))
+
+
 def _s3_errors() -> tuple[type[Exception], ...]:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -833,6 +844,7 @@ class GcPlan:
     shards: list[str]  # tar paths in the shard store no kept version references
     bytes: int
     deleted: bool = False
+    uploads: list[str] = field(default_factory=list)  # incomplete uploads (S3 multipart; local temporaries) of such tars
 
 
 def collect_garbage(storage: Storage, name_uri: str, keep: int, delete: bool = False, pending_hours: float = 24.0) -> GcPlan:
@@ -860,18 +872,22 @@ def collect_garbage(storage: Storage, name_uri: str, keep: int, delete: bool = F
                 pending.append(range(int(record["shard_base"]), int(record["shard_base"]) + int(record["count"])))
             elif delete:
                 storage.delete(join(name_uri, STAGED, name))
-    garbage, size = [], 0
+    garbage, size, uploads = [], 0, []
+    recent = lambda name: any(shard_index(name) in r for r in pending)  # noqa: E731
     for folder in ("image", "text_box", "combined"):
         for name in storage.list_prefix(join(name_uri, SHARD_STORE, folder)):
             path = f"{folder}/{name}"
-            if not name.endswith(TAR_SUFFIX) or path in needed or any(shard_index(name) in r for r in pending):
+            if not name.endswith(TAR_SUFFIX) or path in needed or recent(name):
                 continue
             garbage.append(path)
             size += storage.size(join(name_uri, SHARD_STORE, path))
-    plan = GcPlan(kept, dropped, garbage, size)
+        uploads += [f"{folder}/{name}" for name in incomplete_uploads(storage, join(name_uri, SHARD_STORE, folder))
+                    if not recent(name)]
+    plan = GcPlan(kept, dropped, garbage, size, uploads=uploads)
     if delete:
         for path in garbage:
             storage.delete(join(name_uri, SHARD_STORE, path))
+        abort_stale_uploads(storage, [join(name_uri, SHARD_STORE, path) for path in uploads])
         for v in dropped:  # dataset.json first: from then on the version is not listed, whatever else remains
             storage.delete(join(name_uri, v, DATASET))
             for e in parse_files(storage.read_bytes(join(name_uri, v, FILES)), join(name_uri, v, FILES)):

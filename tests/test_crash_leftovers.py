@@ -72,6 +72,19 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _kill_mid_multipart(proc: subprocess.Popen, client, bucket: str) -> None:
+    """SIGKILL `proc` once one of its multipart uploads has a part stored."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        ups = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        if any(client.list_parts(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts") for u in ups):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    _kill(proc)
+    assert _uploads(client, bucket), "the kill left no incomplete upload: nothing tested"
+
+
 # -- temporary names -------------------------------------------------------------------------------
 def test_temporary_names_are_recognised():
     name = temp_name("image_000000.tar")
@@ -174,17 +187,9 @@ def test_sigkill_during_multipart_publish_then_rerun_leaves_no_incomplete_upload
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISH, s3.endpoint_url, str(ds), name], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            ups = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
-            if any(client.list_parts(Bucket=s3_bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts") for u in ups):
-                break
-            time.sleep(0.02)
-        alive = proc.poll() is None
+        _kill_mid_multipart(proc, client, s3_bucket)
     finally:
         _kill(proc)
-    assert alive, proc.stdout.read().decode()[-3000:]
-    assert _uploads(client, s3_bucket), "the kill left no incomplete upload: nothing tested"
     assert list_versions(s3, name) == []
 
     done = publish_version(s3, ds, name, concurrency=2, part_size=5 * MiB, progress=False)
@@ -351,6 +356,29 @@ def _objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
     return {k[len(prefix):]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
+def test_gc_aborts_the_uploads_of_a_publisher_killed_and_never_rerun(s3, s3_bucket, tmp_path):
+    """A publish killed in the middle of a multipart upload and never rerun (its build was thrown
+    away): gc lists the upload (a dry run aborts nothing), and --delete aborts it and deletes the
+    tars that landed; gc leaves a publish begun less than pending_hours ago alone."""
+    from pipeline.versions import collect_garbage
+
+    ds = _fake_dataset(tmp_path / "ds", "g", tar_sizes=(16 * MiB, 16 * MiB + 3))
+    name = f"s3://{s3_bucket}/abandoned"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_AT, s3.endpoint_url, str(ds), name, "mid_multipart"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _kill_mid_multipart(proc, s3.s3, s3_bucket)
+    finally:
+        _kill(proc)
+    left = _uploads(s3.s3, s3_bucket)
+    assert collect_garbage(s3, name, keep=1, delete=True).uploads == [] and _uploads(s3.s3, s3_bucket) == left  # begun just now
+    plan = collect_garbage(s3, name, keep=1, pending_hours=0)
+    assert sorted(join(name, "shards", u) for u in plan.uploads) == sorted(f"s3://{s3_bucket}/{k}" for k in left)
+    assert _uploads(s3.s3, s3_bucket) == left  # a dry run
+    collect_garbage(s3, name, keep=1, delete=True, pending_hours=0)
+    assert _uploads(s3.s3, s3_bucket) == [] and not s3.list_prefix(join(name, "shards", "image"))
+
+
 @pytest.mark.parametrize("point", ["after_first_shard", "mid_multipart", "before_latest"])
 def test_sigkill_at_three_points_of_a_publish_then_rerun_finishes_v1(s3, s3_bucket, tmp_path, point):
     """Killed after the first shard landed, in the middle of a multipart upload, or after the
@@ -364,15 +392,7 @@ def test_sigkill_at_three_points_of_a_publish_then_rerun_finishes_v1(s3, s3_buck
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         if point == "mid_multipart":
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None:
-                ups = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
-                if any(client.list_parts(Bucket=s3_bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts") for u in ups):
-                    break
-                time.sleep(0.02)
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            _kill(proc)
-            assert _uploads(client, s3_bucket), "the kill left no incomplete upload: nothing tested"
+            _kill_mid_multipart(proc, client, s3_bucket)
         else:
             proc.wait(timeout=120)
             assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-3000:]

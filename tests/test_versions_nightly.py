@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.shards.loader import open_dataset
 from pipeline.storage import Storage
 from pipeline.versions import collect_garbage, list_versions, resolve
 from tests.helpers.config import run_config
 from tests.helpers.images import scene_jpeg
+from tests.helpers.prefect_home import prefect_home
+
+REPO = Path(__file__).resolve().parents[1]
 
 NIGHTS = [12, 3, 0, 2, 2]
 
@@ -41,7 +50,7 @@ def _stored_shards(storage: Storage, name: str) -> dict[str, str]:
     return out
 
 
-def _five_nights(nightly_run, tmp_path: Path, name: str, storage: Storage, fail_publish, **sections):
+def _five_nights(nightly_run, tmp_path: Path, name: str, store: Storage, fail_publish, **sections):
     """`nightly_run(cfg, run_id)` -> the build's record, each night; (published version or None, what
     LATEST named after it) per night."""
     import flows.build as build_flow
@@ -68,9 +77,9 @@ def _five_nights(nightly_run, tmp_path: Path, name: str, storage: Storage, fail_
                 published.append(None if p["unchanged"] else p["version"])
         finally:
             build_flow.publish_version = real_publish
-        latest = resolve(storage, name)
+        latest = resolve(store, name)
         seen_latest.append(latest.rsplit("/", 1)[-1])
-        assert len(set(_keys(name, storage))) == len(_keys(name, storage)), "a key twice in LATEST"
+        assert len(set(_keys(name, store))) == len(_keys(name, store)), "a key twice in LATEST"
     return published, seen_latest
 
 
@@ -229,3 +238,63 @@ def test_remove_block_and_gc_keep_one(build, tmp_path):
     pull(storage, name, dest, progress=False)  # every file checked against files.json's sha256
     assert sorted(s["key"] for s in open_dataset(str(dest), decode=False)) == sorted(_keys(name, storage))
     assert len(_keys(name, storage)) == 5
+
+
+# `localcap run`, killed (SIGKILL, the process itself) once two shard files of its publish have landed.
+_RUN_KILLED_IN_PUBLISH = textwrap.dedent("""
+    import os, signal, sys
+    from pipeline import versions
+
+    real, landed = versions._upload, []
+
+    def upload(*args, **kw):
+        real(*args, **kw)
+        landed.append(args[1].path)
+        if len(landed) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    versions._upload = upload
+    from flows.cli import app
+    app(sys.argv[1:])
+""")
+
+
+def test_a_run_killed_while_publishing_then_rerun_finishes_v1_and_counts_both_attempts(s3_endpoint, s3_bucket, prefect_harness, tmp_path):
+    """kill -9 of `localcap run` (publish.to on the S3 endpoint) after two of its six shard files
+    landed; the rerun of that run id publishes v1 (no gap, no v2 claim) with every image, reuses
+    the shard numbers the killed attempt took (nothing else in the store), leaves no incomplete
+    upload, and its dataset.json counts the stage seconds of both attempts."""
+    import boto3
+
+    src = tmp_path / "incoming"
+    src.mkdir()
+    _add_images(src, 0, 3)
+    name = f"s3://{s3_bucket}/scenes"
+    cfg = run_config(tmp_path, src, regions={"method": "none"}, shards={"keep_empty": True, "max_samples": 1},
+                     publish={"to": name, "concurrency": 1}, prefect={"retries": 0}, storage={"endpoint_url": s3_endpoint},
+                     ray={"num_cpus": 1})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
+    env |= {"PREFECT_HOME": prefect_home(tmp_path / "prefect-home"), "PREFECT_API_URL": prefect_harness}
+    args = ["run", str(tmp_path / "run.yaml"), "--run-id", "night1", "--no-progress"]
+    killed = subprocess.run([sys.executable, "-c", _RUN_KILLED_IN_PUBLISH, *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    storage = Storage(s3_endpoint)
+    assert list_versions(storage, name) == [] and len(_stored_shards(storage, name)) == 2
+    stage_dir = tmp_path / "work" / "night1" / "ingest"
+    first_attempt = [json.loads(p.read_text())["seconds"] for p in stage_dir.glob("_attempt-*.json")]
+    assert len(first_attempt) == 1 and first_attempt[0] > 0
+
+    rerun = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert [(v.version, v.samples) for v in list_versions(storage, name)] == [("v1", 3)]
+    assert storage.read_bytes(f"{name}/LATEST") == b"v1" and not storage.exists(f"{name}/_claims/v2.json")
+    listing = json.loads(storage.read_bytes(f"{name}/v1/files.json"))["files"]
+    assert set(_stored_shards(storage, name)) == {e["path"] for e in listing if e["path"].endswith(".tar")}
+    assert sorted(_keys(name, storage)) == sorted(_keys(str(tmp_path / "ds"), Storage()))
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+    timings = json.loads(storage.read_bytes(f"{name}/v1/dataset.json"))["timings"]
+    assert timings["stage_seconds"]["ingest"] == pytest.approx(first_attempt[0], abs=0.01)  # the rerun had nothing to ingest
+    assert timings["runs"] == 2
