@@ -27,9 +27,16 @@ def describe_dataset(dataset: str, storage: Storage | None = None, n_samples: in
         f"dataset   {dataset}",
         (f"name      {info.get('name', '?')}  (run {info.get('run_id', '?')}, layout {info['layout']}, "
          f"created {info.get('created_at', '?')})"),
-        f"samples   {counts['samples']} in {counts['shards']} shards, from {counts.get('inputs', '?')} inputs",
-        f"rejected  {counts.get('rejected', '?')}" + "".join(f"\n  {k:<20} {v}" for k, v in counts.get("rejected_by_reason", {}).items()),
     ]
+    build = info.get("build")
+    if isinstance(build, dict) and isinstance(build.get("counts"), dict):  # a published snapshot: the whole dataset
+        out.append(f"samples   {counts['samples']} in {counts['shards']} shards, the whole dataset: +{counts.get('added', '?')} "
+                   f"-{counts.get('removed', '?')} since {info.get('parent') or 'nothing (the first version)'}")
+        counts = {**build["counts"], "rejected": f"{build['counts'].get('rejected', '?')} of the newest build's "
+                  f"{build['counts'].get('inputs', '?')} inputs"}
+    else:
+        out.append(f"samples   {counts['samples']} in {counts['shards']} shards, from {counts.get('inputs', '?')} inputs")
+    out.append(f"rejected  {counts.get('rejected', '?')}" + "".join(f"\n  {k:<20} {v}" for k, v in counts.get("rejected_by_reason", {}).items()))
     if stats.get("width"):
         out.append(f"size      width {stats['width']['min']}-{stats['width']['max']}, height {stats['height']['min']}-{stats['height']['max']}, "
                    f"median {stats['megapixels']['median']} MP")

@@ -140,6 +140,13 @@ def test_five_nights_local_with_a_nightly_fine_tune(ray_local, prefect_harness, 
     assert published == ["v1", "v2", None, None, "v3"]
     assert latest == ["v1", "v2", "v2", "v2", "v3"]
     _check_versions(name, storage, orphaned=range(1, 3))  # night 4's tars that landed before the failure
+    from tests.helpers.ps3_conformance import ps3_problems
+
+    assert ps3_problems(Path(name) / "v3") == []  # PS3's loader behaviour over the three-version snapshot
+    from pipeline.inspection import describe_dataset
+
+    shown = describe_dataset(resolve(storage, name))  # `localcap inspect NAME`: LATEST, the whole snapshot
+    assert "samples   19 in " in shown and "the whole dataset: +4 -0 since v2" in shown, shown
     ran = [t for t in trainings if t]
     assert len(trainings) == 4 and trainings[2] is None  # night 4's end_to_end raised before it recorded anything
     assert [Path(t["dataset"]).name for t in ran] == ["v1", "v2", "v3"]
