@@ -158,10 +158,17 @@ def stage_seconds(info: dict) -> dict[str, float]:
     return out
 
 
+def build_counts(info: dict) -> dict:
+    """The newest build's counts (inputs, rejects): a published snapshot keeps them under `build`,
+    its own `counts` being the whole dataset's."""
+    build = info.get("build")
+    return build["counts"] if isinstance(build, dict) and isinstance(build.get("counts"), dict) else info["counts"]
+
+
 def stage_throughput(info: dict) -> dict[str, float]:
     """Inputs per second of each stage over the builds that computed it (a build that computed a
     share of a stage's partitions handled that share of the inputs); stages that did no work have none."""
-    n = info["counts"]["inputs"]
+    n = build_counts(info).get("inputs", 0)
     done: dict[str, list[float]] = {}
     for stage, share, seconds in _computed_stages(info):
         acc = done.setdefault(stage, [0.0, 0.0])
@@ -395,8 +402,11 @@ def write_report(dataset_uri: str, out_dir: str, n_samples: int = 24, storage: S
     rel = [round(((b[2] - b[0]) * (b[3] - b[1]) / (size_of[k][0] * size_of[k][1])) ** 0.5, 4)
            for k, s in texts.items() for b in s.get("box", [])]
     words = [len(t.split()) for s in texts.values() for t in s.get("text", []) if t]
-    counts = info["counts"]
-    by_reason = counts.get("rejected_by_reason", {})
+    counts, built = info["counts"], build_counts(info)
+    by_reason = built.get("rejected_by_reason", {})
+    whole = (f' (the whole dataset: +{counts.get("added", "?")} -{counts.get("removed", "?")} since '
+             f'{esc(info.get("parent") or "nothing")}; the newest build\'s {built.get("inputs", "?")} inputs, {built.get("rejected", "?")} rejected)'
+             if built is not counts else f' from {counts["inputs"]} inputs, {counts["rejected"]} rejected')
     plots = [
         column_svg("boxes per image", {str(k): v for k, v in sorted(Counter(len(b) for b in boxes).items())}),
         histogram_svg("box side relative to the image (sqrt of area fraction)", rel),
@@ -412,8 +422,7 @@ def write_report(dataset_uri: str, out_dir: str, n_samples: int = 24, storage: S
     ]
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{esc(info["name"])} - localcap report</title>'
             f'<style>{CSS}</style></head><body><h1>{esc(info["name"])}</h1>'
-            f'<p class="summary">{counts["samples"]} samples in {counts["shards"]} shards from {counts["inputs"]} inputs, '
-            f'{counts["rejected"]} rejected; layout {layout}; built {esc(info["created_at"])} (run {esc(info["run_id"])}); '
+            f'<p class="summary">{counts["samples"]} samples in {counts["shards"]} shards{whole}; layout {layout}; built {esc(info["created_at"])} (run {esc(info["run_id"])}); '
             f'{len(picked)} samples shown. Source: {esc(root)}</p><p class="note">{esc(run_note)}</p>'
             f'<section class="plots">{"".join(plots)}</section><h2>Builds</h2>{builds_html(info)}'
             f'<h2>Samples</h2><section class="gallery">{cards}</section>'

@@ -147,6 +147,10 @@ def test_five_nights_local_with_a_nightly_fine_tune(ray_local, prefect_harness, 
 
     shown = describe_dataset(resolve(storage, name))  # `localcap inspect NAME`: LATEST, the whole snapshot
     assert "samples   19 in " in shown and "the whole dataset: +4 -0 since v2" in shown, shown
+    from pipeline.report import write_report
+
+    page = Path(write_report(name, str(tmp_path / "report"), n_samples=4)).read_text()  # `localcap report NAME`
+    assert "19 samples in " in page and "the whole dataset: +4 -0 since v2" in page
     ran = [t for t in trainings if t]
     assert len(trainings) == 4 and trainings[2] is None  # night 4's end_to_end raised before it recorded anything
     assert [Path(t["dataset"]).name for t in ran] == ["v1", "v2", "v3"]
