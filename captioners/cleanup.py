@@ -1,7 +1,10 @@
 """Caption clean-up and rejection: what a VLM says is not always a caption.
 
 `clean_caption(text)` returns (cleaned text, None) or (None, reason). Reasons are a fixed
-vocabulary (schemas.tables.CaptionStatus) so that the captions table can be counted by them.
+vocabulary (schemas.tables.CaptionStatus) so that the captions table can be counted by them. A caption
+is rewritten only where what is left is still whole sentences about the picture (an opening such as
+"The second image shows" removed); anything else that is wrong with it rejects it: shortening a
+caption into a fragment changes what it says.
 """
 
 from __future__ import annotations
@@ -46,6 +49,25 @@ _ABSENCE = re.compile(
 _CONTRAST = re.compile(r"\b(?:but|while|whereas|although|though|however|except|apart\s+from|only)\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]*(?:\s|$))")
 _WORD = re.compile(r"\w+", re.UNICODE)
+# Special tokens of the common tokenizers ("<unk>", "<pad>", "<|endoftext|>", "<|im_end|>", "</s>",
+# "[PAD]"): in a decoded caption they mean the detokenizer kept them or the chat template is wrong, and
+# the words around them are not to be trusted either.
+_SPECIAL_TOKEN = re.compile(
+    r"<\|[^|<>\s]{1,40}\|>|</?(?:unk|pad|s|eos|bos|mask|sep|cls|image|img|start_of_turn|end_of_turn)>"
+    r"|(?-i:\[(?:UNK|PAD|CLS|SEP|MASK)\])", re.IGNORECASE)
+# References to the prompt's own pictures rather than to what is in them: the other image of the pair,
+# the crop, the highlighted region, the zoomed-in view. A caption about the request is no caption.
+_FRAMING = re.compile(
+    r"\b(?:the|this|that|these|those)\s+(?:first|second|third|1st|2nd|other|previous|former|latter|original|full|complete"
+    r"|larger|reference|input|provided|given)\s+(?:image|picture|photo|photograph|view|frame)s?\b"
+    r"|\b(?:both|the\s+two)\s+(?:images|pictures|photos)\b"
+    r"|\b(?:in|within|inside|of|from)\s+(?:the|this)\s+crop\b(?!s)|^(?:the|this)\s+crop\b(?!s)"
+    r"|\b(?:the|this|that|a)\s+cropped\s+(?:image|picture|photo|area|section|region|part|portion|view|version)\b"
+    r"|\b(?:highlighted|marked|selected|outlined|boxed|specified|indicated)\s+(?:region|area|section|box|part|portion|rectangle)\b"
+    r"|\b(?:zoomed[- ]in|enlarged|magnified)\s+(?:view|image|version|section|region|portion|part|crop|picture)\b"
+    r"|\b(?:the|this|that)\s+region\b(?!\s+of\b)"
+    r"|\bthe\s+close[- ]?up\b",
+    re.IGNORECASE)
 # Control characters and U+FFFD (a token sequence that ended inside a UTF-8 character; where it lands
 # differs between detokenizers) carry nothing a caption needs.
 _JUNK_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
@@ -102,17 +124,32 @@ def is_degenerate(text: str, n: int = 3, max_repeats: int = 3, min_unique_ratio:
     return len(words) >= 12 and len(set(words)) / len(words) < min_unique_ratio
 
 
+def about_the_picture(sentence: str, min_words: int = 2) -> str | None:
+    """The sentence with any opening about the prompt's pictures removed ("The second image shows a
+    red sign." -> "A red sign."), or None when a reference to the prompt's framing would remain: "The
+    second image is a close-up of the first image." is not shortened to "The first image."."""
+    rewritten = strip_boilerplate(sentence)
+    if _FRAMING.search(rewritten) or len(_WORD.findall(rewritten)) < min_words:
+        return None if _FRAMING.search(sentence) else rewritten
+    return rewritten
+
+
 def clean_caption(text: str | None, min_words: int = 2) -> tuple[str | None, CaptionStatus | None]:
     text = normalise_text(text or "")
     if not text:
         return None, CaptionStatus.EMPTY
+    if _SPECIAL_TOKEN.search(text):
+        return None, CaptionStatus.TOKEN_DEBRIS
     if _SENTINEL.match(text) or _ERROR_MARKER.search(text):
         return None, CaptionStatus.ERROR_SENTINEL
     if _REFUSAL.match(text):
         return None, CaptionStatus.REFUSAL
     if is_degenerate(text):
         return None, CaptionStatus.DEGENERATE
-    text = strip_boilerplate(drop_absence_statements(whole_sentences(text)))
+    kept = [about_the_picture(s, min_words) for s in sentences(drop_absence_statements(whole_sentences(text)))]
+    if None in kept:
+        return None, CaptionStatus.PROMPT_FRAMING
+    text = " ".join(s for s in kept if s)
     if len(_WORD.findall(text)) < min_words:
         return None, CaptionStatus.EMPTY if not text else CaptionStatus.TOO_SHORT
     return text, None

@@ -31,6 +31,23 @@ PROMPTS: dict[str, PromptSet] = {
             "text that is visible, and how things are laid out."
         ),
     ),
+    # ps3-v1 numbers the pictures ("the first ... the second ..."), and models answer in those terms ("The
+    # second image is a close-up of the first image."). This wording never names them; measured with
+    # benchmarks/caption_prompts.py, it becomes the default only once a real model says fewer such things.
+    "ps3-v2": PromptSet(
+        prompt_id="ps3-v2",
+        local=(
+            "Here is a photo, and after it one detail of that photo shown enlarged. Describe the detail as if it "
+            "were a photo of its own, in one or two sentences that start with what is there (for example 'A red "
+            "tram ...'). Name every object and read every piece of text, with colours, shapes and where things "
+            "are relative to each other. Say nothing about things that are not there, and never mention images, "
+            "pictures, photos, crops, regions, views or where the detail sits in the photo."
+        ),
+        global_=(
+            "Describe this photo in two or three sentences: the main subjects, their colours and shapes, any "
+            "text that is visible, and how things are laid out."
+        ),
+    ),
 }
 
 DEFAULT_PROMPT_ID = "ps3-v1"

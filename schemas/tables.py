@@ -62,6 +62,8 @@ class CaptionStatus(str, Enum):
     ERROR_SENTINEL = "error_sentinel"  # "ERROR", "N/A", "null", ... instead of a caption
     REFUSAL = "refusal"  # "I'm sorry, I cannot ..."
     DEGENERATE = "degenerate"  # looping or repetitive output
+    TOKEN_DEBRIS = "token_debris"  # special tokens in the text ("<unk>", "<|im_end|>"): a detokenizer or template fault
+    PROMPT_FRAMING = "prompt_framing"  # about the prompt's pictures ("the first image", "the crop"), not the picture
     BACKEND_ERROR = "backend_error"  # the back end failed on it after every retry; a rerun tries again
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from captioners.cleanup import clean_caption
@@ -44,7 +47,7 @@ REJECTED = [
     ("a red sign a red sign a red sign a red sign a red sign", S.DEGENERATE),
     ("the the the the the the the the the the the the the", S.DEGENERATE),
     ("dog cat dog cat dog cat dog cat dog cat dog cat dog cat", S.DEGENERATE),
-    ("The second image shows", S.EMPTY),
+    ("The second image shows", S.PROMPT_FRAMING),
     ("Sign.", S.TOO_SHORT),
 ]
 
@@ -94,3 +97,29 @@ def test_sentences_that_only_state_absence_are_dropped(raw, kept):
 
 def test_a_caption_that_only_states_absence_is_empty():
     assert clean_caption("There is no visible text in the image.") == (None, S.EMPTY)
+
+
+CLEANUP_SET = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "captions" / "cleanup_set.json").read_text())
+FAMILY_STATUS = {"token_debris": S.TOKEN_DEBRIS, "prompt_framing": S.PROMPT_FRAMING, "refusal": S.REFUSAL,
+                 "error_marker": S.ERROR_SENTINEL, "degenerate": S.DEGENERATE, "absence_only": S.EMPTY}
+
+
+@pytest.mark.parametrize(("family", "raw"), [(f, t) for f, texts in CLEANUP_SET["junk"].items() for t in texts])
+def test_every_junk_family_of_the_benchmark_set_is_rejected_with_its_reason(family, raw):
+    assert clean_caption(raw) == (None, FAMILY_STATUS[family])
+
+
+@pytest.mark.parametrize("good", CLEANUP_SET["good"], ids=lambda g: g["raw"][:40])
+def test_good_captions_of_the_benchmark_set_are_kept(good):
+    assert clean_caption(good["raw"]) == (good.get("kept", good["raw"]), None)
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    ("The second image is a close-up of the first image.", "The first image."),
+    ("This image is a cropped section of the first image.", "A cropped section of the first image."),
+    ("The crop is taken from the first image.", "Taken from the first image."),
+])
+def test_a_caption_about_the_prompt_is_rejected_not_shortened_into_a_fragment(raw, fragment):
+    """What the clean-up used to make of these: fragments that were never a sentence of the original."""
+    assert clean_caption(raw) == (None, S.PROMPT_FRAMING)
+    assert clean_caption(fragment) == (None, S.PROMPT_FRAMING)
