@@ -5,7 +5,7 @@ A junk caption passes when clean_caption keeps it. A good caption counts as kept
 returns exactly its expected text (the raw text itself, or 'kept' where an opening about the prompt's
 pictures is to be removed).
 
-    python benchmarks/caption_cleanup.py [--set FILE]
+    python benchmarks/caption_cleanup.py [--set FILE]     # also: --set benchmarks/captions/holdout_set.json (written blind)
 
 Last lines, machine-readable:
     BENCH junk_passed=...        (of all junk captions; 0 is the goal)
