@@ -10,7 +10,8 @@ several positions) and resizes / re-encodes. Every image goes through the real i
 
     python benchmarks/dedupe_real.py [--cache DIR]      # the set: benchmarks/real_photos (fetched on first use)
 
-Last lines, machine-readable:
+Each half of the set (packages[].split) is one run; the BENCH lines give the validation half, the
+tuning half's figure beside each in brackets. Last lines, machine-readable:
     BENCH dup_pair_precision=...
     BENCH dup_pair_recall=...
 """
@@ -57,10 +58,19 @@ DERIVED = [
     ("ukui-goldfish", "resize", {"scale": 0.5, "quality": 85}),
     ("gnome338-dark_ivy", "resize", {"scale": 0.25, "quality": 60}),
     ("ukui-rhythm", "resize", {"scale": 1.0, "quality": 50}),
+    # full-height thirds at the same pixel scale (a portrait cut of a landscape picture), both halves
+    ("gnome338-road", "crop", {"area": 1 / 3, "aspect": 1 / 3, "at": (0.0, 0.0)}),
+    ("ukui-city", "crop", {"area": 1 / 3, "aspect": 1 / 3, "at": (1.0, 0.0)}),
+    ("budgie-roman-colosseum", "crop", {"area": 1 / 3, "aspect": 1 / 3, "at": (0.0, 0.0)}),
+    ("budgie-singaporean-cityscape", "crop", {"area": 1 / 3, "aspect": 1 / 3, "at": (0.5, 0.0)}),
+    ("lomiri1604-wine-by-jakkub-mede", "crop", {"area": 1 / 3, "aspect": 3.0, "at": (0.0, 1.0)}),
+    ("wesnoth-landscape-castle", "crop", {"area": 1 / 3, "aspect": 1 / 3, "at": (1.0, 0.0)}),
+    ("budgie-perched-osprey", "resize", {"scale": 0.5, "quality": 80}),
+    ("lomiri1604-friends-by-aitzol-berasategi", "resize", {"scale": 0.4, "quality": 75}),
 ]
 
 
-def load_set(cache: Path | None = None) -> tuple[list[tuple[str, bytes]], dict[str, str], dict[str, str]]:
+def load_set(cache: Path | None = None) -> tuple[list[tuple[str, bytes]], dict[str, str], dict[str, str], dict[str, str]]:
     """(picture id, original bytes) of every picture of the set, fetched into the cache when missing
     (benchmarks/real_photos/fetch.py), with each picture's duplicate group and each group's kind."""
     spec = real_photos.load_set()
@@ -72,9 +82,12 @@ def load_set(cache: Path | None = None) -> tuple[list[tuple[str, bytes]], dict[s
         for member in g["members"]:
             group[member] = f"group{i}"
         kind[f"group{i}"] = g["kind"]
-    for pid, is_landscape in landscape.items():  # a portrait file of a landscape picture is a crop
-        kind[pid] = "landscape" if is_landscape else "portrait"
-    return pictures, group, kind
+    aspect = {p["id"]: p["width"] / p["height"] for p in spec["pictures"]}
+    for pid, a in aspect.items():  # files of one picture in another shape are crops of it
+        kind[pid] = a
+    split = real_photos.package_split(spec)
+    half = {p["id"]: split[p["package"]] for p in spec["pictures"]}
+    return pictures, group, kind, half
 
 
 def group_of(pid: str, groups: dict[str, str]) -> str:
@@ -88,7 +101,7 @@ def pair_kind(a: str, b: str, groups: dict[str, str], kinds: dict[str, str]) -> 
         return "derived crop" if "~crop" in a or "~crop" in b else "derived size"
     kind = kinds.get(group_of(a, groups), "other")
     if kind == "size and crop":
-        return "size" if kinds[a] == kinds[b] else "crop"
+        return "size" if abs(kinds[a] / kinds[b] - 1) < 0.03 else "crop"
     return kind
 
 
@@ -117,9 +130,20 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None, help="picture cache (default: $LOCALCAP_REAL_PHOTOS or ~/.cache/localcap/real-photos)")
     args = ap.parse_args()
 
-    originals, groups, kinds = load_set(args.cache)
+    originals, groups, kinds, half = load_set(args.cache)
     by_id = dict(originals)
-    items = originals + [derive(pid, by_id[pid], kind, params) for pid, kind, params in DERIVED if pid in by_id]
+    figures = {}
+    for which in ("tuning", "validation"):  # each half is its own run: no pair crosses halves
+        own = [(pid, data) for pid, data in originals if half[pid] == which]
+        items = own + [derive(pid, by_id[pid], kind, params) for pid, kind, params in DERIVED if pid in by_id and half[pid] == which]
+        print(f"== {which} half")
+        figures[which] = evaluate(items, len(own), groups, kinds)
+    for name, key in (("dup_pair_precision", 0), ("dup_pair_recall", 1)):
+        print(f"BENCH {name}={figures['validation'][key]:.4f}   (tuning half: {figures['tuning'][key]:.4f})")
+
+
+def evaluate(items: list[tuple[str, bytes]], n_originals: int, groups: dict, kinds: dict) -> tuple[float, float]:
+    """(pair precision, pair recall) of one run of the real ingest and clustering over `items`."""
     # Small sizes (sway 768x1024, the resizes) are part of the set: min_side is lowered for them.
     limits = IngestSection(min_side=256, max_pixels=max(IngestSection().max_pixels, 10240 * 4320))
     start = time.perf_counter()
@@ -158,7 +182,7 @@ def main() -> None:
     precision = tp / (tp + fp) if tp + fp else 1.0
     recall = tp / positives if positives else 1.0
 
-    print(f"{len(names)} images ({len(originals)} pictures, {len(names) - len(originals)} derived), "
+    print(f"{len(names)} images ({n_originals} pictures, {len(names) - n_originals} derived), "
           f"ingest {ingest_s:.1f} s, dedupe {dedupe_s:.2f} s")
     for kind in sorted(by_kind):
         found, total = by_kind[kind]
@@ -196,8 +220,7 @@ def main() -> None:
         if closest:
             print(f"closest distinct pair (keypoint windows): {names[closest[1]]} ~ {names[closest[2]]}: "
                   f"{closest[0]} bits (candidates within {clusters.CROP_RADIUS})")
-    print(f"BENCH dup_pair_precision={precision:.4f}")
-    print(f"BENCH dup_pair_recall={recall:.4f}")
+    return precision, recall
 
 
 if __name__ == "__main__":

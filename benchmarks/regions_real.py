@@ -12,9 +12,13 @@ thread; every picture is proposed --repeat times and the median kept.
 
     python benchmarks/regions_real.py [--cache DIR] [--overlays DIR] [--from-bytes] [--set regions.k=6 ...]
 
+The set is split by package into a tuning half and a validation half (set.json, packages[].split):
+the BENCH lines give the validation half, the tuning half's figure beside each in brackets.
+
 Last lines, machine-readable:
     BENCH box_precision=...
     BENCH detail_recall=...
+    BENCH boxes_per_image=...
     BENCH ms_per_image=...
 """
 
@@ -119,8 +123,8 @@ def main() -> None:
     print(f"{len(pictures)} labelled pictures, {sum(len(p['details']) for p in pictures)} details; "
           f"regions.method={cfg.method}, k={cfg.k}, copy {cfg.downscale} px from the {source}; one CPU")
 
-    n_boxes = n_hit_boxes = n_details = n_found = 0
-    by_kind: dict[str, list[float]] = defaultdict(list)
+    split = real_photos.package_split(spec)
+    results: dict[str, list[tuple[int, int, int, int, float, str]]] = defaultdict(list)  # half -> per picture
     ingest_ms: dict[str, list[float]] = defaultdict(list)
     for picture in pictures:
         path = real_photos.picture_path(cache, picture)
@@ -138,31 +142,45 @@ def main() -> None:
             start = time.perf_counter()
             proposal = proposer(stored, row["width"], row["height"], row["thumb"])
             times.append((time.perf_counter() - start) * 1000)
-        by_kind[picture["kind"]].append(statistics.median(times))
         boxes = proposal.boxes
         details = np.asarray([d["box"] for d in picture["details"]], np.int64).reshape(-1, 4)
         matrix = hits(boxes, details)
-        n_boxes += len(boxes)
-        n_hit_boxes += int(matrix.any(axis=1).sum())
-        n_details += len(details)
-        n_found += int(matrix.any(axis=0).sum())
+        half = split[picture["package"]]
+        results[half].append((len(boxes), int(matrix.any(axis=1).sum()), len(details), int(matrix.any(axis=0).sum()),
+                              statistics.median(times), picture["kind"]))
         missed = [picture["details"][j]["what"] for j in np.flatnonzero(~matrix.any(axis=0))]
-        print(f"  {picture['id']:<28} {picture['kind']:<17} {len(boxes)} boxes, {int(matrix.any(axis=1).sum())} on a detail; "
+        print(f"  {half[:3]} {picture['id']:<34} {picture['kind']:<17} {len(boxes)} boxes, {int(matrix.any(axis=1).sum())} on a detail; "
               f"{int(matrix.any(axis=0).sum())}/{len(details)} details found; {statistics.median(times):6.1f} ms"
               + (f"  (no boxes: {proposal.reason.value})" if proposal.reason else "")
               + (f"  missed: {', '.join(missed)}" if missed and len(missed) <= 4 else ""))
         if args.overlays:
             draw_overlay(path, args.overlays / f"{picture['id']}.jpg", row["width"], row["height"], boxes, details, matrix)
 
-    precision = n_hit_boxes / max(n_boxes, 1)
-    recall = n_found / max(n_details, 1)
-    all_ms = [t for ts in by_kind.values() for t in ts]
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for rows in results.values():
+        for r in rows:
+            by_kind[r[5]].append(r[4])
     print("regions ms per image by file kind (ingest's decode in brackets): " + "; ".join(
         f"{kind} {statistics.mean(ts):.0f} ms [{statistics.mean(ingest_ms[kind]):.0f} ms] x{len(ts)}" for kind, ts in sorted(by_kind.items())))
-    print(f"boxes per image {n_boxes / len(pictures):.2f}; {n_hit_boxes}/{n_boxes} boxes on a detail; {n_found}/{n_details} details found")
-    print(f"BENCH box_precision={precision:.3f}")
-    print(f"BENCH detail_recall={recall:.3f}")
-    print(f"BENCH ms_per_image={statistics.mean(all_ms):.1f}")
+    figures = {half: summary(rows) for half, rows in results.items()}
+    for half in ("validation", "tuning"):
+        if half in figures:
+            f = figures[half]
+            print(f"{half:10s} {f['pictures']} pictures: precision {f['precision']:.3f}, recall {f['recall']:.3f}, "
+                  f"{f['boxes_per_image']:.2f} boxes per image, {f['ms']:.1f} ms per image "
+                  f"({f['hit_boxes']}/{f['boxes']} boxes on a detail, {f['found']}/{f['details']} details found)")
+    headline = figures.get("validation") or next(iter(figures.values()))
+    tuning = figures.get("tuning", headline)
+    for name, key in (("box_precision", "precision"), ("detail_recall", "recall"), ("boxes_per_image", "boxes_per_image"),
+                      ("ms_per_image", "ms")):
+        print(f"BENCH {name}={headline[key]:.3f}   (tuning half: {tuning[key]:.3f})")
+
+
+def summary(rows: list[tuple[int, int, int, int, float, str]]) -> dict:
+    boxes, hit, details, found = (sum(r[k] for r in rows) for k in range(4))
+    return {"pictures": len(rows), "boxes": boxes, "hit_boxes": hit, "details": details, "found": found,
+            "precision": hit / max(boxes, 1), "recall": found / max(details, 1), "boxes_per_image": boxes / max(len(rows), 1),
+            "ms": statistics.mean(r[4] for r in rows)}
 
 
 if __name__ == "__main__":

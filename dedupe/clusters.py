@@ -32,7 +32,7 @@ INDEX = pa.schema([("uid", pa.string()), ("phash", pa.uint64()), ("fine_sig", pa
                    ("struct_hash", pa.uint64()), ("struct_sig", pa.binary(256)),
                    ("crop_hashes", pa.list_(pa.uint64())), ("crop_points", pa.list_(pa.float32()))])
 
-STRUCT_RADIUS = 3  # structure-hash candidates: within 3 bits (5 bands, 10 band choices)
+STRUCT_RADIUS = 4  # structure-hash candidates: within 4 bits (6 bands); 3 missed a day/night pair 4 bits apart
 STRUCT_MIN_CORRELATION = 0.6  # theme variants: structure signatures correlate at least this much
 MAX_ASPECT_CHANGE = 0.03  # ... and the two images have the same shape (|log aspect ratio| difference)
 CROP_RADIUS = 2  # keypoint-window candidates: within 2 bits (4 bands, 6 band choices)

@@ -174,11 +174,12 @@ def _local_maxima(values: np.ndarray) -> np.ndarray:
     return values == m
 
 
-def crop_keypoints(gray: np.ndarray, limit: int = CROP_POINTS) -> list[tuple[float, float, float]]:
+def crop_keypoints(gray: np.ndarray, limit: int | None = None) -> list[tuple[float, float, float]]:
     """Up to `limit` (x, y, sigma) blob keypoints of a grey image (pixels), strongest first, whose
     windows lie inside the image: scale-space extrema of |difference of Gaussians|. Every level is
     blurred from the thumbnail itself, at full resolution: an octave pyramid or incremental blurs are
     cheaper but move the keypoints enough to cost recall on crops."""
+    limit = limit or CROP_POINTS
     dog = _dog_magnitudes(gray, CROP_SIGMAS)
     peaks = np.argwhere(_local_maxima(dog) & (dog > CROP_MIN_RESPONSE))
     if len(peaks) > CROP_CANDIDATES:  # refine only the strongest: the loop below is Python

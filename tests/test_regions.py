@@ -268,3 +268,25 @@ def test_rerun_recomputes_only_what_a_regions_change_touches(regions_run):
     computed = {s["stage"]: s["computed"] for s in run["stages"]}
     assert computed["ingest"] == 0 and computed["regions"] == 3 and computed["shard"] >= 1
     assert changed["statistics"]["boxes_per_image"]["max"] == 2
+
+
+def test_learned_box_scorer_ships_with_the_features_the_proposer_computes_and_keeps_the_demo_covered():
+    """regions.scoring: learned reads pipeline/regions/box_scorer.json (trained by
+    benchmarks/train_box_scorer.py on the real-picture set's tuning half): its feature list is the
+    proposer's, and the demo's planted objects stay inside its boxes (>= 0.90, as for the default)."""
+    from pipeline.regions import distinct, learned
+    from pipeline.synthetic import generate_labelled_scene
+
+    model = learned.load_model()
+    assert model["features"] == list(distinct.BOX_FEATURES) and 0 < model["threshold"] < 1
+    proposer = make_proposer(RegionsSection(scoring="learned"))
+    hit = total = 0
+    for seed in range(16):
+        img, objects = generate_labelled_scene(seed)
+        p = proposer(encode(img, "JPEG", quality=90), img.width, img.height)
+        assert len(p.boxes) <= 4 and ((p.scores >= model["threshold"]) & (p.scores <= 1)).all()
+        for o in objects:
+            cx, cy = (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
+            total += 1
+            hit += any(x1 <= cx < x2 and y1 <= cy < y2 for x1, y1, x2, y2 in p.boxes.tolist())
+    assert hit / total >= 0.90, f"{hit}/{total} planted objects covered"

@@ -92,6 +92,11 @@ def fetch(cache: Path | None = None, quiet: bool = False) -> Path:
     return cache
 
 
+def package_split(spec: dict) -> dict[str, str]:
+    """Package name -> 'tuning' or 'validation': the half of the set its pictures are in."""
+    return {p["name"]: p.get("split", "tuning") for p in spec["packages"]}
+
+
 def picture_path(cache: Path, picture: dict) -> Path:
     return cache / picture["package"] / picture["path"]
 

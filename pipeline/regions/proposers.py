@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.regions import distinct, ocr, tiles
+from pipeline.regions import distinct, learned, ocr, tiles
 from pipeline.regions.boxes import check_boxes
 from pipeline.regions.salient import (
     Proposal,
@@ -98,11 +98,15 @@ class DistinctProposer:
         with timed(t, "decode"):
             pixels, sx, sy = segmentation_copy(data, thumb, width, height, cfg.downscale)
         with timed(t, "segment"):
-            boxes, scores = distinct.distinct_boxes(pixels, opts, cfg.k, cfg.felzenszwalb.sigma)
+            if cfg.scoring == "learned":
+                boxes, scores = learned.learned_boxes(pixels, opts, cfg.k, cfg.felzenszwalb.sigma)
+            else:
+                boxes, scores, _ = distinct.distinct_boxes(pixels, opts, cfg.k, cfg.felzenszwalb.sigma)
         with timed(t, "score"):
             if len(boxes) == 0:
-                return Proposal.empty(NoBoxReason.TOO_PLAIN, f"no box holds regions.distinct.min_score = {opts.min_score} "
-                                      "of distinct segments", t)
+                why = ("the box scorer found no box likely to hold a detail" if cfg.scoring == "learned"
+                       else f"no box holds regions.distinct.min_score = {opts.min_score} of distinct segments")
+                return Proposal.empty(NoBoxReason.TOO_PLAIN, why, t)
             out = np.rint(boxes * [sx, sy, sx, sy]).astype(np.int64)
             out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width)
             out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, height)
@@ -154,7 +158,7 @@ def make_proposer(cfg: RegionsSection) -> Proposer:
         from pipeline.regions import sam
 
         return SalientProposer(cfg, sam.sam_masker(cfg), cfg.sam.downscale)
-    if cfg.method == "salient" and cfg.scoring == "distinct":
+    if cfg.method == "salient" and cfg.scoring in ("distinct", "learned"):
         return DistinctProposer(cfg)
     if cfg.method == "salient":
         return SalientProposer(cfg, felzenszwalb_masker(cfg), cfg.downscale)
