@@ -251,11 +251,12 @@ class RegionsSection(_Section):
         "of tiles; 'ocr': text-line boxes (document pages, needs the `ocr` extra); 'none': no boxes.",
     )
     masks: Literal["felzenszwalb", "sam"] = Field("felzenszwalb", description="Mask back end of 'salient'.")
-    scoring: Literal["distinct", "learned", "ps3"] = Field(
-        "distinct",
-        description="How 'salient' scores boxes with felzenszwalb masks: 'distinct' weighs segments by how much they stand out "
-        "(regions.distinct) and frames them at a few scales; 'learned' keeps those of distinct's boxes (down to a lower "
-        "floor) that a small logistic model (pipeline/regions/box_scorer.json) says hold a detail; 'ps3' is PS3's original grid of boxes holding the most small "
+    scoring: Literal["learned", "distinct", "ps3"] = Field(
+        "learned",
+        description="How 'salient' scores boxes with felzenszwalb masks: 'learned' judges each of distinct's candidate boxes "
+        "with two small tree models (pipeline/regions/box_scorer.json: does it hold a detail, how many) and keeps the best; "
+        "'distinct' weighs segments by how much they stand out (regions.distinct), frames them at a few scales and picks "
+        "boxes greedily down to regions.distinct.min_score; 'ps3' is PS3's original grid of boxes holding the most small "
         "masks (grid_fraction, stride_fraction, mask_floor, min_score). SAM masks always use 'ps3'.",
     )
     k: int = Field(4, ge=1, description="Boxes kept per image ('salient'; 'tiles' and 'ocr' keep all).")

@@ -162,10 +162,10 @@ def select_spread(candidates: np.ndarray, cover: np.ndarray, weight: np.ndarray,
     return kept, scores
 
 
-def distinct_boxes(pixels: np.ndarray, opts: DistinctOptions, k: int, sigma: float,
-                   min_score: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(boxes in the copy's pixels as floats, scores, box features: BOX_FEATURES per box) for an RGB
-    copy of the picture, in the greedy order; `min_score` defaults to opts.min_score."""
+def analyse(pixels: np.ndarray, opts: DistinctOptions, sigma: float) -> dict:
+    """Everything the box scores are made of, for an RGB copy of the picture: Lab pixels, segments
+    of every level (box, weight, contrast, edge coherence), candidate boxes and which segments each
+    candidate covers."""
     from skimage.segmentation import felzenszwalb
 
     lab = rgb_to_lab(pixels)
@@ -186,43 +186,24 @@ def distinct_boxes(pixels: np.ndarray, opts: DistinctOptions, k: int, sigma: flo
             weight = weight * (1.0 - coherence) ** opts.coherence_power
         boxes.append(seg["box"])
         weights.append(weight)
-        contrasts.append(seg["contrast"])
+        contrasts.append(seg["contrast"] / opts.contrast_ref)
         coherences.append(coherence)
     box, weight = np.concatenate(boxes), np.concatenate(weights)
     candidates = candidate_boxes(box, weight, w, h, opts)
+    return {"lab": lab, "box": box, "weight": weight, "contrast": np.concatenate(contrasts), "coherence": np.concatenate(coherences),
+            "segments": segments, "candidates": candidates, "cover": coverage(candidates, box)}
+
+
+def distinct_boxes(pixels: np.ndarray, opts: DistinctOptions, k: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes in the copy's pixels as floats, scores) for an RGB copy of the picture."""
+    a = analyse(pixels, opts, sigma)
+    candidates = a["candidates"]
     if len(candidates) == 0:
-        return np.zeros((0, 4)), np.zeros(0), np.zeros((0, len(BOX_FEATURES)))
+        return np.zeros((0, 4)), np.zeros(0)
     side = candidates[:, 2] - candidates[:, 0]
     preference = (side.min() / side) ** opts.size_penalty  # a larger box wins only by holding clearly more: tight boxes
-    cover = coverage(candidates, box)
-    kept, scores = select_spread(candidates, cover, weight, k, opts.min_score if min_score is None else min_score, preference)
-    context = {"weight": weight, "contrast": np.concatenate(contrasts) / opts.contrast_ref, "coherence": np.concatenate(coherences),
-               "segments_per_pixel": segments / (h * w), "short_side": min(h, w)}
-    return candidates[kept], np.asarray(scores, np.float64), box_features(candidates[kept], cover[kept], np.asarray(scores), context)
-
-
-# What the learned scorer (pipeline/regions/learned.py) sees of a box the greedy selection picked.
-BOX_FEATURES = ("log_score", "rank", "side", "log_picture_weight", "score_share", "score_vs_best", "segments",
-                "log_heaviest", "contrast", "coherence", "busyness")
-
-
-def box_features(kept: np.ndarray, cover: np.ndarray, scores: np.ndarray, ctx: dict) -> np.ndarray:
-    """One row of BOX_FEATURES per kept box: how much distinct weight it holds (alone, against the
-    picture's and the best box's), where it ranks, its size, how many and how heavy its segments are,
-    their contrast and edge coherence, and how busy the picture is (texture makes many segments)."""
-    weight, total = ctx["weight"], max(float(ctx["weight"].sum()), 1e-6)
-    rows = []
-    for i, (box, row) in enumerate(zip(kept, cover)):
-        inside = (row > 0) & (weight > 0)
-        w_in = weight[inside]
-        mix = w_in / max(float(w_in.sum()), 1e-9)
-        rows.append([np.log(max(scores[i], 1e-6)), i, (box[2] - box[0]) / ctx["short_side"], np.log(total), scores[i] / total,
-                     scores[i] / max(scores[0], 1e-6), np.log1p(float((w_in > 0.05).sum())),
-                     np.log(max(float(w_in.max()) if len(w_in) else 0.0, 1e-6)),
-                     float(mix @ ctx["contrast"][inside]) if len(w_in) else 0.0,
-                     float(mix @ ctx["coherence"][inside]) if len(w_in) else 0.0,
-                     np.log(ctx["segments_per_pixel"])])
-    return np.asarray(rows, np.float64).reshape(-1, len(BOX_FEATURES))
+    kept, scores = select_spread(candidates, a["cover"], a["weight"], k, opts.min_score, preference)
+    return candidates[kept], np.asarray(scores, np.float64)
 
 
 def summed_area_stack(maps: np.ndarray) -> np.ndarray:

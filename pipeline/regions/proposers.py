@@ -101,10 +101,11 @@ class DistinctProposer:
             if cfg.scoring == "learned":
                 boxes, scores = learned.learned_boxes(pixels, opts, cfg.k, cfg.felzenszwalb.sigma)
             else:
-                boxes, scores, _ = distinct.distinct_boxes(pixels, opts, cfg.k, cfg.felzenszwalb.sigma)
+                boxes, scores = distinct.distinct_boxes(pixels, opts, cfg.k, cfg.felzenszwalb.sigma)
         with timed(t, "score"):
             if len(boxes) == 0:
-                why = ("the box scorer found no box likely to hold a detail" if cfg.scoring == "learned"
+                why = (f"no candidate box reaches the box scorer's threshold {learned.load_model()['threshold']:.3f} "
+                       "(its min_score: pipeline/regions/box_scorer.json)" if cfg.scoring == "learned"
                        else f"no box holds regions.distinct.min_score = {opts.min_score} of distinct segments")
                 return Proposal.empty(NoBoxReason.TOO_PLAIN, why, t)
             out = np.rint(boxes * [sx, sy, sx, sy]).astype(np.int64)
