@@ -251,11 +251,11 @@ class RegionsSection(_Section):
         "of tiles; 'ocr': text-line boxes (document pages, needs the `ocr` extra); 'none': no boxes.",
     )
     masks: Literal["felzenszwalb", "sam"] = Field("felzenszwalb", description="Mask back end of 'salient'.")
-    scoring: Literal["learned", "distinct", "ps3"] = Field(
-        "learned",
+    scoring: Literal["distinct", "learned", "ps3"] = Field(
+        "distinct",
         description="How 'salient' scores boxes with felzenszwalb masks: 'learned' judges each of distinct's candidate boxes "
         "with two small tree models (pipeline/regions/box_scorer.json: does it hold a detail, how many) and keeps the best; "
-        "'distinct' weighs segments by how much they stand out (regions.distinct), frames them at a few scales and picks "
+        "'distinct' (the default) weighs segments by how much they stand out (regions.distinct), frames them at a few scales and picks "
         "boxes greedily down to regions.distinct.min_score; 'ps3' is PS3's original grid of boxes holding the most small "
         "masks (grid_fraction, stride_fraction, mask_floor, min_score). SAM masks always use 'ps3'.",
     )

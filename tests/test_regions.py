@@ -271,7 +271,7 @@ def test_rerun_recomputes_only_what_a_regions_change_touches(regions_run):
 
 
 def test_the_learned_box_scorer_agrees_with_the_features_the_proposer_computes():
-    """regions.scoring: learned (the default) reads pipeline/regions/box_scorer.json, written by
+    """regions.scoring: learned reads pipeline/regions/box_scorer.json, written by
     benchmarks/train_box_scorer.py: its feature list is the proposer's, its two tree ensembles give
     probabilities in (0, 1) and finite counts, and the kept boxes are the gate's choice: at most k,
     above the threshold, none mostly inside another beyond max_overlap."""
