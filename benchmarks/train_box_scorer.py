@@ -14,7 +14,7 @@ planted objects (the demo must stay covered), picture metrics as the benchmark c
 both models are refitted on everything and exported as plain arrays (the pipeline reads them with
 numpy). Generated scenes use other seeds than the tests' (1000+, 7100+) and the demo's (0-15).
 
-    pip install scikit-learn   # training only
+    pip install 'localcap[scorer]'   # scikit-learn, for training only
     python benchmarks/train_box_scorer.py [--cache DIR] [--scenes 60] [--recall 0.70] [--scenes-covered 0.92]
 """
 
