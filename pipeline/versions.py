@@ -852,8 +852,9 @@ def collect_garbage(storage: Storage, name_uri: str, keep: int, delete: bool = F
     them references (those of dropped versions, of removals' rewritten shards, and those a failed
     publish uploaded) and the older versions' metadata. Never a file a kept version needs; never a
     tar with a shard number a publish took less than `pending_hours` ago and has not committed
-    (NAME/_staged/*.pending.json: it may be uploading now, or be rerun to finish); the claims stay,
-    so version numbers go on from where they were."""
+    (NAME/_staged/*.pending.json: it may be uploading now, or be rerun to finish; `pending_hours` 0
+    protects none, even one begun this second); the claims stay, so version numbers go on from
+    where they were."""
     if keep < 1:
         raise ValueError("--keep must be at least 1: the newest version is always kept")
     name_uri = name_uri.rstrip("/")
@@ -868,7 +869,7 @@ def collect_garbage(storage: Storage, name_uri: str, keep: int, delete: bool = F
     for name in storage.list_prefix(join(name_uri, STAGED)):
         if name.endswith(".pending.json"):
             record = json.loads(storage.read_bytes(join(name_uri, STAGED, name)))
-            if str(record.get("at", "")) >= cutoff or pending_hours == float("inf"):
+            if pending_hours > 0 and (str(record.get("at", "")) >= cutoff or pending_hours == float("inf")):
                 pending.append(range(int(record["shard_base"]), int(record["shard_base"]) + int(record["count"])))
             elif delete:
                 storage.delete(join(name_uri, STAGED, name))
