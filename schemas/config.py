@@ -604,13 +604,35 @@ def read_yaml(path: str | Path, overrides: dict | None = None) -> dict:
 
 
 def apply_overrides(data: dict, overrides: dict) -> dict:
-    """Set dotted keys (`ingest.min_side`) in a config mapping, creating sections as needed."""
+    """Set dotted keys in a config mapping (`ingest.min_side`, `sources.0.uri`: a number indexes a
+    list), creating sections as needed. An index past a list's end, or a key into a value that is
+    neither a mapping nor a list, is a ConfigError naming the key: appending is not an override."""
     for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        node, path, keys = data, [], dotted.split(".")
+        if not all(keys):
+            raise ConfigError(f"--set {dotted}: empty key")
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit():
+                    raise ConfigError(f"--set {dotted}: {'.'.join(path) or 'the config'} is a list; index it with a number "
+                                      f"(0 to {len(node) - 1}), not {key!r}")
+                index = int(key)
+                if index >= len(node):
+                    raise ConfigError(f"--set {dotted}: {'.'.join(path)} has {len(node)} item(s) (0 to {len(node) - 1}); "
+                                      "--set changes an item, it cannot add one: add it to the YAML file")
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[key] = value
+                else:
+                    node = node.setdefault(key, {})
+            else:
+                raise ConfigError(f"--set {dotted}: {'.'.join(path)} is a value ({node!r}), not a section or a list")
+            path.append(key)
     return data
 
 
