@@ -125,13 +125,17 @@ def train_command(
         run_config = "sources" in data or "shards" in data
         train_data = apply_overrides(dict(data.get("train", {})) if run_config else data, _parse_sets(set_))
         cfg = train_with_absolute_paths(parse_train_config(train_data, str(config or "--set")), os.getcwd())
-    except ConfigError as exc:
+        from pipeline.preflight import check_train
+
+        dataset = absolute_path(dataset, os.getcwd())
+        check_train(dataset, cfg, data.get("storage") if run_config else None, data.get("ray") if run_config else None)
+    except ValueError as exc:  # ConfigError, PreflightError: each names its field, before Ray and Prefect start
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     from flows.train import train
 
     try:
-        result = train(absolute_path(dataset, os.getcwd()), cfg.model_dump(mode="json"), data.get("storage") if run_config else None,
+        result = train(dataset, cfg.model_dump(mode="json"), data.get("storage") if run_config else None,
                        data.get("ray") if run_config else None)
     except FileNotFoundError as exc:
         typer.echo(f"not a localcap dataset (no dataset.json?): {exc}", err=True)
@@ -149,17 +153,30 @@ def inspect(
     from pipeline.versions import resolve
 
     try:
-        storage = _storage()
+        storage = _storage(dataset)
         typer.echo(describe_dataset(resolve(storage, dataset), storage, n_samples=samples))
     except (ValueError, FileNotFoundError) as exc:  # also BadMetadata: a dataset's files are untrusted
         typer.echo(f"not a localcap dataset (no dataset.json?): {exc}", err=True)
         raise typer.Exit(2) from None
 
 
-def _storage():
-    from pipeline.storage import Storage
+def _storage(*uris: str):
+    """The storage the operator commands use (endpoint AWS_ENDPOINT_URL, the standard AWS credential
+    chain), after one quick look at the bucket of each s3:// URI (one HEAD, no retries): an endpoint
+    that does not answer, refused credentials, a missing bucket or a denied access ends the command
+    in one line, exit 1, before any work."""
+    from pipeline.preflight import BucketProbe, PreflightError
+    from pipeline.storage import Storage, is_s3
 
-    return Storage()  # endpoint: AWS_ENDPOINT_URL; credentials: the standard AWS chain
+    storage = Storage()
+    probe = BucketProbe(storage.endpoint_url, storage.region)
+    try:
+        for uri in uris:
+            if uri and is_s3(uri):
+                probe.check(uri, uri)
+    except PreflightError as exc:
+        _fail(str(exc))
+    return storage
 
 
 @app.command()
@@ -181,7 +198,7 @@ def publish(
         typer.echo(f"{dataset}: no dataset.json, not a finished build", err=True)
         raise typer.Exit(2)
     name = absolute_path(name, os.getcwd())  # a relative local NAME: its event names the same dataset as the config's publish.to
-    r = publish_version(_storage(), dataset, name, concurrency, part_size_mb * 2**20, progress, force=force)
+    r = publish_version(_storage(name), dataset, name, concurrency, part_size_mb * 2**20, progress, force=force)
     if r.unchanged:
         typer.echo(f"unchanged: {r.reason}; no new version (LATEST -> {r.latest})")
         return
@@ -226,7 +243,7 @@ def remove(
         _fail("give --uid, --source or --from-file: what to remove")
     name = absolute_path(name, os.getcwd())
     try:
-        r = remove_samples(_storage(), name, uids, sources, block=block, progress=progress)
+        r = remove_samples(_storage(name), name, uids, sources, block=block, progress=progress)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     _echo_version(name, r)
@@ -246,7 +263,7 @@ def gc(
     from pipeline.versions import collect_garbage
 
     try:
-        plan = collect_garbage(_storage(), absolute_path(name, os.getcwd()), keep, delete)
+        plan = collect_garbage(_storage(name), absolute_path(name, os.getcwd()), keep, delete)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     verb = "deleted" if plan.deleted else "would delete"
@@ -262,7 +279,7 @@ def versions(name: str = typer.Argument(..., help="Dataset name: s3://bucket/pre
     """List the published versions of a dataset with their counts and dates."""
     from pipeline.versions import list_versions
 
-    rows = list_versions(_storage(), name)
+    rows = list_versions(_storage(name), name)
     if not rows:
         typer.echo(f"{name}: no published version", err=True)
         raise typer.Exit(1)
@@ -288,7 +305,7 @@ def pull(
 
     try:
         selection = parse_shards(shards)
-        r = pull_version(_storage(), uri, dest, selection, workers, progress)
+        r = pull_version(_storage(uri), uri, dest, selection, workers, progress)
     except (ValueError, FileNotFoundError) as exc:  # also BadMetadata: a refused version
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -357,7 +374,7 @@ def status(
     if config is not None:
         work_dir = load_config(config).run.work_dir
     try:
-        typer.echo(format_status(run_status(_storage(), work_dir, run_id)))
+        typer.echo(format_status(run_status(_storage(work_dir), work_dir, run_id)))
     except FileNotFoundError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -373,7 +390,7 @@ def report(
     from pipeline.report import write_report
 
     try:
-        page = write_report(dataset, out, samples, _storage())
+        page = write_report(dataset, out, samples, _storage(dataset, out))
     except FileNotFoundError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -489,8 +506,30 @@ def sweep(
     typer.echo(f"  page: {result['page']}")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Tracebacks for remote failures, and the lines "
+                                          "of Ray's own processes, which are otherwise kept out of the terminal.")):
+    if verbose:
+        os.environ["LOCALCAP_VERBOSE"] = "1"  # the stages and Ray workers read it too
+
+
+def main() -> None:
+    """The console entry point: a remote failure (S3 unreachable, credentials, bucket, access) ends
+    in one line and exit 1 instead of a botocore traceback, unless --verbose."""
+    from pipeline.storage import remote_failure
+
+    try:
+        app()
+    except Exception as exc:
+        chain, seen = [], exc
+        while seen is not None and len(chain) < 8:  # also when a library wrapped it (raise ... from exc)
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        line = next((text for e in chain if (text := remote_failure(e))), None)
+        if line is None or os.environ.get("LOCALCAP_VERBOSE"):
+            raise
+        typer.echo(f"localcap: {line}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

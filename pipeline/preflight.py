@@ -56,6 +56,40 @@ def check_run(cfg: RunConfig, train: bool = False) -> None:
     cfg.mark_checked(train)
 
 
+def check_train(dataset_uri: str, cfg, storage: dict | None = None, ray: dict | None = None) -> str:
+    """`localcap train`'s checks, before Ray and Prefect start: the dataset's bucket answers and the
+    dataset is there (its directory; NAME/vN, NAME/LATEST or NAME resolved), it has captions when the
+    objective needs them, train.output can be written, and a local Ray has the GPUs and CPUs the
+    workers ask for. Returns the dataset's directory."""
+    from pipeline.shards.loader import ShardDataset
+    from pipeline.storage import Storage
+    from pipeline.train.runner import captions_problem
+    from pipeline.versions import resolve
+
+    storage = storage or {}
+    buckets = BucketProbe(storage.get("endpoint_url"), storage.get("region"))
+    if is_s3(dataset_uri):
+        buckets.check(dataset_uri, "DATASET")
+    store = Storage(buckets.endpoint_url, buckets.region)
+    try:
+        root = resolve(store, dataset_uri)
+        dataset = ShardDataset(root, decode=False, storage=store)
+    except (FileNotFoundError, ValueError) as exc:  # also BadMetadata: a dataset's files are untrusted
+        raise PreflightError(f"DATASET: {exc}") from None
+    if problem := captions_problem(dataset, cfg.objective):
+        raise PreflightError(problem)
+    check_writable(cfg.output, "train.output", buckets)
+    if not ((ray or {}).get("address") or os.environ.get("RAY_ADDRESS")):  # a cluster's resources are known once Ray is up
+        if cfg.use_gpu and local_gpus() < cfg.num_workers:
+            raise PreflightError(f"train.use_gpu: {cfg.num_workers} worker(s) need {cfg.num_workers} GPU(s), this machine has "
+                                 f"{local_gpus()} (set use_gpu: false, fewer num_workers, or RAY_ADDRESS for a cluster)")
+        cpus = os.cpu_count() or 1
+        if cfg.num_workers * cfg.cpus_per_worker > cpus:
+            raise PreflightError(f"train.num_workers x train.cpus_per_worker asks for {cfg.num_workers * cfg.cpus_per_worker:g} "
+                                 f"CPUs, this machine has {cpus} (lower them, or RAY_ADDRESS for a cluster)")
+    return root
+
+
 def check_cluster(cfg: RunConfig) -> None:
     """Once Ray is up: each stage's cluster check (e.g. the GPUs and accelerator types the captioner
     and SAM actors need are there)."""
@@ -139,28 +173,24 @@ class BucketProbe:
         return self._client
 
     def check(self, uri: str, field: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from pipeline.storage import remote_failure
 
         bucket, _ = split_s3(uri)
         if bucket in self.seen:
             return
         client = self.client()
         try:
-            client.head_bucket(Bucket=bucket)
-        except EndpointConnectionError:
-            raise PreflightError(f"{field}: cannot reach the S3 endpoint {client.meta.endpoint_url} "
-                                 "(storage.endpoint_url or AWS_ENDPOINT_URL)") from None
-        except NoCredentialsError:
-            raise PreflightError(f"{field}: no AWS credentials for s3://{bucket} (environment, profile or instance role)") from None
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchBucket", "NotFound"):
-                raise PreflightError(f"{field}: bucket {bucket!r} does not exist at {client.meta.endpoint_url}") from None
-            if code in ("403", "AccessDenied", "Forbidden"):
-                raise PreflightError(f"{field}: access to bucket {bucket!r} denied") from None
-            raise PreflightError(f"{field}: s3://{bucket}: {code or exc}") from None
-        except BotoCoreError as exc:
-            raise PreflightError(f"{field}: s3://{bucket}: {exc}") from None
+            try:
+                client.head_bucket(Bucket=bucket)
+            except ClientError as exc:  # a HEAD's 403 has no body: a GET tells refused credentials from a missing permission
+                if str(exc.response.get("Error", {}).get("Code")) != "403":
+                    raise
+                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+        except (BotoCoreError, ClientError) as exc:
+            line = remote_failure(exc, client.meta.endpoint_url, bucket)
+            raise PreflightError(f"{field}: {line or f's3://{bucket}: {exc}'}") from None
         self.seen.add(bucket)
 
 

@@ -156,6 +156,40 @@ def _may_hold(parts: tuple[str, ...], pats: list[str]) -> bool:
     return fnmatch.fnmatchcase(parts[0], pats[0]) and _may_hold(parts[1:], pats[1:])
 
 
+S3_CLIENT_RETRIES = 5  # attempts per request (adaptive back-off): a dead endpoint fails in seconds, not minutes
+S3_CONNECT_TIMEOUT_S = 10
+S3_READ_TIMEOUT_S = 120  # per socket read, not per transfer: a multipart part streams for longer
+
+
+def remote_failure(exc: BaseException, endpoint: str | None = None, bucket: str | None = None) -> str | None:
+    """One line for an S3 failure an operator can act on (endpoint unreachable, credentials missing
+    or refused, bucket missing, access denied), naming the endpoint and what to fix; None when
+    `exc` is not one of them (a bug: the traceback is then the right thing to show)."""
+    try:
+        from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+                                         PartialCredentialsError, ReadTimeoutError)
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return None
+    where = endpoint or os.environ.get("AWS_ENDPOINT_URL") or getattr(exc, "kwargs", {}).get("endpoint_url") or "AWS S3"
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        return f"cannot reach the S3 endpoint {where} (storage.endpoint_url or AWS_ENDPOINT_URL; is it up?)"
+    if isinstance(exc, ReadTimeoutError):
+        return f"the S3 endpoint {where} stopped answering (read timeout); rerun to resume"
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return f"no AWS credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role"
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code, bucket = str(error.get("Code", "")), error.get("BucketName") or bucket
+        what = f"bucket {bucket!r}" if bucket else "the bucket"
+        if code in ("NoSuchBucket",) or (code in ("404", "NotFound") and exc.operation_name == "HeadBucket"):
+            return f"{what} does not exist at {where} (create it, or fix the s3:// name)"
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "ExpiredToken", "InvalidToken"):
+            return f"{where} refused the credentials ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile"
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return f"access denied at {where} ({exc.operation_name} on {what}): the credentials lack the permission"
+    return None
+
+
 class Storage:
     """Local filesystem and S3 behind one small interface."""
 
@@ -187,7 +221,8 @@ class Storage:
                 "s3",
                 endpoint_url=self.resolved_endpoint(),
                 region_name=self.resolved_region(),
-                config=Config(retries={"max_attempts": 8, "mode": "adaptive"}),
+                config=Config(retries={"max_attempts": S3_CLIENT_RETRIES, "mode": "adaptive"},
+                              connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S),
             )
         return self._client
 

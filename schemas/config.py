@@ -565,6 +565,7 @@ class ConfigError(ValueError):
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
+    """One line for one mistake (`invalid config F: FIELD: what`); a line per field for several."""
     lines = [f"invalid config {origin}:"]
     for e in err.errors():
         loc = e["loc"]
@@ -572,7 +573,7 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         loc = [p for i, p in enumerate(loc) if not (p in SOURCE_TAGS and i and isinstance(loc[i - 1], int))]
         path = ".".join(str(p) for p in loc) or "(top level)"
         lines.append(f"  {path}: {e['msg']}")
-    return "\n".join(lines)
+    return f"{lines[0]} {lines[1].strip()}" if len(lines) == 2 else "\n".join(lines)
 
 
 def parse_config(data: dict, origin: str = "<dict>") -> RunConfig:

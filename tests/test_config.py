@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.config import ConfigError, load_config, parse_config
+from schemas.config import apply_overrides, ConfigError, load_config, parse_config
 
 MINIMAL = {"sources": [{"uri": "images/"}], "shards": {"output": "out/"}}
 
@@ -38,7 +38,18 @@ def test_minimal_config_gets_defaults():
 def test_bad_config_names_field(patch, field):
     with pytest.raises(ConfigError) as err:
         parse_config({**MINIMAL, **patch})
-    assert f"  {field}:" in str(err.value)
+    assert f" {field}:" in str(err.value)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 1 or (len(lines) == 3 and field == "sources.0.uri")  # one line a mistake (that patch makes two)
+
+
+def test_set_indexes_lists_and_refuses_to_append():
+    data = {"sources": [{"uri": "a"}, {"uri": "b"}], "shards": {"output": "o"}}
+    assert apply_overrides(data, {"sources.1.uri": "/x"})["sources"] == [{"uri": "a"}, {"uri": "/x"}]
+    for key, says in [("sources.2.uri", "cannot add one"), ("sources.first", "index it with a number"),
+                      ("shards.output.deep", "is a value"), ("shards..x", "empty key")]:
+        with pytest.raises(ConfigError, match=says):
+            apply_overrides(data, {key: 1})
 
 
 def test_missing_shards_output():

@@ -64,9 +64,15 @@ def plan(sweep: SweepConfig, folder: str) -> list[Trial]:
 def preflight(sweep: SweepConfig, storage: Storage) -> None:
     """What would fail every trial alike, refused before any starts: a dataset that is not there, a
     grid asking for more training images than it holds, local_contrastive on a dataset without captions."""
+    from pipeline.preflight import BucketProbe, check_writable
     from pipeline.shards.loader import ShardDataset
+    from pipeline.storage import is_s3
     from pipeline.train.runner import training_images
 
+    buckets = BucketProbe(storage.endpoint_url, storage.region)  # one quick look: a dead endpoint is one line, not minutes
+    if is_s3(sweep.dataset):
+        buckets.check(sweep.dataset, "dataset")
+    check_writable(sweep.output, "output", buckets)
     try:
         dataset = ShardDataset(sweep.dataset, decode=False, storage=storage)
     except (FileNotFoundError, ValueError) as exc:

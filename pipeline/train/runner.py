@@ -174,6 +174,14 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.2"  # a user's own setting of HEALTH_CHECK_ENV wins
 
 
+def captions_problem(dataset, objective: str) -> str | None:
+    """Why `objective` cannot train on `dataset` (a ShardDataset) for want of captions, or None."""
+    if objective == "local_contrastive" and not dataset.captioned:
+        return (f"{dataset.root}: train.objective local_contrastive needs captions, and this dataset was built "
+                "without a captioner (captioner.backend none); caption it, or train with objective mae")
+    return None
+
+
 def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = None,
                  on_progress: Callable[[str], None] | None = None) -> TrainResult:
     """Train on a dataset (directory, NAME/vN, NAME/LATEST or NAME) on Ray; Ray must be up.
@@ -181,9 +189,8 @@ def run_training(dataset_uri: str, cfg: TrainConfig, storage: Storage | None = N
     metrics) as training runs, in this process (the train flow logs them to Prefect)."""
     storage = storage or Storage()
     dataset = ShardDataset(dataset_uri, decode=False, storage=storage)
-    if cfg.objective == "local_contrastive" and not dataset.captioned:
-        raise ValueError(f"{dataset.root}: train.objective local_contrastive needs captions, and this dataset was built "
-                         "without a captioner (captioner.backend none); caption it, or train with objective mae")
+    if problem := captions_problem(dataset, cfg.objective):
+        raise ValueError(problem)
     name = cfg.name or run_name(dataset.root, cfg.objective)
     output = join(cfg.output, name)
     train_range, eval_range, eval_on_train = split_shards(len(dataset.shards), cfg.data.holdout_shards)
