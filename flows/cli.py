@@ -10,14 +10,11 @@ from pathlib import Path
 import typer
 import yaml
 
+from flows import environment
+from pipeline import VERBOSE_ENV, verbose
 from schemas.config import ConfigError, absolute_path, check_run_id, load_config, train_with_absolute_paths
 
-# Prefect's temporary server otherwise records a telemetry session on start-up, which can race its
-# own database migration on a fresh PREFECT_HOME ("database is locked").
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Its first start on a fresh PREFECT_HOME migrates a database: ~15 s on 2 idle cores, past Prefect's
-# 20 s default when the machine is busy. A slow start is better than a failed run.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+environment.apply()  # before Prefect and Ray are imported: they read these at import
 
 app = typer.Typer(
     help="localcap: build local-caption datasets (PS3 paired WebDataset shards) from high-resolution images.\n\n"
@@ -115,6 +112,7 @@ def train_command(
     config: Path | None = typer.Option(None, "--config", help="Train config YAML (the `train:` section's fields), or a run "
                                        "config whose train/storage/ray sections are used."),
     set_: list[str] = typer.Option([], "--set", help="Override a train field, e.g. --set steps=2000 --set num_workers=4 (repeatable)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="A progress bar over the steps on stderr."),
 ):
     """Train a vision encoder on a dataset on Ray (PS3-style local contrastive, or MAE): checkpoints
     to OUTPUT/NAME, held-out retrieval metrics at the end. Rerunning the same name resumes from its last checkpoint."""
@@ -136,7 +134,7 @@ def train_command(
 
     try:
         result = train(dataset, cfg.model_dump(mode="json"), data.get("storage") if run_config else None,
-                       data.get("ray") if run_config else None)
+                       data.get("ray") if run_config else None, progress=progress)
     except FileNotFoundError as exc:
         typer.echo(f"not a localcap dataset (no dataset.json?): {exc}", err=True)
         raise typer.Exit(2) from None
@@ -510,7 +508,7 @@ def sweep(
 def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Tracebacks for remote failures, and the lines "
                                           "of Ray's own processes, which are otherwise kept out of the terminal.")):
     if verbose:
-        os.environ["LOCALCAP_VERBOSE"] = "1"  # the stages and Ray workers read it too
+        os.environ[VERBOSE_ENV] = "1"  # the stages, Ray and the flow runs read it too
 
 
 def main() -> None:
@@ -526,7 +524,7 @@ def main() -> None:
             chain.append(seen)
             seen = seen.__cause__ or seen.__context__
         line = next((text for e in chain if (text := remote_failure(e))), None)
-        if line is None or os.environ.get("LOCALCAP_VERBOSE"):
+        if line is None or verbose():
             raise
         typer.echo(f"localcap: {line}", err=True)
         sys.exit(1)

@@ -163,6 +163,8 @@ def deploy(configs: list[RunConfig], pool: str | None = None) -> list[dict[str, 
     {flow name: deployment id}."""
     from prefect import Flow
 
+    from flows.environment import flow_run_env
+
     for cfg in configs:
         check_deployable(cfg)
     ids = []
@@ -171,7 +173,7 @@ def deploy(configs: list[RunConfig], pool: str | None = None) -> list[dict[str, 
         ensure_process_pool(work_pool)
         ids.append({name: Flow.from_source(source=str(REPO), entrypoint=entrypoint).deploy(
             work_pool_name=work_pool, build=False, push=False, print_next_steps=False, ignore_warnings=True,
-            **_options(name, cfg))
+            job_variables={"env": flow_run_env()}, **_options(name, cfg))
             for name, entrypoint in ENTRYPOINTS.items()})
     return ids
 

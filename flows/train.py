@@ -7,6 +7,9 @@ with the same run name resumes from the run's last checkpoint.
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Callable
 from dataclasses import asdict
 
 from prefect import flow, get_run_logger, task
@@ -14,7 +17,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from flows import events
+from tqdm.auto import tqdm
+
 from flows.build import build_dataset, build_run_name, run_config_of, run_id_for, slug
+from pipeline import verbose
 from pipeline.executor import init_ray
 from pipeline.storage import Storage
 from pipeline.train.evaluate import recall_keys
@@ -27,13 +33,52 @@ from schemas.config import (
 )
 
 
+def run_logs_only(run_logger) -> logging.LoggerAdapter:
+    """The run's logger without the terminal: lines for the run's Prefect logs (the UI) only."""
+    from prefect.logging.handlers import APILogHandler
+
+    base = logging.getLogger("localcap.run_logs_only")
+    if not base.handlers:
+        base.addHandler(APILogHandler())
+        base.setLevel(logging.INFO)
+        base.propagate = False
+    return logging.LoggerAdapter(base, dict(run_logger.extra))
+
+
+STEP = re.compile(r"^step (\d+)/(\d+)")
+
+
+def progress_reporter(run_logger, bar: bool) -> Callable[[str], None]:
+    """Where training's progress lines go: every line to the run's Prefect logs; in the terminal a
+    progress bar over the steps (with `bar`), every line only with --verbose."""
+    quiet = None if verbose() else run_logs_only(run_logger)
+    state: dict = {}
+
+    def report(line: str) -> None:
+        (quiet or run_logger).info(line)
+        if bar and (m := STEP.match(line)):
+            step, total = int(m[1]), int(m[2])
+            if "bar" not in state:
+                state["bar"] = tqdm(total=total, desc="train", unit="step", initial=step - 1)
+            state["bar"].set_postfix_str(line.split(" ", 2)[2].split(" (")[0], refresh=False)
+            state["bar"].update(step - state["bar"].n)
+            if step >= total:
+                state["bar"].close()
+
+    return report
+
+
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(dataset_uri: str, train_config: dict, storage: dict) -> dict:
+def train_task(dataset_uri: str, train_config: dict, storage: dict, progress: bool = False) -> dict:
     section = StorageSection(**storage)
-    logger = get_run_logger()  # the loss every 10 steps, checkpoints and held-out metrics, in the run's Prefect logs
+    # The loss every 10 steps, checkpoints and held-out metrics, in the run's Prefect logs.
     result = run_training(dataset_uri, parse_train_config(train_config), Storage(section.endpoint_url, section.region),
-                          on_progress=logger.info)
+                          on_progress=progress_reporter(get_run_logger(), progress))
     return asdict(result)
+
+
+def _rounded(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def metrics_markdown(result: dict) -> str:
@@ -41,7 +86,7 @@ def metrics_markdown(result: dict) -> str:
     lines = [f"# localcap training `{result['name']}`", "",
              f"Dataset `{result['dataset']}`, objective `{m.get('objective')}`: step {m.get('step')} "
              f"({m.get('steps_this_run')} this run{', resumed from step %s' % m['resumed_from'] if m.get('resumed_from') else ''}).",
-             f"Loss {m.get('first_loss')} over the first steps, {m.get('last_loss')} over the last.",
+             f"Loss {_rounded(m.get('first_loss'))} over the first steps, {_rounded(m.get('last_loss'))} over the last.",
              f"Checkpoint: `{result['checkpoint']}`", ""]
     recalls = recall_keys(m)
     if recalls:
@@ -65,14 +110,15 @@ def train_run_name() -> str:
 
 
 @flow(name="train", log_prints=True, flow_run_name=train_run_name)
-def train(dataset_uri: str, train_config: dict, storage: dict | None = None, ray: dict | None = None) -> dict:
+def train(dataset_uri: str, train_config: dict, storage: dict | None = None, ray: dict | None = None,
+          progress: bool = False) -> dict:
     """Train on a dataset (directory, NAME/vN, NAME/LATEST or NAME; path or s3://); returns the run's
     name, output, checkpoint and metrics (also in OUTPUT/NAME/metrics.json)."""
     cfg = parse_train_config(train_config)
     logger = get_run_logger()
     init_ray(RaySection(**(ray or {})))
     logger.info("training %s on %s (%d worker(s), %s)", cfg.objective, dataset_uri, cfg.num_workers, "GPU" if cfg.use_gpu else "CPU")
-    result = train_task(dataset_uri, cfg.model_dump(mode="json"), storage or {})
+    result = train_task(dataset_uri, cfg.model_dump(mode="json"), storage or {}, progress)
     create_markdown_artifact(metrics_markdown(result), key=f"localcap-train-{slug(result['name'])}",
                              description=f"localcap training {result['name']}")
     logger.info("trained %s: checkpoint %s", result["name"], result["checkpoint"])
@@ -100,5 +146,6 @@ def end_to_end(config: str | dict | RunConfig, run_id: str | None = None, overri
             get_run_logger().info("the build has no samples: nothing to train on")
             return {"dataset": dataset, "train": None}
         uri = published["uri"] if published else cfg.shards.output
-        trained = train(uri, cfg.train.model_dump(mode="json"), cfg.storage.model_dump(mode="json"), cfg.ray.model_dump(mode="json"))
+        trained = train(uri, cfg.train.model_dump(mode="json"), cfg.storage.model_dump(mode="json"), cfg.ray.model_dump(mode="json"),
+                        progress=progress)
     return {"dataset": dataset, "train": trained}

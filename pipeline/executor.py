@@ -21,6 +21,7 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
+from pipeline import verbose
 from pipeline.partitions import (
     part_name,
     partition_index,
@@ -100,7 +101,9 @@ def init_ray(cfg: RaySection) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    # Ray's worker, controller and cleaner lines stay out of the terminal and the Prefect logs unless
+    # --verbose; what localcap reports (progress, warnings) goes through the driver.
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose()}
     if address == "local":
         kwargs["num_cpus"] = cfg.num_cpus
     ray.init(address=address, **kwargs)

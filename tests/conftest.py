@@ -8,8 +8,9 @@ import os
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from flows import environment  # noqa: E402  (the CLI's settings, as every localcap process has them)
+
+environment.apply()
 
 import shutil
 import subprocess

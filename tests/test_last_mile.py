@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,17 @@ def test_run_with_relative_paths_from_another_directory_builds_and_trains_there(
     metrics = json.loads(next((here / "out" / "train").glob("*/metrics.json")).read_text())
     assert metrics["step"] == 2 and Path(metrics["checkpoint"]).is_relative_to(here / "out" / "train")
     assert not (ROOT / "out").exists() and not (ROOT / "work").exists()
+    assert not ray_lines(out.stdout + out.stderr), ray_lines(out.stdout + out.stderr)[:5]  # Ray's own lines stay out
+    # --verbose shows them: a rerun that trains two more steps prints the Ray task's own lines.
+    out = localcap("--verbose", "run", "configs/rel.yaml", "--run-id", "rel", "--train", "--no-progress", "--set", "train.steps=4",
+                   cwd=here, home=tmp_path, api=prefect_harness)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert ray_lines(out.stdout + out.stderr), (out.stdout + out.stderr)[-3000:]
+
+
+def ray_lines(output: str) -> list[str]:
+    """The lines a Ray process printed through the driver: `(train_task pid=123) ...`, `(RayTrainWorker pid=...)`."""
+    return [line for line in output.splitlines() if re.search(r"\(\w+ pid=\d+", line)]
 
 
 # -- fail fast -----------------------------------------------------------------------------------

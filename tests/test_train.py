@@ -6,6 +6,7 @@ kill, MAE, and training from a version published on S3."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -251,6 +252,28 @@ def test_training_starts_from_a_pretrained_siglip_directory(colour_dataset, tmp_
     state = __import__("torch").load(Path(result["checkpoint"]) / "state.pt", weights_only=True)["model"]
     assert state["vision.encoder.layers.0.self_attn.q_proj.weight"].shape == (32, 32)
     assert state["text.embeddings.position_embedding.weight"].shape[0] == 12
+
+
+def test_localcaps_own_warnings_reach_the_prefect_run_logs(colour_dataset, tmp_path):
+    """A dataset with no shard to hold out: the runner's warning (a `pipeline` logger, not Prefect's)
+    is in the train run's Prefect logs, where the run is watched."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.train import train
+
+    state = train(str(colour_dataset), {**TRAIN, "output": str(tmp_path / "train"), "name": "all-shards", "objective": "mae",
+                                        "num_workers": 1, "steps": 2, "checkpoint_every": 2, "warmup_steps": 0,
+                                        "data": {**TRAIN["data"], "holdout_shards": 99}}, return_state=True)
+    assert state.is_completed()
+    flow_run_ids = [state.state_details.flow_run_id]
+    with get_client(sync_client=True) as client:
+        deadline, found = time.monotonic() + 20, []  # Prefect ships logs in batches
+        while not found and time.monotonic() < deadline:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids)), limit=200)
+            found = [log for log in logs if "evaluating on the training shards" in log.message]
+            time.sleep(0.5)
+    assert found and found[0].level == logging.WARNING
 
 
 @pytest.mark.gpu
