@@ -78,7 +78,8 @@ def run_id_of_flow_run() -> str | None:
     if not flow_run.id:
         return None
     start = flow_run.scheduled_start_time
-    return start.strftime("%Y%m%d-%H%M%S") + "-" + flow_run.id.replace("-", "")[:6]
+    # The id's last hex digits: its first ones are a timestamp (UUIDv7), shared by runs scheduled together.
+    return start.strftime("%Y%m%d-%H%M%S") + "-" + flow_run.id.replace("-", "")[-6:]
 
 
 def run_id_for(run_id: str | None) -> str:
@@ -126,11 +127,13 @@ def config_name(config, overrides: dict | None = None) -> str:
 
 
 def build_run_name() -> str:
-    """`<dataset>-<run id>`: what a data engineer reads in the Prefect UI's list of runs."""
+    """`<dataset>-<run id>`: what a data engineer reads in the Prefect UI's list of runs; `...-build`
+    when it runs inside end_to_end (whose run has the plain name)."""
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    return f"{config_name(params.get('config'), params.get('overrides'))}-{run_id_for(params.get('run_id'))}"
+    name = f"{config_name(params.get('config'), params.get('overrides'))}-{run_id_for(params.get('run_id'))}"
+    return f"{name}-build" if flow_run.parent_flow_run_id else name
 
 
 @task(name="stage", cache_policy=NO_CACHE)

@@ -332,7 +332,7 @@ def deploy(
     overrides and the folder relative paths are taken against; deploy.cron on the flow deploy.flow names;
     with deploy.retrain: on_publish, a trigger that trains train/NAME on each new version of publish.to;
     one run of each at a time. Run them with `prefect worker start --pool localcap`."""
-    from flows.deploy import check_deployable, deploy as register, schedule_text
+    from flows.deploy import check_deployable, deploy as register, schedule_text, trigger_text
     from pipeline.preflight import untrainable
 
     loaded = _configs(configs)
@@ -345,10 +345,14 @@ def deploy(
     for cfg in loaded:
         if reason := untrainable(cfg):
             typer.echo(f"note: train/{cfg.run.name} and end_to_end/{cfg.run.name} will fail if run: {reason}", err=True)
+    rows = [("deployment", "schedule", "trigger", "work pool")]
     for cfg, deployments in zip(loaded, register(loaded, pool)):
-        for flow_name, deployment_id in deployments.items():
-            when = schedule_text(flow_name, cfg)
-            typer.echo(f"deployed {flow_name}/{cfg.run.name} ({deployment_id}), {when}, pool {pool or cfg.deploy.work_pool}")
+        rows += [(f"{flow_name}/{cfg.run.name}", schedule_text(flow_name, cfg), trigger_text(flow_name, cfg), pool or cfg.deploy.work_pool)
+                 for flow_name in deployments]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    typer.echo(f"start a worker to run them: prefect worker start --pool {pool or loaded[0].deploy.work_pool}")
 
 
 @app.command()

@@ -29,6 +29,9 @@ and schedules create no runs, though the UI shows them active.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -106,7 +109,10 @@ def _triggers(flow_name: str, cfg: RunConfig) -> list:
     if flow_name != "train" or cfg.deploy.retrain != "on_publish":
         return []
     return [DeploymentEventTrigger(
-        name=f"retrain {cfg.run.name} on publish", expect={DATASET_PUBLISHED},
+        name=f"retrain {cfg.run.name} on each published version",
+        description=f"Runs the deployment train/{cfg.run.name} on each new version of {cfg.publish.to} "
+                    "(the localcap.dataset.published event `localcap publish` and the build send).",
+        expect={DATASET_PUBLISHED},
         match={"prefect.resource.id": dataset_resource_id(cfg.publish.to)},
         parameters={"dataset_uri": "{{ event.payload.uri }}"},
     )]
@@ -171,11 +177,19 @@ def deploy(configs: list[RunConfig], pool: str | None = None) -> list[dict[str, 
     for cfg in configs:
         work_pool = pool or cfg.deploy.work_pool
         ensure_process_pool(work_pool)
-        ids.append({name: Flow.from_source(source=str(REPO), entrypoint=entrypoint).deploy(
-            work_pool_name=work_pool, build=False, push=False, print_next_steps=False, ignore_warnings=True,
-            job_variables={"env": flow_run_env()}, **_options(name, cfg))
-            for name, entrypoint in ENTRYPOINTS.items()})
+        with contextlib.redirect_stdout(io.StringIO()):  # Prefect prints a table per deployment; the CLI prints one for all
+            ids.append({name: Flow.from_source(source=str(REPO), entrypoint=entrypoint).deploy(
+                work_pool_name=work_pool, build=False, push=False, print_next_steps=False, ignore_warnings=True,
+                job_variables={"env": flow_run_env()}, **_options(name, cfg))
+                for name, entrypoint in ENTRYPOINTS.items()})
     return ids
+
+
+def trigger_text(flow_name: str, cfg: RunConfig) -> str:
+    """What starts a deployment besides its schedule and a manual run, for the CLI's table."""
+    if flow_name == "train" and cfg.deploy.retrain == "on_publish":
+        return f"each new version of {cfg.publish.to}"
+    return "-"
 
 
 def serve(configs: list[RunConfig]) -> None:

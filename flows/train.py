@@ -100,13 +100,13 @@ def metrics_markdown(result: dict) -> str:
 
 
 def train_run_name() -> str:
-    """`<dataset>-<version>` (scenes-v3), or the dataset folder's name: which data this run trains on."""
+    """`<dataset>-<version>` (scenes-v3), or `train-<folder>` for a built folder: which data this run trains on."""
     from prefect.runtime import flow_run
 
     parts = [p for p in str(flow_run.parameters.get("dataset_uri", "")).rstrip("/").split("/") if p]
     if len(parts) >= 2 and (parts[-1] == "LATEST" or parts[-1][:1] == "v" and parts[-1][1:].isdigit()):
         return f"{parts[-2]}-{parts[-1]}"
-    return parts[-1] if parts else "train"
+    return f"train-{parts[-1]}" if parts else "train"
 
 
 @flow(name="train", log_prints=True, flow_run_name=train_run_name)

@@ -130,6 +130,14 @@ def _start_worker(pool: str, url: str, tmp_path: Path) -> subprocess.Popen:
                                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _table(stdout: str) -> dict[str, list[str]]:
+    """deployment -> [schedule, trigger, work pool] from `localcap deploy`'s table (columns two spaces or more apart)."""
+    import re
+
+    rows = [re.split(r"\s{2,}", line.strip()) for line in stdout.splitlines() if line.strip()]
+    return {r[0]: r[1:] for r in rows if "/" in r[0] and len(r) == 4}
+
+
 POOL = "localcap-test"  # one work pool and one process worker for the module (a worker's start costs seconds)
 
 
@@ -176,7 +184,9 @@ def test_deploy_trigger_and_complete(server, worker, tmp_path):
 
     out = _deploy(config_path, server.url, tmp_path / "client-home", cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "deployed build_dataset/nightly-scenes" in out.stdout and "cron 0 3 * * *" in out.stdout
+    table = _table(out.stdout)
+    assert table["build_dataset/nightly-scenes"] == ["cron 0 3 * * * (UTC)", "-", POOL], out.stdout
+    assert "Successfully created" not in out.stdout and out.stdout.count("deployment") == 1  # one table, Prefect's own not printed
 
     with _client(server.url) as client:
         deployment = client.read_deployment_by_name("build_dataset/nightly-scenes")
@@ -193,7 +203,7 @@ def test_deploy_trigger_and_complete(server, worker, tmp_path):
         assert end_to_end.parameters == deployment.parameters
         assert train.parameters["dataset_uri"] == str(tmp_path / "ds")
         assert train.parameters["train_config"]["objective"] == "local_contrastive"
-    assert "deployed end_to_end/nightly-scenes" in out.stdout and "deployed train/nightly-scenes" in out.stdout
+    assert table["end_to_end/nightly-scenes"] == ["on demand", "-", POOL] and table["train/nightly-scenes"] == ["on demand", "-", POOL]
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -224,7 +234,7 @@ def test_scheduled_build_runs(server, worker, tmp_path):
     try:
         out = _deploy(Path("nightly.yaml"), server.url, tmp_path / "client-home", cwd=cwd)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "deployed build_dataset/every-few-seconds" in out.stdout
+        assert _table(out.stdout)["build_dataset/every-few-seconds"][0] == "every 3 s", out.stdout
         with _client(server.url) as client:
             deployment = client.read_deployment_by_name("build_dataset/every-few-seconds")
             assert [s.schedule.interval.total_seconds() for s in deployment.schedules] == [3.0]
@@ -306,6 +316,10 @@ def test_each_published_version_starts_one_training_on_itself(server, worker, tm
 
     out = _deploy(path, server.url, home, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert _table(out.stdout)[f"train/{name}"][1] == f"each new version of {published}", out.stdout
+    with _client(server.url) as client:  # the automation says what it does
+        automation = next(a for a in client.read_automations() if a.name == f"retrain {name} on each published version")
+        assert f"train/{name}" in automation.description and str(published) in automation.description
     # b (three images) first, unpublished; then a, which the build flow publishes as v1, then b as v2 at once.
     (tmp_path / "src-b").mkdir()
     for i, f in enumerate(sorted((tmp_path / "src").iterdir())):
