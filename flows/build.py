@@ -24,7 +24,7 @@ from pipeline.executor import StageReport, init_ray
 from pipeline.preflight import check_cluster, check_run
 from pipeline.report import read_text_boxes, write_report
 from pipeline.stage import RunContext, Stage, StageResult, make_context, stages_for
-from pipeline.status import PREFECT_RUN
+from pipeline.status import PREFECT_RUN, PUBLICATION, publication, publication_line
 from pipeline.storage import is_s3, join
 from pipeline.versions import publish_version
 from schemas.config import RunConfig, check_run_id, load_config, parse_config, read_yaml
@@ -183,12 +183,18 @@ def samples_markdown(samples: list[tuple[str, dict]], report: str | None) -> lis
     return lines
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
 def report_markdown(run_id: str, dataset: dict, reports: list[StageReport], extra: list[str] = ()) -> str:
     c = dataset["counts"]
     lines = [
         f"# localcap run `{run_id}`",
         "",
         f"**{c['samples']}** samples in **{c['shards']}** shards from **{c['inputs']}** inputs; **{c['rejected']}** rejected.",
+        "",
+        f"**{_sentence(publication_line(dataset.get('publication')))}**" if dataset.get("publication") else "",
         "",
         "| stage | partitions | computed | skipped | seconds | rows |",
         "|---|---|---|---|---|---|",
@@ -263,6 +269,8 @@ def build_dataset(config: str | dict | RunConfig, run_id: str | None = None, ove
             logger.info("nothing published to %s: %s (LATEST: %s)", cfg.publish.to, p["reason"], p["latest"])
         else:
             logger.info("published %s: %d samples, %d new (LATEST: %s)", p["uri"], p["samples"], p["added"], p["latest"])
+    dataset["publication"] = publication(dataset.get("published"), cfg.publish.to)
+    ctx.storage.write_bytes(join(ctx.run_dir, PUBLICATION), json.dumps(dataset["publication"], indent=1).encode())
     try:
         samples = read_text_boxes(ctx.storage, cfg.shards.output, cfg.shards.layout, limit=5)
     except (OSError, ValueError, KeyError) as exc:

@@ -102,6 +102,10 @@ def run(
     c = dataset["counts"]
     typer.echo(f"run {dataset['run_id']}: {c['samples']} samples in {c['shards']} shards -> {dataset['config']['shards']['output']}"
                f" ({c['rejected']} rejected)")
+    if dataset.get("publication"):
+        from pipeline.status import publication_line
+
+        typer.echo(f"  {publication_line(dataset['publication'])}")
     if dataset.get("trained"):
         _echo_trained(dataset["trained"])
 

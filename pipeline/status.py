@@ -77,6 +77,32 @@ def stage_status(storage: Storage, run_dir: str, stage: str) -> dict:
     return out
 
 
+PUBLICATION = "publication.json"  # in the run directory: what the run's publish step made, or why it made nothing
+
+
+def publication(published: dict | None, publish_to: str | None) -> dict:
+    """The record of a build's publish step: the version it published, or why none ("unchanged" when
+    the build adds no sample the newest version lacks, "publish.to is not set")."""
+    if not publish_to:
+        return {"version": None, "uri": None, "reason": "publish.to is not set", "latest": None}
+    p = published or {}
+    if p.get("unchanged"):
+        return {"version": None, "uri": None, "reason": p.get("reason"), "latest": p.get("latest")}
+    return {"version": p.get("version"), "uri": p.get("uri"), "reason": None, "latest": p.get("latest"),
+            "samples": p.get("samples"), "added": p.get("added"), "removed": p.get("removed")}
+
+
+def publication_line(record: dict | None) -> str:
+    """One line for people: `published URI (+A -R, N samples; LATEST vN)` or `not published: why`."""
+    if not record:
+        return "not published: the run has not reached its publish step"
+    if record.get("uri"):
+        return (f"published {record['uri']} (+{record.get('added') or 0} -{record.get('removed') or 0}, "
+                f"{record.get('samples')} samples; LATEST {record.get('latest')})")
+    latest = f" (LATEST {record['latest']})" if record.get("latest") else ""
+    return f"not published: {record.get('reason')}{latest}"
+
+
 def run_status(storage: Storage, work_dir: str, run_id: str | None = None) -> dict:
     run_id = find_run(storage, work_dir, run_id) if run_id else latest_run(storage, work_dir)
     if run_id is None:
@@ -90,8 +116,15 @@ def run_status(storage: Storage, work_dir: str, run_id: str | None = None) -> di
     names = [cls.name for cls in registered() if cls.section is None or cls.name in present]
     stages = [stage_status(storage, run_dir, s) for s in names]
     prefect = read_prefect_run(storage, run_dir)
+    record = None
+    if storage.exists(join(run_dir, PUBLICATION)):
+        try:
+            record = json.loads(storage.read_bytes(join(run_dir, PUBLICATION)))
+        except ValueError:
+            record = None
     return {"run_id": run_id, "run_dir": run_dir, "finished": bool(finished) and all(s["state"] == "done" for s in stages),
-            "counts": finished["counts"] if finished else None, "stages": stages, "prefect": prefect}
+            "counts": finished["counts"] if finished else None, "stages": stages, "prefect": prefect,
+            "publication": record if isinstance(record, dict) else None}
 
 
 def format_status(status: dict) -> str:
@@ -103,6 +136,7 @@ def format_status(status: dict) -> str:
     if status["counts"]:
         c = status["counts"]
         lines.append(f"  {c['samples']} samples in {c['shards']} shards from {c['inputs']} inputs, {c['rejected']} rejected")
+        lines.append(f"  {publication_line(status.get('publication'))}")
     lines.append(f"  {'stage':<8} {'state':<8} {'partitions':>10}  {'seconds':>8} {'per s':>7}  rows")
     for s in status["stages"]:
         parts = f"{s['done']}/{s['partitions']}" if s["partitions"] is not None else "-"

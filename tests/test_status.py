@@ -33,6 +33,7 @@ def test_status_and_report_of_a_finished_run(build, tmp_path):
 
     out = CliRunner().invoke(app, ["status", "--work-dir", str(work)])
     assert out.exit_code == 0 and "ingest   done" in out.output and "3 samples in 1 shards from 4 inputs" in out.output
+    assert "not published: publish.to is not set" in out.output  # what the run made, and why no version
     out = CliRunner().invoke(app, ["status", "nope", "--work-dir", str(work)])
     assert out.exit_code == 2 and "no run nope" in out.output
     # The Prefect flow run and the localcap run name each other: its name holds the run id, the run

@@ -75,6 +75,12 @@ def _five_nights(nightly_run, tmp_path: Path, name: str, store: Storage, fail_pu
                 dataset = nightly_run(cfg, run_id=f"night{night}")
                 p = dataset["published"]
                 published.append(None if p["unchanged"] else p["version"])
+                # `localcap status` names the version the night published, or why none was.
+                from pipeline.status import format_status, run_status
+
+                shown = format_status(run_status(store, cfg["run"]["work_dir"], f"night{night}"))
+                said = f"published {p['uri']} (" if not p["unchanged"] else f"not published: {p['reason']} (LATEST {p['latest']})"
+                assert said in shown, shown
         finally:
             build_flow.publish_version = real_publish
         latest = resolve(store, name)
