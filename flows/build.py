@@ -180,6 +180,10 @@ def samples_markdown(samples: list[tuple[str, dict]], report: str | None) -> lis
             lines.append(f"| `{key[:12]}` | {len(s.get('box', []))} | {texts[:300]} | {(s.get('global_text') or '-').replace('|', '/')[:200]} |")
     if report:
         lines += ["", f"HTML report (gallery with the boxes drawn, rejects, duplicates, plots): `{report}`"]
+        if not is_s3(report):  # a browser does not open file:// links from a web page
+            folder = str(Path(report).parent)
+            lines += ["", f"To open it from here: `localcap report DATASET --out {folder} --serve` on the machine that holds it, "
+                          "then http://127.0.0.1:8765/index.html"]
     return lines
 
 

@@ -391,16 +391,46 @@ def report(
     dataset: str = typer.Argument(..., help="Dataset directory, NAME/vN, NAME/LATEST or NAME (path or s3://)."),
     out: str = typer.Option("./localcap-report", "--out", help="Folder for index.html and thumbs/ (path or s3://)."),
     samples: int = typer.Option(24, "--samples", "-n", help="Images in the gallery (evenly spread over the manifest)."),
+    serve: bool = typer.Option(False, "--serve", help="Then serve it over HTTP on 127.0.0.1 (a browser, or the Prefect "
+                               "UI's link, cannot open a file:// page); Ctrl-C stops."),
+    port: int = typer.Option(8765, "--port", help="--serve: the port (0: any free one)."),
 ):
     """Write a static HTML report: a gallery with boxes drawn and captions beside, and plots."""
     from pipeline.report import write_report
+    from pipeline.storage import is_s3
 
+    if serve and is_s3(out):
+        raise typer.BadParameter("--serve serves a local --out folder; an s3:// report is read from the bucket")
     try:
         page = write_report(dataset, out, samples, _storage(dataset, out))
     except FileNotFoundError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     typer.echo(f"report: {page}")
+    if serve:
+        _serve_folder(Path(page).parent, port)
+
+
+def _serve_folder(folder: Path, port: int) -> None:
+    """Serve `folder` read-only on 127.0.0.1 until interrupted (only this machine can reach it)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # no line per request in the terminal
+            pass
+
+    try:
+        httpd = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Quiet, directory=str(folder)))
+    except OSError as exc:
+        _fail(f"--serve: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); pick another --port")
+    typer.echo(f"serving http://127.0.0.1:{httpd.server_address[1]}/index.html (Ctrl-C stops)")
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
 
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")

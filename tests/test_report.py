@@ -399,3 +399,26 @@ def test_box_check_fails_on_an_overlay_stretched_to_the_card(chromium, tmp_path)
     page.write_text(STRETCHED.replace("CARDS", "".join(cards)))
     bad = misplaced_boxes(_measure(chromium, page), GEOMETRY_SAMPLES)
     assert any(b.startswith("0000000a box") for b in bad) and any(b.startswith("0000000c box") for b in bad), bad
+
+
+def test_report_serve_answers_over_http_on_localhost(tmp_path):
+    """`localcap report --serve`: the report over HTTP on 127.0.0.1 (a file:// link opens nowhere)."""
+    import signal
+    import sys
+    import urllib.request
+
+    ds = _dataset(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "report", str(ds), "--out", str(tmp_path / "r"), "--serve", "--port", "0"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        url = lines[1].split()[1]
+        assert lines[0].startswith("report: ") and url.startswith("http://127.0.0.1:"), lines
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert page == (tmp_path / "r" / "index.html").read_text()
+        thumb = url.replace("index.html", "thumbs/00000001.jpg")
+        assert urllib.request.urlopen(thumb, timeout=10).read() == (tmp_path / "r" / "thumbs" / "00000001.jpg").read_bytes()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
