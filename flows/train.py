@@ -49,14 +49,16 @@ STEP = re.compile(r"^step (\d+)/(\d+)")
 
 
 def progress_reporter(run_logger, bar: bool) -> Callable[[str], None]:
-    """Where training's progress lines go: every line to the run's Prefect logs; in the terminal a
-    progress bar over the steps (with `bar`), every line only with --verbose."""
+    """Where training's progress lines go: every line to the run's Prefect logs; in the terminal the
+    others (resumed from, held-out metrics) and, for the step lines, a progress bar (with `bar`),
+    or every line with --verbose."""
     quiet = None if verbose() else run_logs_only(run_logger)
     state: dict = {}
 
     def report(line: str) -> None:
-        (quiet or run_logger).info(line)
-        if bar and (m := STEP.match(line)):
+        m = STEP.match(line)
+        (quiet if m and quiet else run_logger).info(line)
+        if bar and m:
             step, total = int(m[1]), int(m[2])
             if "bar" not in state:
                 state["bar"] = tqdm(total=total, desc="train", unit="step", initial=step - 1)

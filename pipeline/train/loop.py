@@ -197,11 +197,11 @@ def train_loop(loop_config: dict, session) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step = resumed_from = state["step"]
         if rank == 0:
-            print(f"resumed from the checkpoint at step {step}", flush=True)
+            progress(loop_config, f"resumed from the checkpoint at step {step}")
     elif loop_config.get("init_checkpoint"):
         _init_weights(model, loop_config["init_checkpoint"], storage)
         if rank == 0:
-            print(f"fine-tuning from {loop_config['init_checkpoint']}", flush=True)
+            progress(loop_config, f"fine-tuning from {loop_config['init_checkpoint']}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps), last_epoch=step - 1)
     model = session.prepare(model)
 
