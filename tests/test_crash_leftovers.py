@@ -25,6 +25,7 @@ from pipeline.executor import PartitionJob, run_stage
 from pipeline.partitions import part_name
 from pipeline.storage import Storage, is_temp_name, join, temp_name, temp_target
 from pipeline.versions import list_versions, move_latest, publish_version, resolve
+from tests.helpers.datasets import fake_dataset
 
 pytestmark = pytest.mark.no_ps3_conformance  # the datasets here are made by hand: tars of random bytes
 
@@ -38,26 +39,6 @@ def _temporaries(*roots: Path) -> list[str]:
 
 def _uploads(client, bucket: str) -> list[str]:
     return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
-
-
-def _fake_dataset(root: Path, tag: str, tar_sizes: tuple[int, ...] = (1000,)) -> Path:
-    """A built dataset's shape (paired tars, sizes.json, manifest, dataset.json) with random bytes
-    for tars: one sample per shard, keyed by `tag`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = []
-    for folder in ("image", "text_box"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        for i, size in enumerate(tar_sizes):
-            (root / folder / f"{folder}_{i:06d}.tar").write_bytes(os.urandom(size if folder == "image" else 1024))
-        (root / folder / "sizes.json").write_text(json.dumps({f"{folder}_{i:06d}.tar": 1 for i in range(len(tar_sizes))}))
-    rows = [{"key": f"{tag}{i}", "uid": f"{tag}{i}", "shard": f"image/image_{i:06d}.tar", "source": f"src/{tag}{i}.jpg",
-             "width": 64, "height": 48, "boxes": 1} for i in range(len(tar_sizes))]
-    pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
-    (root / "dataset.json").write_text(json.dumps({"run_id": tag, "layout": "paired", "created_at": "2026-01-01T00:00:00Z",
-                                                   "counts": {"samples": len(tar_sizes), "shards": len(tar_sizes)}}))
-    return root
 
 
 @pytest.fixture
@@ -181,7 +162,7 @@ _KILLED_PUBLISH = textwrap.dedent("""
 
 
 def test_sigkill_during_multipart_publish_then_rerun_leaves_no_incomplete_upload(s3, s3_bucket, tmp_path):
-    ds = _fake_dataset(tmp_path / "ds", "big", tar_sizes=(16 * MiB, 16 * MiB + 7))
+    ds = fake_dataset(tmp_path / "ds", "big", tar_sizes=(16 * MiB, 16 * MiB + 7))
     name = f"s3://{s3_bucket}/scenes"
     client = s3.s3
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISH, s3.endpoint_url, str(ds), name], cwd=REPO,
@@ -202,7 +183,7 @@ def test_sigkill_during_multipart_publish_then_rerun_leaves_no_incomplete_upload
 
 def test_a_failed_publish_aborts_its_multipart_uploads(s3, s3_bucket, tmp_path):
     """A part fails, and boto3's own abort of that upload fails too: the publish aborts it itself."""
-    ds = _fake_dataset(tmp_path / "ds", "fails", tar_sizes=(11 * MiB,))
+    ds = fake_dataset(tmp_path / "ds", "fails", tar_sizes=(11 * MiB,))
     name = f"s3://{s3_bucket}/failing"
     storage = Storage(endpoint_url=s3.endpoint_url)
     calls = {"UploadPart": 0, "AbortMultipartUpload": 0}
@@ -227,7 +208,7 @@ def test_a_failed_publish_aborts_its_multipart_uploads(s3, s3_bucket, tmp_path):
 def test_a_resumed_publish_to_a_local_name_removes_its_temporaries(tmp_path):
     """A publish killed mid-copy left temporaries of its shards (under the numbers it took) and of
     LATEST: the rerun of the same build takes the same numbers and removes them."""
-    ds = _fake_dataset(tmp_path / "ds", "local")
+    ds = fake_dataset(tmp_path / "ds", "local")
     name = tmp_path / "published"
     inc = versions.build_increment(ds, set(), tmp_path / "scratch")
     base = versions.allocate_shards(Storage(), str(name), inc.content_id("paired"), len(inc.tars))
@@ -265,7 +246,7 @@ def test_interleaved_final_steps_end_at_the_highest_version(where, request, tmp_
     else:
         name, kw = str(tmp_path / "raced"), {}
     plain = Storage(**kw)
-    builds = {v: _fake_dataset(tmp_path / f"build-{v}", v) for v in ("a", "b", "c")}
+    builds = {v: fake_dataset(tmp_path / f"build-{v}", v) for v in ("a", "b", "c")}
     assert publish_version(plain, builds["a"], name, progress=False).version == "v1"
     # v2 and v3 are claimed; v2's publisher reaches its LATEST step first, then stalls there while
     # v3's publisher finishes entirely; then v2's write happens.
@@ -285,7 +266,7 @@ def test_final_steps_in_reverse_order_keep_latest_at_the_higher_version(s3, s3_b
     final_steps = []
     monkeypatch.setattr(versions, "move_latest", lambda storage, name_uri, n: final_steps.append(n) or "?")
     for tag in ("a", "b", "c"):
-        publish_version(s3, _fake_dataset(tmp_path / tag, tag), name, progress=False)
+        publish_version(s3, fake_dataset(tmp_path / tag, tag), name, progress=False)
     monkeypatch.undo()
     # Each publish first moves LATEST to the newest whole version (here: a no-op), then to its own.
     assert final_steps[-1] == 3 and sorted(set(final_steps)) == [1, 2, 3] and not s3.exists(join(name, "LATEST"))
@@ -310,7 +291,7 @@ def test_a_stale_conditional_write_is_refused(s3, s3_bucket, tmp_path):
 def test_versions_listing_marks_a_broken_dataset_json(s3, s3_bucket, tmp_path):
     name = f"s3://{s3_bucket}/listed"
     for tag in ("a", "b", "c", "d"):
-        publish_version(s3, _fake_dataset(tmp_path / tag, tag), name, progress=False)
+        publish_version(s3, fake_dataset(tmp_path / tag, tag), name, progress=False)
     s3.write_bytes(join(name, "v2", "dataset.json"), b"{not json")
     s3.write_bytes(join(name, "v3", "dataset.json"), json.dumps({"created_at": "t", "layout": "paired", "counts": {"samples": "seven", "shards": 1}}).encode())
     s3.write_bytes(join(name, "v4", "files.json"), b"[1, 2]")
@@ -362,7 +343,7 @@ def test_gc_aborts_the_uploads_of_a_publisher_killed_and_never_rerun(s3, s3_buck
     tars that landed; gc leaves a publish begun less than pending_hours ago alone."""
     from pipeline.versions import collect_garbage
 
-    ds = _fake_dataset(tmp_path / "ds", "g", tar_sizes=(16 * MiB, 16 * MiB + 3))
+    ds = fake_dataset(tmp_path / "ds", "g", tar_sizes=(16 * MiB, 16 * MiB + 3))
     name = f"s3://{s3_bucket}/abandoned"
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_AT, s3.endpoint_url, str(ds), name, "mid_multipart"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -385,7 +366,7 @@ def test_sigkill_at_three_points_of_a_publish_then_rerun_finishes_v1(s3, s3_buck
     commit but before LATEST: the rerun ends with v1 only (no gap), no incomplete multipart upload,
     and objects byte-identical to an uninterrupted publish (times in files.json and the staged
     listing aside)."""
-    ds = _fake_dataset(tmp_path / "ds", "k", tar_sizes=(16 * MiB, 16 * MiB + 3))
+    ds = fake_dataset(tmp_path / "ds", "k", tar_sizes=(16 * MiB, 16 * MiB + 3))
     name = f"s3://{s3_bucket}/{point}"  # the parameters share a bucket (its name is cut to 50 characters)
     client = s3.s3
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_AT, s3.endpoint_url, str(ds), name, point], cwd=REPO,

@@ -20,6 +20,7 @@ import boto3
 import pytest
 
 from tests.helpers.config import run_config
+from tests.helpers.datasets import fake_dataset
 from tests.helpers.prefect_home import prefect_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,22 +73,6 @@ def localcap(args: list[str], env: dict, tmp_path: Path) -> subprocess.Completed
                           timeout=120)
 
 
-def _uncaptioned_dataset(root: Path) -> Path:
-    """A built dataset's files (no captioner): what `train` checks before anything starts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for folder in ("image", "text_box"):
-        (root / folder).mkdir(parents=True)
-        (root / folder / f"{folder}_000000.tar").write_bytes(b"\0" * 1024)
-        (root / folder / "sizes.json").write_text(json.dumps({f"{folder}_000000.tar": 1}))
-    pq.write_table(pa.Table.from_pylist([{"key": "k0", "uid": "k0", "shard": "image/image_000000.tar", "source": "s.jpg",
-                                          "width": 64, "height": 48, "boxes": 1}]), root / "manifest.parquet")
-    (root / "dataset.json").write_text(json.dumps({"run_id": "r", "layout": "paired", "created_at": "2026-01-01T00:00:00Z",
-                                                   "counts": {"samples": 1, "shards": 1}}))
-    return root
-
-
 def test_each_operator_error_is_one_line(tmp_path, s3_endpoint, s3_bucket, checking_s3):
     auth_endpoint, guarded, key, secret = checking_s3
     (tmp_path / "imgs").mkdir()
@@ -97,7 +82,7 @@ def test_each_operator_error_is_one_line(tmp_path, s3_endpoint, s3_bucket, check
     sweep.write_text(f"dataset: s3://{s3_bucket}/ds\noutput: {tmp_path / 'sweeps'}\nstorage: {{endpoint_url: 'http://127.0.0.1:9'}}\n"
                      "grid: {images: [4], resolution: [64], model: [vit-s], objective: [mae]}\n"
                      "models: {vit-s: {hidden_size: 32, layers: 1, heads: 2, mlp_size: 64}}\n")
-    ds = _uncaptioned_dataset(tmp_path / "ds")
+    ds = fake_dataset(tmp_path / "ds", "k")  # a built dataset's files, no captioner: what `train` checks first
     dead, live = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, {"AWS_ENDPOINT_URL": s3_endpoint}
     refused = {"AWS_ENDPOINT_URL": auth_endpoint, "AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY", "AWS_SECRET_ACCESS_KEY": "nope"}
     powerless = {"AWS_ENDPOINT_URL": auth_endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
