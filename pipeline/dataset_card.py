@@ -24,7 +24,7 @@ from pipeline.executor import StageReport
 from pipeline.versions import value_counts, value_summary
 from pipeline.partitions import read_tables, write_table
 from pipeline.shards.loader import write_wids_index
-from pipeline.shards.stage import finalize_shards
+from pipeline.shards.stage import finalize_shards, sample_boxes, sample_rules
 from pipeline.stage import RunContext, stages_for
 from pipeline.storage import Storage, join
 from schemas.config import redact_secrets
@@ -55,17 +55,16 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def dataset_statistics(manifest: pa.Table, regions: pa.Table, status: pa.Table, duplicates: pa.Table | None = None) -> dict:
+def dataset_statistics(manifest: pa.Table, boxes: list[tuple[int, list[int]]], status: pa.Table,
+                       duplicates: pa.Table | None = None) -> dict:
     """Sizes, boxes per image (and how many images have each count), box sides as fractions of the
-    image's short side, why images got no boxes, and how the dropped duplicates matched; regions and
-    status hold the kept samples' rows of those stage tables, duplicates the dedupe tables. Only facts
-    about the data: a resumed run writes the same statistics as an uninterrupted one."""
+    image's short side, why images got no boxes, and how the dropped duplicates matched; boxes are
+    (image short side, box) of every box in the samples, status the kept samples' region_status rows,
+    duplicates the dedupe tables. Only facts about the data: a resumed run writes the same statistics
+    as an uninterrupted one."""
     widths, heights = manifest["width"].to_pylist(), manifest["height"].to_pylist()
-    short = {uid: min(w, h) for uid, w, h in zip(manifest["uid"].to_pylist(), widths, heights)}
-    box_w, box_h = [], []
-    for uid, (x1, y1, x2, y2) in zip(regions["uid"].to_pylist(), regions["box"].to_pylist()):
-        box_w.append(round((x2 - x1) / short[uid], 4))
-        box_h.append(round((y2 - y1) / short[uid], 4))
+    box_w = [round((x2 - x1) / short, 4) for short, (x1, _, x2, _) in boxes]
+    box_h = [round((y2 - y1) / short, 4) for short, (_, y1, _, y2) in boxes]
     no_box: dict[str, int] = {}
     for reason in status["reason"].to_pylist():
         if reason is not None:
@@ -184,11 +183,7 @@ def write_dataset_card(ctx: RunContext, n_inputs: int, reports: list[StageReport
     counts = count_summary(n_inputs, manifest, rejects)
     regions, status = kept_region_tables(ctx, manifest)
     captions = read_tables(ctx.storage, ctx.stage_dir("caption"), "part", CAPTIONS) if ctx.config.captioner.backend != "none" else None
-    if captions is not None:  # boxes whose caption was rejected are not in the shards
-        ok = captions.filter(pc.and_(pc.equal(captions["status"], "ok"), pc.greater_equal(captions["region_id"], 0)))
-        keys = pa.array(sorted({f"{u}/{r}" for u, r in zip(ok["uid"].to_pylist(), ok["region_id"].to_pylist())}), pa.string())
-        region_keys = pc.binary_join_element_wise(regions["uid"], pc.cast(regions["region_id"], pa.string()), "/")
-        regions = regions.filter(pc.is_in(region_keys, value_set=keys))
+    boxes = sample_boxes(sample_rules(ctx.config), manifest, regions, captions)
     builds = previous_builds(ctx.storage, ctx.run_dir) + [build_entry(ctx.run_id, reports)]
     built = [b for b in builds if b["computed"]] or builds
     dataset = {
@@ -198,7 +193,7 @@ def write_dataset_card(ctx: RunContext, n_inputs: int, reports: list[StageReport
         "created_at": built[-1]["finished_at"],  # when the data last changed, not when a no-op rerun rewrote this file
         "updated_at": builds[-1]["finished_at"],
         "counts": counts,
-        "statistics": dataset_statistics(manifest, regions, status, read_tables(ctx.storage, ctx.stage_dir("dedupe"), "part", DEDUPE)),
+        "statistics": dataset_statistics(manifest, boxes, status, read_tables(ctx.storage, ctx.stage_dir("dedupe"), "part", DEDUPE)),
         "timings": run_timings(builds, status),
         "builds": builds,
         "captions": caption_summary(ctx.config.captioner, captions) if captions is not None else None,

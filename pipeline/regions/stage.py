@@ -105,8 +105,12 @@ def read_boxes(storage: Storage, regions_uri: str | None) -> dict[str, list[list
     """uid -> boxes in region_id order, from one partition's regions table (None: no boxes)."""
     if regions_uri is None:
         return {}
-    t = read_table(storage, regions_uri, columns=["uid", "region_id", "box"])
+    return boxes_by_uid(read_table(storage, regions_uri, columns=["uid", "region_id", "box"]))
+
+
+def boxes_by_uid(regions: pa.Table) -> dict[str, list[list[int]]]:
+    """uid -> boxes in region_id order, from a regions table."""
     out: dict[str, list[tuple[int, list[int]]]] = defaultdict(list)
-    for uid, rid, box in zip(t["uid"].to_pylist(), t["region_id"].to_pylist(), t["box"].to_pylist()):
+    for uid, rid, box in zip(regions["uid"].to_pylist(), regions["region_id"].to_pylist(), regions["box"].to_pylist()):
         out[uid].append((rid, box))
     return {uid: [b for _, b in sorted(items)] for uid, items in out.items()}

@@ -13,13 +13,13 @@ import pyarrow.compute as pc
 from dedupe.regions import iou, kept_boxes
 from pipeline.dedupe.stage import dropped_sources
 from pipeline.partitions import part_name, read_table, read_tables, write_table
-from pipeline.regions.stage import read_boxes
+from pipeline.regions.stage import boxes_by_uid, read_boxes
 from pipeline.shards import writer
 from pipeline.dataset_format import IMAGE_EXT, SIZES, TAR_SUFFIX, shard_files, tar_sample_counts
 from pipeline.shards.plan import SampleRef, assign_shards
 from pipeline.stage import Partition, Stage, StageResult
 from pipeline.storage import Storage, join
-from schemas.config import ShardsSection
+from schemas.config import RunConfig, ShardsSection
 from schemas.sample import TextBoxSample
 from schemas.tables import (
     GLOBAL_REGION,
@@ -52,6 +52,25 @@ class SampleRules:
     config: ShardsSection
     box_dedupe: tuple[float, float] = (0.7, 0.9)  # (dedupe.box_iou, dedupe.caption_similarity)
     need_global: bool = False  # captioning with global captions is on: a sample without one cannot train
+
+
+def sample_rules(config: RunConfig) -> SampleRules:
+    """The rules of a run's config: one place, so the plan and the dataset card's statistics agree."""
+    return SampleRules(config.shards, (config.dedupe.box_iou, config.dedupe.caption_similarity),
+                       need_global=config.captioner.backend != "none" and config.captioner.global_caption)
+
+
+def sample_boxes(rules: SampleRules, manifest: pa.Table, regions: pa.Table,
+                 captions: pa.Table | None) -> list[tuple[int, list[int]]]:
+    """(image short side, box) of every box the samples of `manifest` hold, as build_sample keeps
+    them (crop filter, box dedupe, rejected captions), from the regions and captions tables: the
+    statistics then describe what a trainer reads, not what the regions stage proposed."""
+    boxes, texts = boxes_by_uid(regions), None if captions is None else ok_captions(captions)
+    out = []
+    for uid, width, height in zip(*(manifest[c].to_pylist() for c in ("uid", "width", "height"))):
+        sample = build_sample(rules, boxes.get(uid, []), width, height, None if texts is None else texts.get(uid, {}))
+        out.extend((min(width, height), box) for box in sample.box)
+    return out
 
 
 def plan_samples(storage: Storage, ingest_dir: str, n_partitions: int, excluded_uris: set[str], regions_dir: str | None,
@@ -152,9 +171,13 @@ def read_captions(storage: Storage, captions_dir: str | None, partition: int) ->
     """uid -> {region_id: cleaned text} of the ok captions of one partition (None: no captioner)."""
     if captions_dir is None:
         return None
-    t = read_table(storage, join(captions_dir, part_name(partition)), columns=["uid", "region_id", "text", "status"])
+    return ok_captions(read_table(storage, join(captions_dir, part_name(partition)), columns=["uid", "region_id", "text", "status"]))
+
+
+def ok_captions(captions: pa.Table) -> dict[str, dict[int, str]]:
+    """uid -> {region_id: cleaned text} of a captions table's ok rows."""
     out: dict[str, dict[int, str]] = defaultdict(dict)
-    for uid, rid, text, status in zip(*(t[c].to_pylist() for c in ("uid", "region_id", "text", "status"))):
+    for uid, rid, text, status in zip(*(captions[c].to_pylist() for c in ("uid", "region_id", "text", "status"))):
         if status == "ok":
             out[uid][rid] = text
     return out
@@ -209,10 +232,9 @@ class ShardStage(Stage):
         return [self.config.shards.output]  # a killed run's half-written tars go before new ones are written
 
     def partitions(self, inputs: dict[str, StageResult]) -> list[Partition]:
-        cfg, captioner = self.config.shards, self.config.captioner
+        cfg = self.config.shards
         ingest, regions, captions = inputs["ingest"], inputs["regions"], inputs["caption"]
-        rules = SampleRules(cfg, (self.config.dedupe.box_iou, self.config.dedupe.caption_similarity),
-                            need_global=captioner.backend != "none" and captioner.global_caption)
+        rules = sample_rules(self.config)
         samples, unfit = plan_samples(self.storage, self.ctx.stage_dir("ingest"), len(ingest.fingerprints), dropped_sources(self.ctx),
                                       self.ctx.stage_dir("regions") if regions.on else None,
                                       self.ctx.stage_dir("caption") if captions.on else None, rules)
