@@ -4,13 +4,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-# Prefect keeps its SQLite database under PREFECT_HOME; one per checkout avoids clashes with
-# databases migrated by other Prefect versions (~/.prefect).
-export PREFECT_HOME ?= $(CURDIR)/$(VENV)/prefect-home
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export RAY_AUTH_MODE ?= disabled
+# No settings here: every command gets them where it runs. Prefect's (PREFECT_HOME = .venv/prefect-home,
+# one database per checkout, so the demo's runs show on `prefect server start`; telemetry off) are in
+# pyproject.toml's [tool.prefect], read by any prefect or localcap command run from the repository root;
+# the rest (RAY_AUTH_MODE, ...) the CLI applies itself (flows/environment.py).
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test readme-check bench clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +36,10 @@ demo: install
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+
+# The README's command blocks in order, as a new user runs them (.ci/readme_blocks.py; CI runs it after make demo).
+readme-check: install
+	$(BIN)/python .ci/readme_blocks.py README.md
 
 bench: install
 	$(BIN)/python benchmarks/ingest.py

@@ -224,7 +224,7 @@ def _echo_version(name: str, r) -> None:
 def remove(
     name: str = typer.Argument(..., help="Dataset name: s3://bucket/prefix/NAME or a local folder."),
     uid: list[str] = typer.Option([], "--uid", help="A sample's uid (manifest.parquet); repeatable."),
-    source: list[str] = typer.Option([], "--source", help="A sample's source URI, as ingested; repeatable."),
+    source: list[str] = typer.Option([], "--source", help="A sample's source URI as ingested (a local path may be relative); repeatable."),
     from_file: Path | None = typer.Option(None, "--from-file", help="A file of uids or source URIs, one per line."),
     block: bool = typer.Option(False, "--block", help="Keep their hashes so that no later build ingests them again."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -233,7 +233,7 @@ def remove(
     held them. Older versions still hold them until `localcap gc` drops those versions."""
     from pipeline.versions import remove_samples
 
-    uids, sources = set(uid), set(source)
+    uids, sources = set(uid), {absolute_path(s, os.getcwd()) for s in source}  # a local source was ingested as an absolute path
     if from_file is not None:
         try:
             lines = [ln.strip() for ln in from_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
