@@ -23,7 +23,7 @@ from pipeline.dataset_format import DATASET, HASHES_FILE, REJECTS_FILE
 from pipeline.executor import StageReport
 from pipeline.versions import value_counts, value_summary
 from pipeline.partitions import read_tables, write_table
-from pipeline.shards.loader import write_wids_index
+from pipeline.shards.wids import write_wids_index
 from pipeline.shards.stage import finalize_shards, sample_boxes, sample_rules
 from pipeline.stage import RunContext, stages_for
 from pipeline.storage import Storage, join

@@ -32,7 +32,7 @@ from PIL import Image
 
 from pipeline.partitions import read_table, read_tables
 from pipeline.dataset_format import IMAGE_EXTS, SIZES
-from pipeline.shards.loader import read_tar_groups
+from pipeline.shards.reader import read_tar_groups
 from pipeline.storage import Storage, is_s3, join
 from pipeline.versions import DATASET, resolve, shard_root
 from schemas.tables import REGION_STATUS, REJECTS

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from pipeline.partitions import write_table
 from pipeline.inspection import describe_dataset
 from pipeline.shards import open_dataset
-from pipeline.shards.loader import ShardCountMismatch, write_wids_index
+from pipeline.shards.loader import ShardCountMismatch
+from pipeline.shards.wids import write_wids_index
 from pipeline.shards.metadata import (
     BadMetadata,
     check_path,

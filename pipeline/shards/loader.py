@@ -10,10 +10,6 @@ and workers each sample comes exactly once per epoch. With fewer shards than rea
 reads every shard and keeps every n-th sample: no reader idles (an idle DDP rank would hang the others).
 Shuffling: the shard order is shuffled per epoch (`set_epoch`), then samples pass a shuffle buffer.
 
-`write_wids_index(dataset_dir)` writes the JSON indexes that webdataset's `wids` (indexed, random
-access) reads: `wids-image.json` + `wids-text_box.json` for the paired layout (one index per tar
-stream; sample i of both is the same key), `wids.json` for the combined one.
-
 Untrusted input (pipeline/shards/metadata.py): dataset.json and sizes.json are parsed and checked
 (a negative or non-integer count is an error); a tar member that is a link or a device is refused;
 and at the end of each shard the samples streamed are checked against sizes.json: a shard holding
@@ -24,25 +20,20 @@ fewer or more samples than declared raises `ShardCountMismatch` (or, with
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
-import queue
 import random
-import threading
 import warnings
-from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from collections.abc import Iterator
 
 from pipeline.dataset_format import (
     IMAGE_EXTS,
     SIZES,
     folders,
     text_box_tar,
-    wids_index_name,
 )
 from pipeline.shards.metadata import BadMetadata, parse_dataset_json, parse_sizes
-from pipeline.shards.reader import READ_SIZE, PairingError, iter_tar
+from pipeline.shards.reader import PairingError, start_tar, tar_groups
 from pipeline.storage import Storage, join
 from pipeline.versions import DATASET, resolve, shard_root
 from schemas.sample import validate_sample_json
@@ -62,97 +53,6 @@ except ImportError:  # pragma: no cover - exercised only without torch
 
     def get_worker_info():
         return None
-
-
-class ReadAhead(io.RawIOBase):
-    """Opens and reads a stream in a background thread, up to `depth` chunks ahead, so that the
-    network and the tar parsing overlap (the body of a GET otherwise waits while samples are handed
-    out), and so that a stream can be started before it is needed (the next shard's GETs while this
-    shard is read). `open_stream` is called in that thread; its errors reach the reader."""
-
-    def __init__(self, open_stream: Callable[[], BinaryIO], chunk: int = READ_SIZE, depth: int = 4):
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._buffer = memoryview(b"")
-        self._open, self._stream = open_stream, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(chunk,), daemon=True)
-        self._thread.start()
-
-    def _fill(self, chunk: int) -> None:
-        try:
-            self._stream = self._open()
-            while not self._stop.is_set():
-                data = self._stream.read(chunk)
-                self._queue.put(data)
-                if not data:
-                    return
-        except BaseException as exc:  # handed to the reader
-            self._queue.put(exc)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, out) -> int:
-        if not self._buffer:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if not item:
-                self._queue.put(b"")  # stay at EOF
-                return 0
-            self._buffer = memoryview(item)
-        n = min(len(out), len(self._buffer))
-        out[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        return n
-
-    def close(self) -> None:
-        self._stop.set()
-        while self._thread.is_alive():  # unblock a filler waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                self._thread.join(0.05)
-        if self._stream is not None:
-            self._stream.close()
-        super().close()
-
-
-def _tar_members(stream, uri: str = "tar") -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) of each file member, in order, from a non-seekable stream; directories
-    are skipped, links and devices refused (BadMetadata). Read in READ_SIZE chunks (reader.iter_tar)."""
-    for name, data in iter_tar(stream, uri, bufsize=READ_SIZE):
-        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
-        yield key, ext, data
-
-
-def _grouped(members: Iterator[tuple[str, str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Consecutive members with one key -> (key, {ext: bytes})."""
-    key, group = None, {}
-    for k, ext, data in members:
-        if k != key and group:
-            yield key, group
-            group = {}
-        key = k
-        group[ext] = data
-    if group:
-        yield key, group
-
-
-def start_tar(storage: Storage, uri: str) -> ReadAhead:
-    """A tar's stream, its GET (or file open) begun now in the background."""
-    return ReadAhead(lambda: storage.open_read(uri))
-
-
-def tar_groups(stream: ReadAhead, uri: str, buffer_size: int = READ_SIZE) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of a started tar's samples, in order; the stream is closed at the end."""
-    with stream:
-        yield from _grouped(_tar_members(io.BufferedReader(stream, buffer_size), uri))
-
-
-def read_tar_groups(storage: Storage, uri: str, buffer_size: int = READ_SIZE) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of a tar's samples, in order: one streamed GET (or file read), read ahead."""
-    yield from tar_groups(start_tar(storage, uri), uri, buffer_size)
 
 
 def _sample(key: str, image: bytes, text_json: bytes, decode: bool) -> dict:
@@ -343,22 +243,3 @@ def open_dataset(uri: str, shuffle_buffer: int = 0, seed: int = 0, decode: bool 
     `on_count_mismatch`: "raise" (ShardCountMismatch) or "warn" when a shard streams fewer or more
     samples than its sizes.json declares."""
     return ShardDataset(uri, shuffle_buffer, seed, decode, storage, shards, split, on_count_mismatch)
-
-
-def write_wids_index(storage: Storage, dataset_dir: str, layout: str, name: str) -> list[str]:
-    """The wids shard indexes of a dataset directory (URLs relative to it); their file names."""
-    written = []
-    for folder in folders(layout):
-        sizes_uri = join(dataset_dir, folder, SIZES)
-        sizes = parse_sizes(storage.read_bytes(sizes_uri), sizes_uri, folder)
-        index = {
-            "__kind__": "wids-shard-index-v1",
-            "wids_version": 1,
-            "name": f"{name}/{folder}",
-            "shardlist": [{"url": f"{folder}/{tar}", "nsamples": n, "filesize": storage.size(join(dataset_dir, folder, tar))}
-                          for tar, n in sorted(sizes.items())],
-        }
-        file = wids_index_name(layout, folder)
-        storage.write_bytes(join(dataset_dir, file), json.dumps(index, indent=1).encode())
-        written.append(file)
-    return written

@@ -195,7 +195,7 @@ def pull(storage: Storage, uri: str, dest: str | Path, shards: range | None = No
     if shards is not None or tars_at != version_uri:
         # A snapshot's wids indexes point into NAME/shards/ (and a subset's would name absent tars):
         # the copy gets its own, relative to DEST.
-        from pipeline.shards.loader import write_wids_index
+        from pipeline.shards.wids import write_wids_index
 
         info = parse_dataset_json(metadata[DATASET], join(version_uri, DATASET))
         write_wids_index(Storage(), str(dest), info["layout"], str(info.get("name") or dest.name))

@@ -3,7 +3,8 @@
 `iter_tar(source, uri)`: the one tar member reader of the package, (member name, bytes) of each file
 member, every member checked (`check_member`: directories skipped, links, devices and unsafe names
 refused). The training loader (pipeline/shards/loader.py), the HTML report and `localcap inspect`
-read tars through it.
+read tars through it. `read_tar_groups(storage, uri)`: a tar's samples as (key, {extension: bytes}),
+streamed with read-ahead (a GET's body overlaps the parsing).
 
 `iter_paired(dataset)`: a local paired dataset read the way PS3's trainer does, with webdataset,
 image and text_box tars iterated in lockstep (the conformance check of what the shard stage wrote).
@@ -11,11 +12,13 @@ image and text_box tars iterated in lockstep (the conformance check of what the 
 
 from __future__ import annotations
 
+import io
 import os
+import queue
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
-
-import webdataset as wds
+from typing import BinaryIO
 
 from pipeline.dataset_format import IMAGE_EXTS, SIZES
 from pipeline.shards.metadata import BadMetadata, check_member, parse_sizes
@@ -151,7 +154,9 @@ def shard_urls(dataset: str, folder: str, storage: Storage | None = None) -> lis
     return [join(shard_root(storage, dataset), folder, name) for name in sorted(sizes)]
 
 
-def _pipeline(urls: list[str]) -> wds.WebDataset:
+def _pipeline(urls: list[str]):
+    import webdataset as wds  # imports torch (seconds): only a reader that uses it pays
+
     return wds.WebDataset(urls, shardshuffle=False, empty_check=False)
 
 
@@ -169,3 +174,94 @@ def iter_paired(dataset: str) -> Iterator[tuple[str, bytes, TextBoxSample]]:
         position += 1
     if next(texts, None) is not None:
         raise PairingError(f"text_box tars hold more samples than image tars ({position})")
+
+
+class ReadAhead(io.RawIOBase):
+    """Opens and reads a stream in a background thread, up to `depth` chunks ahead, so that the
+    network and the tar parsing overlap (the body of a GET otherwise waits while samples are handed
+    out), and so that a stream can be started before it is needed (the next shard's GETs while this
+    shard is read). `open_stream` is called in that thread; its errors reach the reader."""
+
+    def __init__(self, open_stream: Callable[[], BinaryIO], chunk: int = READ_SIZE, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._buffer = memoryview(b"")
+        self._open, self._stream = open_stream, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(chunk,), daemon=True)
+        self._thread.start()
+
+    def _fill(self, chunk: int) -> None:
+        try:
+            self._stream = self._open()
+            while not self._stop.is_set():
+                data = self._stream.read(chunk)
+                self._queue.put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader
+            self._queue.put(exc)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out) -> int:
+        if not self._buffer:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                self._queue.put(b"")  # stay at EOF
+                return 0
+            self._buffer = memoryview(item)
+        n = min(len(out), len(self._buffer))
+        out[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a filler waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(0.05)
+        if self._stream is not None:
+            self._stream.close()
+        super().close()
+
+
+def _tar_members(stream, uri: str = "tar") -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of each file member, in order, from a non-seekable stream; directories
+    are skipped, links and devices refused (BadMetadata). Read in READ_SIZE chunks (reader.iter_tar)."""
+    for name, data in iter_tar(stream, uri, bufsize=READ_SIZE):
+        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        yield key, ext, data
+
+
+def _grouped(members: Iterator[tuple[str, str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Consecutive members with one key -> (key, {ext: bytes})."""
+    key, group = None, {}
+    for k, ext, data in members:
+        if k != key and group:
+            yield key, group
+            group = {}
+        key = k
+        group[ext] = data
+    if group:
+        yield key, group
+
+
+def start_tar(storage: Storage, uri: str) -> ReadAhead:
+    """A tar's stream, its GET (or file open) begun now in the background."""
+    return ReadAhead(lambda: storage.open_read(uri))
+
+
+def tar_groups(stream: ReadAhead, uri: str, buffer_size: int = READ_SIZE) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of a started tar's samples, in order; the stream is closed at the end."""
+    with stream:
+        yield from _grouped(_tar_members(io.BufferedReader(stream, buffer_size), uri))
+
+
+def read_tar_groups(storage: Storage, uri: str, buffer_size: int = READ_SIZE) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of a tar's samples, in order: one streamed GET (or file read), read ahead."""
+    yield from tar_groups(start_tar(storage, uri), uri, buffer_size)

@@ -8,7 +8,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dedupe.regions import iou, kept_boxes
 from pipeline.dedupe.stage import dropped_sources

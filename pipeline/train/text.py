@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from pipeline.shards.loader import ShardDataset, read_tar_groups
+from pipeline.shards.loader import ShardDataset
+from pipeline.shards.reader import read_tar_groups
 from pipeline.storage import join
 
 SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
