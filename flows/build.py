@@ -22,7 +22,7 @@ from flows import events
 from pipeline.dataset_card import write_dataset_card
 from pipeline.executor import StageReport, init_ray
 from pipeline.preflight import check_cluster, check_run
-from pipeline.report import read_text_boxes, write_report
+from pipeline.report import publish_report, read_text_boxes, write_report
 from pipeline.stage import RunContext, Stage, StageResult, make_context, stages_for
 from pipeline.status import PREFECT_RUN, PUBLICATION, publication, publication_line
 from pipeline.storage import is_s3, join
@@ -138,8 +138,17 @@ def build_run_name() -> str:
 
 @task(name="stage", cache_policy=NO_CACHE)
 def stage_task(stage: Stage, inputs: dict[str, StageResult]) -> StageResult:
-    """One coarse task per stage (named after it): the stage's partitions run on Ray underneath."""
-    return stage.run(inputs)
+    """One coarse task per stage (named after it): the stage's partitions run on Ray underneath; its
+    counts go to the task's log, which the run page shows."""
+    result = stage.run(inputs)
+    r = result.report
+    if not result.on:
+        get_run_logger().info("%s: off in this config", r.stage)
+    else:
+        rows = ", ".join(f"{k} {v}" for k, v in sorted(r.rows.items())) or "no rows"
+        get_run_logger().info("%s: %d partition(s), %d computed, %d skipped, in %.1f s: %s", r.stage, r.partitions, r.computed,
+                              r.skipped, r.seconds, rows)
+    return result
 
 
 @task(name="dataset-card", cache_policy=NO_CACHE)
@@ -150,12 +159,29 @@ def dataset_card_task(ctx: RunContext, n_inputs: int, reports: list[StageReport]
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(ctx) -> str:
-    """The HTML report of the dataset, in the run directory; linked as a Prefect artifact."""
-    page = write_report(ctx.config.shards.output, join(ctx.run_dir, "report"), storage=ctx.storage)
-    link = page if is_s3(page) else Path(page).resolve().as_uri()
-    create_link_artifact(link, link_text=f"localcap report of run {ctx.run_id}", key=f"localcap-report-{slug(ctx.config.run.name)}",
-                         description="Gallery of samples with boxes and captions, and plots")
-    return page
+    """The HTML report of the dataset, in the run directory (linked once the publish step is done)."""
+    return write_report(ctx.config.shards.output, join(ctx.run_dir, "report"), storage=ctx.storage)
+
+
+def report_link(ctx: RunContext, page: str, publication: dict) -> dict:
+    """Where a person opens the build's report, linked as a Prefect artifact: a published version gets
+    its own copy, NAME/vN/report.html (one self-contained page); on S3 the link is a presigned https
+    URL valid publish.report_link_hours. Without a version (none published, or a local one) the
+    run directory's page, whose file:// link a browser opens only from the machine that holds it."""
+    uri, url, expires = page, None, None
+    if publication.get("uri"):
+        uri = publish_report(ctx.storage, page, publication["uri"])
+    if is_s3(uri):
+        seconds = int(ctx.config.publish.report_link_hours * 3600)
+        url = ctx.storage.presigned_url(uri, seconds)
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))
+    link = url or Path(uri).resolve().as_uri()
+    what = f"of {publication['uri']}" if publication.get("uri") else f"of run {ctx.run_id}"
+    create_link_artifact(link, link_text=f"localcap report {what}" + (f" (link valid until {expires})" if expires else ""),
+                         key=f"localcap-report-{slug(ctx.config.run.name)}",
+                         description="Gallery of samples with boxes and captions, and plots"
+                         + (f"; a presigned S3 link, valid until {expires} (publish.report_link_hours)" if expires else ""))
+    return {"uri": uri, "url": url, "expires_at": expires, "page": page, "dataset": ctx.config.shards.output}
 
 
 @task(name="publish-version", cache_policy=NO_CACHE)
@@ -169,7 +195,7 @@ def version_task(ctx, dataset: dict):
     return result
 
 
-def samples_markdown(samples: list[tuple[str, dict]], report: str | None) -> list[str]:
+def samples_markdown(samples: list[tuple[str, dict]], report: dict | None) -> list[str]:
     """The first samples as a table, and where the HTML report is, for the build's artifact: what the
     build made, readable in the Prefect UI."""
     lines = []
@@ -178,12 +204,14 @@ def samples_markdown(samples: list[tuple[str, dict]], report: str | None) -> lis
         for key, s in samples:
             texts = "; ".join(t.replace("|", "/") for t in s.get("text", []) if t) or "-"
             lines.append(f"| `{key[:12]}` | {len(s.get('box', []))} | {texts[:300]} | {(s.get('global_text') or '-').replace('|', '/')[:200]} |")
-    if report:
-        lines += ["", f"HTML report (gallery with the boxes drawn, rejects, duplicates, plots): `{report}`"]
-        if not is_s3(report):  # a browser does not open file:// links from a web page
-            folder = str(Path(report).parent)
-            lines += ["", f"To open it from here: `localcap report DATASET --out {folder} --serve` on the machine that holds it, "
-                          "then http://127.0.0.1:8765/index.html"]
+    if report and report.get("url"):
+        lines += ["", f"[HTML report]({report['url']}) (gallery with the boxes drawn, rejects, duplicates, plots): "
+                      f"`{report['uri']}`, this link valid until {report['expires_at']}"]
+    elif report:
+        lines += ["", f"HTML report (gallery with the boxes drawn, rejects, duplicates, plots): `{report['uri']}`"]
+        if not is_s3(report["page"]):  # a browser does not open file:// links from a web page
+            serve = f"localcap report {report['dataset']} --out {Path(report['page']).parent} --serve"
+            lines += ["", f"To open it from here: `{serve}` on the machine that holds it, then http://127.0.0.1:8765/index.html"]
     return lines
 
 
@@ -274,13 +302,18 @@ def build_dataset(config: str | dict | RunConfig, run_id: str | None = None, ove
         else:
             logger.info("published %s: %d samples, %d new (LATEST: %s)", p["uri"], p["samples"], p["added"], p["latest"])
     dataset["publication"] = publication(dataset.get("published"), cfg.publish.to)
+    if dataset.get("report"):
+        try:
+            dataset["publication"]["report"] = report_link(ctx, dataset["report"], dataset["publication"])
+        except Exception as exc:  # the version is published; a report that cannot be linked must not fail the build
+            logger.warning("report not linked: %s: %s", type(exc).__name__, exc)
     ctx.storage.write_bytes(join(ctx.run_dir, PUBLICATION), json.dumps(dataset["publication"], indent=1).encode())
     try:
         samples = read_text_boxes(ctx.storage, cfg.shards.output, cfg.shards.layout, limit=5)
     except (OSError, ValueError, KeyError) as exc:
         logger.warning("samples not read for the artifact: %s: %s", type(exc).__name__, exc)
         samples = []
-    create_markdown_artifact(report_markdown(run_id, dataset, reports, samples_markdown(samples, dataset.get("report"))),
+    create_markdown_artifact(report_markdown(run_id, dataset, reports, samples_markdown(samples, dataset["publication"].get("report"))),
                              key=f"localcap-build-{slug(cfg.run.name)}", description=f"localcap run {run_id}")
     events.build_completed(cfg.shards.output, run_id, dataset)
     c = dataset["counts"]

@@ -102,9 +102,11 @@ def run(
     typer.echo(f"run {dataset['run_id']}: {c['samples']} samples in {c['shards']} shards -> {dataset['config']['shards']['output']}"
                f" ({c['rejected']} rejected)")
     if dataset.get("publication"):
-        from pipeline.status import publication_line
+        from pipeline.status import publication_line, report_line
 
         typer.echo(f"  {publication_line(dataset['publication'])}")
+        if report_line(dataset["publication"]):
+            typer.echo(f"  {report_line(dataset['publication'])}")
     if dataset.get("trained"):
         _echo_trained(dataset["trained"])
 

@@ -18,6 +18,9 @@ dataset, that share one store of immutable shards:
     NAME/shards/FOLDER/STEM_NNNNNN.tar   every shard any version holds; N unique across the dataset
     NAME/vN/                             the snapshot's metadata: the files above (no tars), plus
     NAME/vN/files.json                   every file's path in the snapshot, size, sha256, S3 ETag
+    NAME/vN/report.html                  the HTML report of the build that made vN, one self-contained
+                                         page (written after the commit, so not in files.json; gc
+                                         deletes it with the version)
     NAME/_claims/vN.json                 who took the number N (create-if-absent: the commit point)
     NAME/_staged/ID/                     a snapshot's metadata before its number is taken
     NAME/_blocked/*.parquet              hashes of removed samples never to be ingested again
@@ -89,6 +92,7 @@ DESCRIPTORS = (SIZES, MANIFEST_FILE, HASHES_FILE, *WIDS_INDEXES)
 
 # -- a published dataset's files -------------------------------------------------------------------
 FILES = "files.json"
+REPORT_PAGE = "report.html"
 LATEST = "LATEST"
 CLAIMS = "_claims"
 STAGED = "_staged"

@@ -18,12 +18,14 @@ still renders, with names only. Thumbnails are decoded at reduced size (`Image.d
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.partitions import read_table, read_tables
-from pipeline.dataset_format import IMAGE_EXTS, SIZES
+from pipeline.dataset_format import IMAGE_EXTS, REPORT_PAGE, SIZES
 from pipeline.shards.reader import read_tar_groups
 from pipeline.storage import Storage, is_s3, join
 from pipeline.versions import DATASET, resolve, shard_root
@@ -277,6 +279,29 @@ def ingest_thumbs(storage: Storage, out_dir: str, run_dir: str | None, uids: set
         if not missing:
             break
     return have
+
+
+THUMB_SRC = re.compile(r'src="(thumbs/[0-9a-zA-Z_-]+\.jpg)"')
+
+
+def self_contained(page: str, read: Callable[[str], bytes]) -> str:
+    """The page with its thumbnails inlined as data: URIs (`read(relative path)` gives their bytes):
+    one file that opens from any single URL, a presigned S3 link included (a presigned page's
+    relative thumbs/ links would not be signed)."""
+    def inline(m: re.Match) -> str:
+        return f'src="data:image/jpeg;base64,{base64.b64encode(read(m.group(1))).decode()}"'
+
+    return THUMB_SRC.sub(inline, page)
+
+
+def publish_report(storage: Storage, page_uri: str, version_uri: str) -> str:
+    """The build's report (index.html + thumbs/ in the run directory) as one self-contained page
+    beside a published version, NAME/vN/report.html; its URI."""
+    folder = page_uri.rsplit("/", 1)[0]
+    page = self_contained(storage.read_bytes(page_uri).decode(), lambda rel: storage.read_bytes(join(folder, rel)))
+    target = join(version_uri, REPORT_PAGE)
+    storage.write_bytes(target, page.encode())
+    return target
 
 
 # -- page parts --------------------------------------------------------------------------------

@@ -103,6 +103,17 @@ def publication_line(record: dict | None) -> str:
     return f"not published: {record.get('reason')}{latest}"
 
 
+def report_line(record: dict | None) -> str | None:
+    """Where the build's report is, for people: the version's page (its presigned link is in the
+    Prefect artifact and publication.json), or the run directory's."""
+    report = (record or {}).get("report")
+    if not report:
+        return None
+    if report.get("url"):
+        return f"report {report['uri']} (presigned link, valid until {report['expires_at']}: in the build's Prefect artifact)"
+    return f"report {report['uri']}"
+
+
 def run_status(storage: Storage, work_dir: str, run_id: str | None = None) -> dict:
     run_id = find_run(storage, work_dir, run_id) if run_id else latest_run(storage, work_dir)
     if run_id is None:
@@ -137,6 +148,8 @@ def format_status(status: dict) -> str:
         c = status["counts"]
         lines.append(f"  {c['samples']} samples in {c['shards']} shards from {c['inputs']} inputs, {c['rejected']} rejected")
         lines.append(f"  {publication_line(status.get('publication'))}")
+        if report_line(status.get("publication")):
+            lines.append(f"  {report_line(status.get('publication'))}")
     lines.append(f"  {'stage':<8} {'state':<8} {'partitions':>10}  {'seconds':>8} {'per s':>7}  rows")
     for s in status["stages"]:
         parts = f"{s['done']}/{s['partitions']}" if s["partitions"] is not None else "-"

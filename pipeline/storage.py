@@ -13,6 +13,7 @@ import errno
 import fnmatch
 import hashlib
 import io
+import mimetypes
 import os
 import re
 import secrets
@@ -221,7 +222,7 @@ class Storage:
                 "s3",
                 endpoint_url=self.resolved_endpoint(),
                 region_name=self.resolved_region(),
-                config=Config(retries={"max_attempts": S3_CLIENT_RETRIES, "mode": "adaptive"},
+                config=Config(retries={"max_attempts": S3_CLIENT_RETRIES, "mode": "adaptive"}, signature_version="s3v4",
                               connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S),
             )
         return self._client
@@ -382,10 +383,12 @@ class Storage:
 
     # -- writing -------------------------------------------------------------------------------
     def write_bytes(self, uri: str, data: bytes) -> None:
-        """Write atomically: readers see the old object or the whole new one."""
+        """Write atomically: readers see the old object or the whole new one. On S3 the object's
+        Content-Type follows its extension, so that a browser shows a report page (and its
+        thumbnails) opened from a link instead of downloading it."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            self.s3.put_object(Bucket=bucket, Key=key, Body=data)
+            self.s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=mimetypes.guess_type(key)[0] or "binary/octet-stream")
             return
         with self.atomic_path(uri) as tmp:
             Path(tmp).write_bytes(data)
@@ -471,6 +474,12 @@ class Storage:
             return self.s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
         except self.s3.exceptions.ClientError:
             return None
+
+    def presigned_url(self, uri: str, expires_s: int) -> str:
+        """An https GET URL of an s3:// object that anyone holding it may open for `expires_s` seconds
+        (SigV4: at most 7 days, and never longer than the credentials that signed it)."""
+        bucket, key = split_s3(uri)
+        return self.s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(expires_s))
 
     def delete(self, uri: str) -> None:
         if is_s3(uri):

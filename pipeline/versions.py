@@ -54,6 +54,7 @@ from pipeline.dataset_format import (
     MANIFEST_FILE,
     NEXT_SHARD,
     REJECTS_FILE,
+    REPORT_PAGE,
     SHARD_STORE,
     SIZES,
     SNAPSHOT_FORMAT,
@@ -895,6 +896,7 @@ def collect_garbage(storage: Storage, name_uri: str, keep: int, delete: bool = F
                 if not e["path"].endswith(TAR_SUFFIX) and e["path"] != DATASET:
                     storage.delete(join(name_uri, v, e["path"]))
             storage.delete(join(name_uri, v, FILES))
+            storage.delete(join(name_uri, v, REPORT_PAGE))  # its thumbnails go with the version's tars
         plan.deleted = True
     return plan
 

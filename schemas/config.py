@@ -390,6 +390,9 @@ class PublishSection(_Section):
         "each build becomes the next version NAME/vN and NAME/LATEST moves to it. None: build only.")
     concurrency: int = Field(8, ge=1, description="Files uploaded at once (and parts of one big file).")
     part_size_mb: int = Field(64, ge=5, description="Multipart upload part size (S3's minimum is 5 MB).")
+    report_link_hours: float = Field(
+        168, gt=0, le=168, description="How long the presigned https link to an S3 version's report (NAME/vN/report.html, "
+        "in the build's Prefect artifact) stays valid; S3 allows at most 7 days, and temporary credentials end it sooner.")
 
 
 class DeploySection(_Section):

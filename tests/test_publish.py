@@ -7,6 +7,8 @@ import hashlib
 import json
 import shutil
 import threading
+import urllib.parse
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -126,11 +128,31 @@ def test_build_flow_publishes_the_next_version(build, s3, s3_bucket, tmp_path):
     for i in range(2):
         (src / f"{i}.jpg").write_bytes(scene_jpeg(800 + i, 1300, 1100))
     name = f"s3://{s3_bucket}/built"
-    cfg = run_config(tmp_path, src, regions={"method": "none"}, shards={"keep_empty": True}, publish={"to": name})
+    cfg = run_config(tmp_path, src, regions={"method": "none"}, shards={"keep_empty": True}, publish={"to": name}, name="reports")
     dataset = build(cfg, run_id="pub-flow")
     assert dataset["published"]["uri"] == name + "/v1" and dataset["published"]["latest"] == "v1"
     assert [r["key"] for r in pq.read_table(tmp_path / "ds" / "manifest.parquet").to_pylist()] == \
         [s["key"] for s in open_dataset(name, storage=s3, decode=False)]
+
+    # The report went with the version, one page, and the artifact links it by a presigned URL that
+    # a browser opens as it is (no credentials), with its thumbnails inside. (moto does not check
+    # signatures: S3 refuses a link whose signature or expiry does not hold.)
+    report = dataset["publication"]["report"]
+    assert report["uri"] == name + "/v1/report.html" and report["expires_at"]
+    with urllib.request.urlopen(report["url"], timeout=10) as response:
+        page = response.read().decode()
+    assert response.status == 200 and "<svg" in page and 'src="thumbs/' not in page
+    assert response.headers["Content-Type"] == "text/html"  # shown, not downloaded
+    assert page.count('src="data:image/jpeg;base64,') == 2  # the two samples' cards
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(report["url"]).query)  # SigV4, for publish.report_link_hours
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and query["X-Amz-Expires"] == [str(168 * 3600)]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        links = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["localcap-report-reports"])))
+    assert [a.description for a in links if f"({report['url']})" in a.data] == \
+        [f"Gallery of samples with boxes and captions, and plots; a presigned S3 link, valid until {report['expires_at']} (publish.report_link_hours)"]
 
 
 def _other_build(built: Path, dest: Path, tag: str) -> Path:

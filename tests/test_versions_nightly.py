@@ -222,6 +222,7 @@ def test_remove_block_and_gc_keep_one(build, tmp_path):
     cfg = run_config(tmp_path, src, regions={"method": "none"}, shards={"keep_empty": True, "max_samples": 2},
                      publish={"to": name}, prefect={"retries": 0})
     assert build(cfg, run_id="night1")["published"]["version"] == "v1"
+    assert (Path(name) / "v1" / "report.html").read_text().count('src="data:image/jpeg;base64,') == 6
     storage = Storage()
     v1 = json.loads((Path(name) / "v1" / "files.json").read_text())["files"]
     import pyarrow.parquet as pq
@@ -251,6 +252,8 @@ def test_remove_block_and_gc_keep_one(build, tmp_path):
     out = CliRunner().invoke(app, ["gc", name, "--keep", "1", "--delete"])
     assert out.exit_code == 0 and "deleted" in out.output, out.output
     assert [v.version for v in list_versions(storage, name)] == ["v4"]
+    # The reports went with their builds' versions, and v1's (thumbnails of the removed images) with v1.
+    assert [v for v in ("v1", "v4") if (Path(name) / v / "report.html").exists()] == ["v4"]
     dest = tmp_path / "pulled"
     pull(storage, name, dest, progress=False)  # every file checked against files.json's sha256
     assert sorted(s["key"] for s in open_dataset(str(dest), decode=False)) == sorted(_keys(name, storage))

@@ -33,7 +33,7 @@ from pipeline.dataset_format import (
     text_box_tar,
 )
 from pipeline.shards.metadata import BadMetadata, parse_dataset_json, parse_sizes
-from pipeline.shards.reader import PairingError, start_tar, tar_groups
+from pipeline.shards.reader import PairingError, ReadAhead, start_tar, tar_groups
 from pipeline.storage import Storage, join
 from pipeline.versions import DATASET, resolve, shard_root
 from schemas.sample import validate_sample_json
