@@ -33,11 +33,11 @@ demo: install
 # --durations=25: every run (CI's included) ends with the 25 slowest tests, so a change that slows the suite shows.
 # -n: the suite mostly waits (process starts, Ray, servers; ~30% of 2 cores busy when run serially), so
 # TEST_WORKERS pytest processes share it out by file (--dist loadfile: a module's fixtures are built once).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: install
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
-# The README's command blocks in order, as a new user runs them (.ci/readme_blocks.py; CI runs it after make demo).
+# The README's command blocks in order, as a new user runs them (.ci/readme_blocks.py; CI runs it after make test).
 readme-check: install
 	$(BIN)/python .ci/readme_blocks.py README.md
 

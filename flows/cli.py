@@ -421,8 +421,11 @@ def _serve_folder(folder: Path, port: int) -> None:
         def log_message(self, *args) -> None:  # no line per request in the terminal
             pass
 
+    class Server(ThreadingHTTPServer):
+        daemon_threads, block_on_close = True, False  # Ctrl-C stops at once, whatever a browser holds open
+
     try:
-        httpd = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Quiet, directory=str(folder)))
+        httpd = Server(("127.0.0.1", port), functools.partial(Quiet, directory=str(folder)))
     except OSError as exc:
         _fail(f"--serve: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); pick another --port")
     typer.echo(f"serving http://127.0.0.1:{httpd.server_address[1]}/index.html (Ctrl-C stops)")
