@@ -43,6 +43,10 @@ LINE_TIMEOUT_S = 600
 CI_STEPS = {"make demo", "make test"}
 
 
+# Where a server the README starts says it is up, beside the address its comment names.
+HEALTH = {"prefect server start": "/api/health"}
+
+
 def blocks(readme: str) -> list[tuple[int, list[str], list[tuple[str, str]]]]:
     """(first line number, command lines, markers) of each ```bash block; backslash continuations joined."""
     out, lines, i = [], readme.splitlines(), 0
@@ -120,7 +124,7 @@ class Shell:
 
     def value(self, name: str) -> str | None:
         code, out = self.run(f'printf %s "${{{name}:-}}"')
-        return out or None
+        return (out or None) if code == 0 else None
 
     def stop(self) -> None:
         for pgid in reversed(self.groups):
@@ -210,7 +214,7 @@ def main(readme_path: Path) -> int:
                     log = shell.start(command)
                     print(f"README:{number}: {command} (in the background, log {log.name})", flush=True)
                     if m := re.search(r"http://[\w.:-]+", comment):
-                        wait_for = m.group(0) + "/api/health" if "4200" in m.group(0) else m.group(0)
+                        wait_for = m.group(0) + HEALTH.get(command.split(" --")[0], "")
                     continue
                 t0 = time.time()
                 code, output = shell.run(command)

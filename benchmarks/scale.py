@@ -3,10 +3,10 @@
 Each size N gets N JPEGs of 1024-1536 px (long side) with planted objects (made once, in parallel,
 and kept in --dir), and one `localcap run` (captioner.backend none: ingest, dedupe, regions, shard)
 in a process whose whole tree (the CLI, Prefect's temporary server, Ray's raylet, GCS and workers) is
-sampled every 0.2 s for its resident memory and CPU time. Then the same run id again: a no-op rerun.
+sampled every 0.3 s for its memory (PSS) and CPU time. Then the same run id again: a no-op rerun.
 
 Printed per size: wall and CPU seconds per image (the whole tree, and per stage: wall from the stage
-reports, CPU from the partitions' own process time), peak RSS of the tree, files written, Ray tasks
+reports, CPU from the partitions' own process time), peak memory (PSS) of the tree, files written, Ray tasks
 (partitions computed) and Prefect task runs, and the no-op rerun's wall time.
 
     python benchmarks/scale.py [--sizes 1000 10000] [--dir /tmp/localcap-scale]
@@ -15,7 +15,7 @@ The last lines are machine-readable (R = the largest size over the smallest):
     BENCH scale_seconds_per_image_N=...   wall, per size
     BENCH scale_cpu_per_image_ratio=...   CPU seconds per image at R
     BENCH scale_wall_per_image_ratio=...
-    BENCH scale_peak_rss_ratio=...
+    BENCH scale_peak_memory_ratio=...
     BENCH scale_noop_rerun_s=...          at the largest size
 """
 
@@ -66,12 +66,13 @@ def generate(folder: Path, n: int) -> tuple[int, float]:
 
 
 class TreeSampler:
-    """Peak resident memory and CPU seconds of a process and all its descendants, sampled. A process
-    that exits between samples keeps the CPU time it had at its last sample (under 0.2 s lost)."""
+    """Peak memory and CPU seconds of a process and all its descendants, sampled. Memory is the sum of
+    PSS (a shared page, such as Ray's object store mapped by every worker, counted once across them);
+    a process that exits between samples keeps the CPU time it had at its last sample."""
 
-    def __init__(self, pid: int, every_s: float = 0.2):
+    def __init__(self, pid: int, every_s: float = 0.3):
         self.root, self.every = psutil.Process(pid), every_s
-        self.peak_rss, self.cpu = 0, {}
+        self.peak_memory, self.cpu = 0, {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -82,22 +83,22 @@ class TreeSampler:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
-            rss = 0
+            memory = 0
             for p in procs:
                 try:
                     with p.oneshot():
-                        rss += p.memory_info().rss
+                        memory += p.memory_full_info().pss
                         t = p.cpu_times()
                         self.cpu[(p.pid, p.create_time())] = t.user + t.system
                 except psutil.Error:
                     continue
-            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_memory = max(self.peak_memory, memory)
             self.done.wait(self.every)
 
     def stop(self) -> tuple[int, float]:
         self.done.set()
         self.thread.join()
-        return self.peak_rss, sum(self.cpu.values())
+        return self.peak_memory, sum(self.cpu.values())
 
 
 def run(config: Path, run_id: str) -> dict:
@@ -113,7 +114,7 @@ def run(config: Path, run_id: str) -> dict:
     if proc.returncode:
         sys.exit(f"localcap run failed ({proc.returncode}):\n{out[-4000:]}")
     task_runs = sum(1 for line in out.splitlines() if "| Task run '" in line and "Finished in state" in line)
-    return {"wall_s": wall, "cpu_s": cpu, "peak_rss": peak, "task_runs": task_runs}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_memory": peak, "task_runs": task_runs}
 
 
 def count_files(*folders: Path) -> int:
@@ -147,7 +148,7 @@ def report(r: dict) -> None:
     n, f = r["n"], r["first"]
     print(f"--- {n} images: {r['samples']} samples")
     print(f"  whole run   wall {f['wall_s']:.1f} s ({1e3 * f['wall_s'] / n:.1f} ms/image), "
-          f"CPU {f['cpu_s']:.1f} s ({1e3 * f['cpu_s'] / n:.1f} ms/image), peak RSS {f['peak_rss'] / 2**30:.2f} GiB")
+          f"CPU {f['cpu_s']:.1f} s ({1e3 * f['cpu_s'] / n:.1f} ms/image), peak memory {f['peak_memory'] / 2**30:.2f} GiB")
     for s in r["stages"]:
         cpu = s.get("cpu_seconds")
         print(f"  {s['stage']:<10}  wall {s['seconds']:7.1f} s ({1e3 * s['seconds'] / n:6.2f} ms/image)"
@@ -171,7 +172,7 @@ def main() -> None:
     per = lambda r, k: r["first"][k] / r["n"]  # noqa: E731
     print(f"BENCH scale_cpu_per_image_ratio={per(big, 'cpu_s') / per(small, 'cpu_s'):.3f}")
     print(f"BENCH scale_wall_per_image_ratio={per(big, 'wall_s') / per(small, 'wall_s'):.3f}")
-    print(f"BENCH scale_peak_rss_ratio={big['first']['peak_rss'] / small['first']['peak_rss']:.3f}")
+    print(f"BENCH scale_peak_memory_ratio={big['first']['peak_memory'] / small['first']['peak_memory']:.3f}")
     print(f"BENCH scale_noop_rerun_s={big['noop_s']:.1f}")
 
 

@@ -228,12 +228,12 @@ def report_markdown(run_id: str, dataset: dict, reports: list[StageReport], extr
         "",
         f"**{_sentence(publication_line(dataset.get('publication')))}**" if dataset.get("publication") else "",
         "",
-        "| stage | partitions | computed | skipped | seconds | rows |",
-        "|---|---|---|---|---|---|",
+        "| stage | partitions | computed | skipped | seconds | CPU seconds | rows |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         rows = ", ".join(f"{k}: {v}" for k, v in sorted(r.rows.items()))
-        lines.append(f"| {r.stage} | {r.partitions} | {r.computed} | {r.skipped} | {r.seconds} | {rows} |")
+        lines.append(f"| {r.stage} | {r.partitions} | {r.computed} | {r.skipped} | {r.seconds} | {r.cpu_seconds} | {rows} |")
     ingest = next((r for r in reports if r.stage == "ingest"), None)
     if ingest and ingest.computed and ingest.seconds:
         done = ingest.rows.get("images", 0) + ingest.rows.get("rejects", 0)
@@ -277,8 +277,8 @@ def build_dataset(config: str | dict | RunConfig, run_id: str | None = None, ove
     ctx = make_context(cfg, run_id, progress)
     logger.info("run %s: work in %s, dataset to %s", run_id, ctx.run_dir, cfg.shards.output)
     check_run(cfg)  # paths, buckets, weights; a no-op for a config the CLI checked already
-    init_ray(cfg.ray)
-    check_cluster(cfg)  # GPUs the stages' actors need: before any work
+    init_ray(cfg.ray, on_demand=True)  # Ray starts when a stage has partitions to compute: a no-op rerun starts none
+    check_cluster(cfg)  # GPUs the stages' actors need (Ray starts for it when a stage asks for GPUs): before any work
     link_prefect_run(ctx)  # the run directory's first file: after the checks, which must leave no trace
 
     opts = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_s, "retry_condition_fn": retryable}

@@ -415,6 +415,7 @@ def report(
 def _serve_folder(folder: Path, port: int) -> None:
     """Serve `folder` read-only on 127.0.0.1 until interrupted (only this machine can reach it)."""
     import functools
+    import signal
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     class Quiet(SimpleHTTPRequestHandler):
@@ -429,6 +430,11 @@ def _serve_folder(folder: Path, port: int) -> None:
     except OSError as exc:
         _fail(f"--serve: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); pick another --port")
     typer.echo(f"serving http://127.0.0.1:{httpd.server_address[1]}/index.html (Ctrl-C stops)")
+
+    def stop(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a supervisor's stop, and Ctrl-C's where SIGINT is ignored (a background job)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

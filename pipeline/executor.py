@@ -54,6 +54,7 @@ class StageReport:
     total_seconds: float = 0.0  # every attempt of this run id that had work to do, killed ones included
     rows: dict[str, int] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)  # Ray node ids that computed partitions
+    cpu_seconds: float = 0.0  # CPU time of the partitions computed this attempt, in their workers
 
 
 PLAN, REPORT = "_plan.json", "_report.json"  # per stage folder: what is to be done, what was done (localcap status)
@@ -90,32 +91,51 @@ def attempts_seconds(storage: Storage, stage_dir: str) -> float:
 
 
 _cpu_stage_resource: str | None = None  # set by init_ray from ray.cpu_stage_resource
+_ray_config: RaySection | None = None  # how ensure_ray starts Ray (init_ray's)
 
 
-def init_ray(cfg: RaySection) -> None:
+def init_ray(cfg: RaySection, on_demand: bool = False) -> None:
     """Join the cluster at ray.address / RAY_ADDRESS, else start a local Ray (once per process). A local
     Ray is asked for by name ("local"): ray.init() with no address would join whatever cluster `ray
-    start` last started on this machine, someone else's included."""
-    global _cpu_stage_resource
-    _cpu_stage_resource = cfg.cpu_stage_resource
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
-    # Ray's worker, controller and cleaner lines stay out of the terminal and the Prefect logs unless
-    # --verbose; what localcap reports (progress, warnings) goes through the driver.
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose()}
-    if address == "local":
-        kwargs["num_cpus"] = cfg.num_cpus
-    ray.init(address=address, **kwargs)
+    start` last started on this machine, someone else's included.
+
+    `on_demand`: only note how; Ray starts when something first needs it (`ensure_ray`: a stage with
+    partitions to compute, a look at the cluster's GPUs), so a rerun with nothing left to do starts
+    no Ray (seconds on a laptop, more against a cluster)."""
+    global _cpu_stage_resource, _ray_config
+    _cpu_stage_resource, _ray_config = cfg.cpu_stage_resource, cfg
+    if not on_demand:
+        ensure_ray()
+
+
+def ensure_ray() -> None:
+    """Ray up as init_ray said (a local one by default)."""
+    if not ray.is_initialized():
+        cfg = _ray_config or RaySection()
+        address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+        # Ray's worker, controller and cleaner lines stay out of the terminal and the Prefect logs unless
+        # --verbose; what localcap reports (progress, warnings) goes through the driver.
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose()}
+        if address == "local":
+            kwargs["num_cpus"] = cfg.num_cpus
+        ray.init(address=address, **kwargs)
+
+
+def cluster_resources() -> dict[str, float]:
+    """The Ray cluster's resources (Ray started first, if it is not yet)."""
+    ensure_ray()
+    return ray.cluster_resources()
 
 
 def _compute_partition(work: Work, job: PartitionJob, stage_dir: str, storage: Storage,
                        schemas: dict[str, pa.Schema] | None = None) -> dict[str, int]:
+    started = time.process_time()
     counts = _write_partition(work(job.payload), job, stage_dir, storage, schemas)
-    return {**counts, NODE: ray.get_runtime_context().get_node_id()}
+    return {**counts, NODE: ray.get_runtime_context().get_node_id(), CPU: time.process_time() - started}
 
 
 NODE = "__node__"  # where a partition was computed, returned beside its row counts
+CPU = "__cpu__"  # and the CPU seconds its worker process spent on it (all its threads)
 
 
 def _write_partition(tables: dict[str, pa.Table], job: PartitionJob, stage_dir: str, storage: Storage,
@@ -267,6 +287,7 @@ def run_stage(
     if report.skipped:
         log.info("%s: %d of %d partitions already done, skipped", stage, report.skipped, len(jobs))
     if todo:
+        ensure_ray()
         attempt = _AttemptRecord(storage, stage_dir, start, len(todo))
         workers = _Workers(work, stage_dir, storage, num_cpus, pool, schemas)
         queue = iter(todo)
@@ -290,6 +311,7 @@ def run_stage(
                     report.rows["failed_partitions"] = report.rows.get("failed_partitions", 0) + 1
                 refill(1)
                 report.computed += 1
+                report.cpu_seconds += counts.pop(CPU, 0.0)
                 node = counts.pop(NODE, None)
                 if node and node not in report.nodes:
                     report.nodes.append(node)
@@ -306,7 +328,7 @@ def run_stage(
             bar.close()
             workers.shutdown()
         attempt.write(report.computed, force=True)
-    report.seconds = round(time.perf_counter() - start, 3)
+    report.seconds, report.cpu_seconds = round(time.perf_counter() - start, 3), round(report.cpu_seconds, 3)
     report.total_seconds = attempts_seconds(storage, stage_dir)
     storage.write_bytes(join(stage_dir, REPORT), json.dumps({**asdict(report), "marker": marker, "finished_at": time.time()}).encode())
     return report

@@ -43,9 +43,9 @@ def gpu_actor_count(device: str, num_gpus_per_actor: float, max_actors: int | No
     NoAccelerator, naming `what` (the config section, e.g. "regions.sam") and ending with `fix`."""
     if device == "cpu":
         return max_actors or 1
-    import ray
+    from pipeline.executor import cluster_resources
 
-    resources = ray.cluster_resources()
+    resources = cluster_resources()
     gpus = resources.get("GPU", 0)
     missing_type = accelerator_type and not resources.get(f"accelerator_type:{accelerator_type}")
     if gpus < max(num_gpus_per_actor, 1e-9) or missing_type:

@@ -55,3 +55,36 @@ def test_a_working_pool_and_redo(ray_local, tmp_path):
     again = [PartitionJob(i, f"fp{i}", i, redo=(i == 2)) for i in range(4)]
     report = run_stage("s", str(tmp_path), again, None, Storage(), progress=False, pool=pool)
     assert (report.computed, report.skipped) == (1, 3)
+
+
+_NOTHING_TO_DO = """
+import sys, ray, pyarrow as pa
+from pipeline.executor import PartitionJob, init_ray, run_stage
+from pipeline.partitions import part_name, write_table
+from pipeline.storage import Storage
+from schemas.config import RaySection
+
+folder, storage = sys.argv[1], Storage()
+for i in range(2):  # both partitions done already, with the fingerprints asked for
+    write_table(storage, f"{folder}/s/{part_name(i)}", pa.table({"job": [i]}), f"fp{i}")
+init_ray(RaySection(num_cpus=1), on_demand=True)
+jobs = [PartitionJob(i, f"fp{i}", i) for i in range(2)]
+report = run_stage("s", folder, jobs, lambda p: {"part": pa.table({"job": [p]})}, storage, progress=False)
+print("nothing to do:", report.skipped, report.computed, ray.is_initialized())
+report = run_stage("s", folder, [*jobs, PartitionJob(2, "fp2", 2)], lambda p: {"part": pa.table({"job": [p]})}, storage, progress=False)
+print("one to do:", report.skipped, report.computed, ray.is_initialized(), report.cpu_seconds >= 0)
+"""
+
+
+def test_ray_starts_only_when_a_stage_has_partitions_to_compute(tmp_path):
+    """A rerun with nothing left to do starts no Ray (the no-op rerun's seconds); the first partition
+    to compute starts it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {"RAY_AUTH_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _NOTHING_TO_DO, str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "nothing to do: 2 0 False" in out.stdout and "one to do: 2 1 True True" in out.stdout, out.stdout

@@ -29,7 +29,7 @@ GOLDEN = Path(__file__).with_name("golden") / "digests.json"
 ROOT = Path("/tmp/localcap-golden")
 PORT = 47391  # fixed: the URLs are in the manifest
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "flows" / "demo.yaml"
-TIME_KEYS = {"finished_at", "created_at", "updated_at", "seconds", "total_seconds", "stage_seconds", "regions_ms_per_image", "nodes"}
+TIME_KEYS = {"finished_at", "created_at", "updated_at", "seconds", "total_seconds", "stage_seconds", "regions_ms_per_image", "nodes", "cpu_seconds"}
 
 
 def _without_times(value):

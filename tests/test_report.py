@@ -419,6 +419,6 @@ def test_report_serve_answers_over_http_on_localhost(tmp_path):
         thumb = url.replace("index.html", "thumbs/00000001.jpg")
         assert urllib.request.urlopen(thumb, timeout=10).read() == (tmp_path / "r" / "thumbs" / "00000001.jpg").read_bytes()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # SIGINT may be ignored here: under xdist the workers' children inherit that
         proc.wait(20)
     assert proc.returncode == 0, proc.stderr.read()[-2000:]

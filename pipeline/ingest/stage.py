@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
+from pipeline.executor import cluster_resources
 from pipeline.ingest.decode import Rejection, decode_validate
 from pipeline.ingest.downloader import fetch_partition
 from pipeline.ingest.reader import chunk, discover_urls, list_inputs
@@ -95,7 +95,7 @@ class IngestStage(Stage):
         urls_dir = self.ctx.stage_dir("urls")
         url_fps, n_urls = discover_urls(cfg.sources, fetch, limits.max_bytes, storage, urls_dir, self.ctx.progress)
         # Per-host limits hold for the whole run: each of the workers running at once gets its share.
-        workers = max(1, min(len(url_fps), int(ray.cluster_resources().get("CPU", 1)))) if url_fps else 1
+        workers = max(1, min(len(url_fps), int(cluster_resources().get("CPU", 1)))) if url_fps else 1
         share = fetch.per_worker(workers)
         parts += [Partition(urls_key(urls_fp, limits, fetch), IngestPayload([], limits, storage, join(urls_dir, part_name(k)), share))
                   for k, urls_fp in enumerate(url_fps)]
