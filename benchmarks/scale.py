@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -127,7 +128,7 @@ def measure(base: Path, n: int) -> dict:
     print(f"{n} images: {size / 2**20:.0f} MiB of JPEG (generated in {gen_s:.0f} s)", flush=True)
     work, out = base / f"work-{n}", base / f"dataset-{n}"
     for folder in (work, out):
-        subprocess.run(["rm", "-rf", str(folder)], check=True)
+        shutil.rmtree(folder, ignore_errors=True)
     config = base / f"scale-{n}.yaml"
     config.write_text(yaml.safe_dump({
         "run": {"name": f"scale-{n}", "work_dir": str(work)},

@@ -24,7 +24,7 @@ from pipeline.executor import StageReport, init_ray
 from pipeline.preflight import check_cluster, check_run
 from pipeline.report import publish_report, read_text_boxes, write_report
 from pipeline.stage import RunContext, Stage, StageResult, make_context, stages_for
-from pipeline.status import PREFECT_RUN, PUBLICATION, publication, publication_line
+from pipeline.status import PREFECT_RUN, PUBLICATION, publication, publication_line, rows_text
 from pipeline.storage import is_s3, join
 from pipeline.versions import publish_version
 from schemas.config import RunConfig, check_run_id, load_config, parse_config, read_yaml
@@ -145,7 +145,7 @@ def stage_task(stage: Stage, inputs: dict[str, StageResult]) -> StageResult:
     if not result.on:
         get_run_logger().info("%s: off in this config", r.stage)
     else:
-        rows = ", ".join(f"{k} {v}" for k, v in sorted(r.rows.items())) or "no rows"
+        rows = rows_text(r.rows) or "no rows"
         get_run_logger().info("%s: %d partition(s), %d computed, %d skipped, in %.1f s: %s", r.stage, r.partitions, r.computed,
                               r.skipped, r.seconds, rows)
     return result

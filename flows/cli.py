@@ -105,8 +105,8 @@ def run(
         from pipeline.status import publication_line, report_line
 
         typer.echo(f"  {publication_line(dataset['publication'])}")
-        if report_line(dataset["publication"]):
-            typer.echo(f"  {report_line(dataset['publication'])}")
+        if report := report_line(dataset["publication"]):
+            typer.echo(f"  {report}")
     if dataset.get("trained"):
         _echo_trained(dataset["trained"])
 

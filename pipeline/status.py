@@ -103,6 +103,11 @@ def publication_line(record: dict | None) -> str:
     return f"not published: {record.get('reason')}{latest}"
 
 
+def rows_text(rows: dict[str, int]) -> str:
+    """A stage's row counts on one line: `boxes 59, status 16`."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(rows.items()))
+
+
 def report_line(record: dict | None) -> str | None:
     """Where the build's report is, for people: the version's page (its presigned link is in the
     Prefect artifact and publication.json), or the run directory's."""
@@ -148,13 +153,13 @@ def format_status(status: dict) -> str:
         c = status["counts"]
         lines.append(f"  {c['samples']} samples in {c['shards']} shards from {c['inputs']} inputs, {c['rejected']} rejected")
         lines.append(f"  {publication_line(status.get('publication'))}")
-        if report_line(status.get("publication")):
-            lines.append(f"  {report_line(status.get('publication'))}")
+        if report := report_line(status.get("publication")):
+            lines.append(f"  {report}")
     lines.append(f"  {'stage':<8} {'state':<8} {'partitions':>10}  {'seconds':>8} {'per s':>7}  rows")
     for s in status["stages"]:
         parts = f"{s['done']}/{s['partitions']}" if s["partitions"] is not None else "-"
         seconds = f"{s['seconds']:.1f}" if "seconds" in s else (f"{s['elapsed_s']:.0f}+" if "elapsed_s" in s else "")
         rate = f"{s['per_second']}" if s.get("per_second") else ""
-        rows = ", ".join(f"{k} {v}" for k, v in sorted(s.get("rows", {}).items()))
+        rows = rows_text(s.get("rows", {}))
         lines.append(f"  {s['stage']:<8} {s['state']:<8} {parts:>10}  {seconds:>8} {rate:>7}  {rows}")
     return "\n".join(lines)
